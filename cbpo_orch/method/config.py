@@ -1,0 +1,103 @@
+"""Training configuration for one user's adapter; defaults follow METHOD.md §2–§6."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from cbpo_orch.method.methods import method_spec
+
+
+class ConfigError(ValueError):
+    """A configuration value out of its range."""
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The LoRA adapter (peft). User adapters: r=8, α=8 on q/v (OPPU's public settings)."""
+
+    r: int = 8
+    alpha: int = 8
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+
+TASK_ADAPTER_LORA = LoraSettings(r=16, alpha=16, dropout=0.05, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides how one user's adapter is trained and evaluated.
+
+    ``epochs=None`` takes the method's default (SFT 2, preference methods 3);
+    ``gamma=None`` estimates γ per user (METHOD.md §4); ``max_profile`` caps the
+    user's history to its most recent items.
+    """
+
+    method: str = "cbpo"
+    epochs: int | None = None
+    lr: float = 1e-4
+    beta: float = 0.1
+    batch_size: int = 8
+    aux_ratio: float = 1.0
+    aux_strategy: str = "random"
+    gamma: float | None = None
+    gamma_estimator: str = "elkan-noto"
+    gamma_max: float = 0.9
+    fallback_gamma: float = 0.5
+    reference: str = "ema"
+    ema_decay: float = 0.9
+    kto_lambda_d: float = 1.0
+    kto_lambda_u: float = 1.0
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    weight_decay: float = 0.01
+    max_grad_norm: float = 0.3
+    warmup_ratio: float = 0.1
+    max_length: int = 256
+    max_profile: int | None = None
+    max_new_tokens: int | None = None
+    eval_batch_size: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        method_spec(self.method)
+        checks = [
+            (self.epochs is None or self.epochs >= 1, "epochs must be ≥ 1"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.beta > 0, "beta must be > 0"),
+            (self.batch_size >= 2, "batch-size must be ≥ 2 (a batch holds positive and aux items)"),
+            (self.aux_ratio > 0, "aux-ratio must be > 0"),
+            (self.aux_strategy in ("random", "nearest", "farthest"), "aux-strategy must be random, nearest or farthest"),
+            (self.gamma is None or 0 <= self.gamma < 1, "gamma must be in [0, 1) or auto"),
+            (self.gamma_estimator in ("elkan-noto", "paper"), "gamma-estimator must be elkan-noto or paper"),
+            (0 <= self.gamma_max < 1, "gamma-max must be in [0, 1)"),
+            (self.reference in ("ema", "joint"), "reference must be ema or joint"),
+            (0 <= self.ema_decay < 1, "ema-decay must be in [0, 1)"),
+            (self.max_length >= 16, "max-length must be ≥ 16"),
+            (self.max_profile is None or self.max_profile >= 2, "max-profile must be ≥ 2"),
+            (self.lora.r >= 1, "lora-r must be ≥ 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @property
+    def resolved_epochs(self) -> int:
+        return self.epochs if self.epochs is not None else method_spec(self.method).default_epochs
+
+    def with_method(self, method: str) -> "TrainConfig":
+        return replace(self, method=method)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["lora"]["target_modules"] = list(self.lora.target_modules)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if isinstance(values.get("lora"), dict):
+            lora = dict(values["lora"])
+            lora["target_modules"] = tuple(lora.get("target_modules", LoraSettings.target_modules))
+            values["lora"] = LoraSettings(**lora)
+        return cls(**values)

@@ -1,0 +1,49 @@
+"""Greedy generation for a user's queries and LaMP-style ROUGE (METHOD.md §6)."""
+
+from __future__ import annotations
+
+import torch
+from rouge_score import rouge_scorer
+
+from cbpo_orch.method.encoding import prompt_ids
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, max_length: int, batch_size: int, device) -> list[str]:
+    """Greedy completions of ``prompts`` (left-padded batches), special tokens stripped."""
+    was_training = model.training
+    model.eval()
+    outputs: list[str] = []
+    budget = max(max_length - max_new_tokens, 16)
+    for start in range(0, len(prompts), batch_size):
+        encoded = [prompt_ids(tokenizer, x, budget) for x in prompts[start : start + batch_size]]
+        width = max(len(ids) for ids in encoded)
+        input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        for row, ids in enumerate(encoded):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            attention[row, width - len(ids) :] = 1
+        generated = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        for row in generated[:, width:]:
+            outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    model.train(was_training)
+    return outputs
+
+
+def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Mean over queries of ROUGE-1 and ROUGE-L F1, no stemming (LaMP's evaluation)."""
+    if len(predictions) != len(references) or not references:
+        raise ValueError("rouge needs one prediction per reference, and at least one")
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=False)
+    scores = [scorer.score(ref, pred) for pred, ref in zip(predictions, references)]
+    return {
+        "rouge1": sum(s["rouge1"].fmeasure for s in scores) / len(scores),
+        "rougeL": sum(s["rougeL"].fmeasure for s in scores) / len(scores),
+    }

@@ -1,0 +1,61 @@
+"""The embedded histories of a task's users: every profile pair, its embedding, and a
+FAISS index over them (METHOD.md §4, §5).
+
+Built once per (task, data, embedding model) and reused: auxiliary items for any user
+come from it, and so do the embeddings that γ is estimated on. Only profile items are
+indexed, never queries, so no test query can become an auxiliary item.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cbpo_orch.method.auxiliary import AuxIndex
+from cbpo_orch.method.data import Dataset, Example
+from cbpo_orch.method.embedding import embed, pair_text
+
+
+@dataclass
+class HistoryIndex:
+    examples: list[Example]
+    embeddings: np.ndarray
+    index: AuxIndex
+
+    @classmethod
+    def from_examples(cls, examples: list[Example], embeddings: np.ndarray) -> "HistoryIndex":
+        index = AuxIndex(embeddings, [e.user_id for e in examples], [e.item_id for e in examples])
+        return cls(examples, embeddings, index)
+
+    def rows(self, examples: list[Example]) -> list[int]:
+        """Row numbers of ``examples`` (matched by user and item id)."""
+        where = {(e.user_id, e.item_id): row for row, e in enumerate(self.examples)}
+        return [where[(e.user_id, e.item_id)] for e in examples]
+
+    def auxiliary(self, user_id: str, own_rows: list[int], n: int, strategy: str, seed: int) -> list[int]:
+        """``n`` rows of other users' items by ``strategy``, relative to the user's centroid."""
+        centroid = self.embeddings[own_rows].mean(axis=0)
+        return self.index.select(user_id, n, strategy, centroid=centroid, seed=seed)
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        np.save(folder / "embeddings.npy", self.embeddings)
+        with open(folder / "examples.jsonl", "w", encoding="utf-8") as out:
+            for example in self.examples:
+                out.write(json.dumps(asdict(example)) + "\n")
+
+    @classmethod
+    def load(cls, folder: Path) -> "HistoryIndex":
+        with open(folder / "examples.jsonl", encoding="utf-8") as lines:
+            examples = [Example(**json.loads(line)) for line in lines]
+        return cls.from_examples(examples, np.load(folder / "embeddings.npy"))
+
+
+def build_history_index(datasets: list[Dataset], embedder, batch_size: int = 64) -> HistoryIndex:
+    """Embed every profile pair of every user in ``datasets`` and index them."""
+    examples = [example for dataset in datasets for example in dataset.profile_examples()]
+    vectors = embed(embedder, [pair_text(e.x, e.y) for e in examples], batch_size)
+    return HistoryIndex.from_examples(examples, vectors)

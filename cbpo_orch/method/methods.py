@@ -1,0 +1,45 @@
+"""The catalogue of personalization methods (METHOD.md §3, §6).
+
+Every method runs through the same trainer; a method only decides whether it trains,
+whether it reads auxiliary items, which objective its step descends and its default
+number of epochs (the paper: SFT 2 epochs, preference methods 3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    summary: str
+    trains: bool = True
+    uses_aux: bool = True
+    default_epochs: int = 3
+
+
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec("base", "the untouched starting model (base, or base + task adapter)", trains=False, uses_aux=False),
+        MethodSpec("sft", "OPPU: token cross-entropy on the user's own history", uses_aux=False, default_epochs=2),
+        MethodSpec("sft-aux", "ablation: SFT on the user's history plus the auxiliary items", default_epochs=2),
+        MethodSpec("kto", "KTO: desirable = own history, undesirable = auxiliary items"),
+        MethodSpec("bco", "BCO: binary classifier loss, joint running-mean reference point"),
+        MethodSpec("cbpo", "C-BPO, non-negative PU risk (the default)"),
+        MethodSpec("cbpo-raw", "C-BPO, unbiased PU risk without the clamp"),
+        MethodSpec("cbpo-nnpu", "C-BPO with Kiryo et al.'s nnPU step on a negative bracket"),
+    )
+}
+
+
+class UnknownMethod(ValueError):
+    """A method name that is not in the catalogue."""
+
+
+def method_spec(name: str) -> MethodSpec:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise UnknownMethod(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None

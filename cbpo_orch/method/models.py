@@ -1,0 +1,98 @@
+"""Loading causal LMs and tokenizers from local paths, and caching a GGUF as an HF model.
+
+Model hubs are never contacted: every path is local (``HF_HUB_OFFLINE`` is set).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+hf_logging.set_verbosity_error()
+hf_logging.disable_progress_bar()
+
+
+class ModelError(ValueError):
+    """A model path that cannot be loaded."""
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    path: str
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def training_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow and imprecise)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def check_model_dir(path: str | Path) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise ModelError(f"model path {str(path)!r} is not a folder (need a local Hugging Face model folder)")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model path {str(path)!r} has no config.json (need a local Hugging Face model folder)")
+    return path
+
+
+def load_tokenizer(path: str | Path):
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str | Path, device: str = "auto") -> LoadedModel:
+    """Load a causal LM and its tokenizer from a local folder onto ``device``, frozen."""
+    path = check_model_dir(path)
+    target = resolve_device(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=training_dtype(target))
+        tokenizer = load_tokenizer(path)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot load model from {str(path)!r}: {str(error).splitlines()[0]}") from None
+    model.to(target)
+    model.requires_grad_(False)
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, device=target, path=str(path))
+
+
+def convert_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
+    """Dequantise a GGUF checkpoint into a plain bf16 Hugging Face folder at ``out_dir``.
+
+    ``save_pretrained`` refuses GGUF-loaded models, so the model is rebuilt from its
+    config and given the loaded state dict before saving. Written to a temporary
+    folder first and renamed, so a crash leaves no half-written model.
+    """
+    gguf_file = Path(gguf_file)
+    out_dir = Path(out_dir)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    config = AutoConfig.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict())
+    model.to(torch.bfloat16)
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    model.save_pretrained(str(staging))
+    tokenizer.save_pretrained(str(staging))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging.rename(out_dir)
+    return out_dir

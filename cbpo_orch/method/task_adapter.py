@@ -1,0 +1,42 @@
+"""The task adapter (TAM): a LoRA trained by SFT on the task's non-test users, merged into
+the base so that every user adapter starts from general task knowledge (METHOD.md §1, §6).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+
+from cbpo_orch.method.config import TASK_ADAPTER_LORA, TrainConfig
+from cbpo_orch.method.data import Dataset
+from cbpo_orch.method.models import LoadedModel
+from cbpo_orch.method.trainer import StepCallback, TrainResult, adapter_files, attached_adapter, encode_samples, train_adapter
+
+TASK_ADAPTER_CONFIG = TrainConfig(method="sft", epochs=3, lr=1e-4, lora=TASK_ADAPTER_LORA)
+
+
+def train_task_adapter(
+    loaded: LoadedModel,
+    dataset: Dataset,
+    config: TrainConfig = TASK_ADAPTER_CONFIG,
+    on_step: StepCallback | None = None,
+) -> tuple[dict[str, bytes], TrainResult]:
+    """SFT a task LoRA on every profile pair of ``dataset``; returns its files and the run."""
+    pairs = [(e.x, e.y) for e in dataset.profile_examples(config.max_profile)]
+    samples = encode_samples(loaded.tokenizer, pairs, True, config.max_length)
+    gammas = torch.zeros(1, device=loaded.device)
+    with attached_adapter(loaded.model, config.lora, config.seed) as peft_model:
+        result = train_adapter(peft_model, loaded.tokenizer, samples, gammas, replace(config, method="sft"), loaded.device, on_step=on_step)
+        files = adapter_files(peft_model)
+    return files, result
+
+
+def merge_task_adapter(loaded: LoadedModel, folder: str | Path) -> LoadedModel:
+    """Merge a saved task adapter into ``loaded``'s weights: the result is π_ref's base."""
+    merged = PeftModel.from_pretrained(loaded.model, str(folder)).merge_and_unload()
+    merged.requires_grad_(False)
+    merged.eval()
+    return LoadedModel(model=merged, tokenizer=loaded.tokenizer, device=loaded.device, path=loaded.path)

@@ -1,0 +1,170 @@
+"""Task definitions: how a profile item becomes a pair (x, y) and a query becomes a prompt.
+
+A task is declarative: ``str.format`` templates over a profile item's fields, and one over
+``{input}`` for queries. Built-in tasks are in ``BUILTIN_TASKS``; a user brings another as a
+JSON file with the same field names as ``Task`` (``load_task``). Item prompts follow the
+phrasing of the tasks' query inputs, so that training pairs and queries look alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from string import Formatter
+from typing import TYPE_CHECKING
+
+from cbpo_orch.method.data import DataError
+
+if TYPE_CHECKING:
+    from cbpo_orch.method.data import ProfileItem, Query
+
+SHORT_OUTPUT_TOKENS = 64
+LONG_OUTPUT_TOKENS = 600
+
+
+def _template_fields(template: str, where: str) -> tuple[str, ...]:
+    """Field names a ``str.format`` template uses, in order; only plain named fields are allowed."""
+    try:
+        parsed = list(Formatter().parse(template))
+    except ValueError as exc:
+        raise DataError(f"{where}: bad template ({exc})") from None
+    names = []
+    for _, name, spec, _ in parsed:
+        if name is None:
+            continue
+        if not name or name.isdigit() or "." in name or "[" in name or "{" in (spec or ""):
+            raise DataError(f"{where}: template field {{{name}}} must be a plain field name")
+        names.append(name)
+    return tuple(names)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A generation task: templates giving (x, y) from a profile item and a query's prompt."""
+
+    name: str
+    item_prompt: str
+    item_target: str
+    query_prompt: str = "{input}"
+    max_new_tokens: int = SHORT_OUTPUT_TOKENS
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise DataError("task: 'name' must not be empty")
+        where = f"task {self.name!r}"
+        for attribute in ("item_prompt", "item_target"):
+            if not _template_fields(getattr(self, attribute), f"{where}: {attribute}"):
+                raise DataError(f"{where}: {attribute} uses no profile item field")
+        extra = set(_template_fields(self.query_prompt, f"{where}: query_prompt")) - {"input"}
+        if extra:
+            raise DataError(f"{where}: query_prompt may use only {{input}}, not {{{sorted(extra)[0]}}}")
+        if type(self.max_new_tokens) is not int or self.max_new_tokens <= 0:
+            raise DataError(f"{where}: max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+
+    def item_fields(self) -> tuple[str, ...]:
+        """The profile item fields the item templates use, in order of first use."""
+        names = _template_fields(self.item_prompt, self.name) + _template_fields(self.item_target, self.name)
+        return tuple(dict.fromkeys(names))
+
+    def pair(self, item: ProfileItem) -> tuple[str, str]:
+        """The (x, y) pair of a profile item."""
+        return self.item_prompt.format_map(item.fields), self.item_target.format_map(item.fields)
+
+    def prompt(self, query: Query) -> str:
+        """The prompt for a query."""
+        return self.query_prompt.format(input=query.input)
+
+
+BUILTIN_TASKS: dict[str, Task] = {
+    task.name: task
+    for task in (
+        Task(
+            name="lamp4",
+            item_prompt="Generate a headline for the following article: {text}",
+            item_target="{title}",
+            description="LaMP-4 personalized news headline generation (article -> headline).",
+        ),
+        Task(
+            name="lamp5",
+            item_prompt="Generate a title for the following abstract of a paper: {abstract}",
+            item_target="{title}",
+            description="LaMP-5 personalized scholarly title generation (abstract -> title).",
+        ),
+        Task(
+            name="longlamp2",
+            item_prompt='Generate an abstract for the title "{title}".',
+            item_target="{abstract}",
+            max_new_tokens=LONG_OUTPUT_TOKENS,
+            description="LongLaMP-2 personalized abstract generation (title -> abstract).",
+        ),
+        Task(
+            name="longlamp3",
+            item_prompt=(
+                "Generate the review text written by a reviewer who has given an overall rating of "
+                '"{overall}" for a product with description "{description}". '
+                'The summary of the review text is "{summary}".'
+            ),
+            item_target="{reviewText}",
+            max_new_tokens=LONG_OUTPUT_TOKENS,
+            description="LongLaMP-3 personalized product review writing (rating, product, summary -> review).",
+        ),
+        Task(
+            name="longlamp4",
+            item_prompt="Generate the content for a reddit post {summary}",
+            item_target="{content}",
+            max_new_tokens=LONG_OUTPUT_TOKENS,
+            description="LongLaMP-4 personalized topic writing (Reddit post summary -> post content).",
+        ),
+        Task(
+            name="commit-subject",
+            item_prompt="Generate a commit subject line for the following change description: {text}",
+            item_target="{title}",
+            description="Commit subject generation (message body -> subject line), e.g. numpy-commit-subject.",
+        ),
+    )
+}
+
+
+def load_task(name_or_path: str | os.PathLike[str]) -> Task:
+    """A built-in task by name, or a task defined in a user's JSON file."""
+    key = os.fspath(name_or_path)
+    if key in BUILTIN_TASKS:
+        return BUILTIN_TASKS[key]
+    path = Path(key)
+    if not path.is_file():
+        raise DataError(
+            f"unknown task {key!r}: not a built-in task ({', '.join(BUILTIN_TASKS)}) "
+            "nor a task definition file"
+        )
+    return _task_from_file(path)
+
+
+def _task_from_file(path: Path) -> Task:
+    """Parse and validate a JSON task definition file."""
+    try:
+        definition = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    if not isinstance(definition, dict):
+        raise DataError(f"{path}: expected a JSON object defining a task")
+    known = {field.name: field for field in fields(Task)}
+    unknown = sorted(set(definition) - set(known))
+    if unknown:
+        raise DataError(f"{path}: unknown field {unknown[0]!r} (known: {', '.join(known)})")
+    for name in ("name", "item_prompt", "item_target"):
+        if name not in definition:
+            raise DataError(f"{path}: lacks field {name!r}")
+    for name, value in definition.items():
+        expected = int if name == "max_new_tokens" else str
+        if type(value) is not expected:
+            raise DataError(f"{path}: field {name!r} must be {'an integer' if expected is int else 'a string'}")
+    try:
+        return Task(**definition)
+    except DataError as exc:
+        raise DataError(f"{path}: {exc}") from None
+

@@ -1,0 +1,1 @@
+"""Orchestrator: schedules per-user work over Ray; the driver alone writes the registry."""

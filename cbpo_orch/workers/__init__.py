@@ -1,0 +1,1 @@
+"""Workers: plain functions that personalize one user (callable with or without Ray)."""

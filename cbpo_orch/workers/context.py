@@ -1,0 +1,41 @@
+"""Loading what a worker shares across users: task, data, history index and model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cbpo_orch.method.data import Dataset, find_splits, load_split
+from cbpo_orch.method.history import HistoryIndex, build_history_index
+from cbpo_orch.method.models import load_model
+from cbpo_orch.method.task_adapter import merge_task_adapter
+from cbpo_orch.method.tasks import Task
+from cbpo_orch.workers.personalize import UserContext
+
+TASK_ADAPTER_SPLIT = "train"
+
+
+def history_datasets(data_path: str | Path, split: str, task: Task) -> list[Dataset]:
+    """The test split and, when present, the train split: every user whose history may
+    serve as auxiliary items."""
+    splits = [split] + [s for s in find_splits(data_path) if s == TASK_ADAPTER_SPLIT and s != split]
+    return [load_split(data_path, s, task) for s in splits]
+
+
+def load_user_context(
+    task: Task,
+    dataset: Dataset,
+    history: HistoryIndex,
+    model_path: str | Path,
+    task_adapter: str | Path | None = None,
+    device: str = "auto",
+) -> UserContext:
+    loaded = load_model(model_path, device)
+    if task_adapter is not None:
+        loaded = merge_task_adapter(loaded, task_adapter)
+    return UserContext(task=task, dataset=dataset, history=history, loaded=loaded)
+
+
+def build_history(datasets: list[Dataset], embedder_name: str | None = None) -> HistoryIndex:
+    from cbpo_orch.method.embedding import load_embedder
+
+    return build_history_index(datasets, load_embedder(embedder_name))
