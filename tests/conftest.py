@@ -20,3 +20,31 @@ def shared_dir() -> Path:
 def fixtures_dir() -> Path:
     """Small hand-made data folders, one per official data shape."""
     return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny causal LM with random weights (see tests/tiny_model.py), built once."""
+    from tests.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-random-llama"))
+
+
+@pytest.fixture(scope="session")
+def commit_lm_dir() -> Path:
+    """The real pretrained ``../shared/models/commit-lm-17m``; skipped where absent."""
+    path = SHARED / "models" / "commit-lm-17m"
+    if not path.is_dir():
+        pytest.skip("../shared/models/commit-lm-17m not present (real data/models live there)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def sample_history():
+    """The shipped real HuffPost sample: its dev split and the history index over it."""
+    from cbpo_orch.home import SAMPLE_DATA
+    from cbpo_orch.method.tasks import load_task
+    from cbpo_orch.workers.context import build_history, history_datasets
+
+    datasets = history_datasets(SAMPLE_DATA, "dev", load_task("lamp4"))
+    return datasets[0], build_history(datasets)

@@ -134,7 +134,7 @@ def train_user(
     options: Optional[dict] = None,
 ) -> None:
     """Personalize ONE user: select aux → estimate γ → train → generate → score; writes the adapter and metrics.json."""
-    from cbpo_orch.workers.context import build_history, history_datasets, load_user_context
+    from cbpo_orch.workers.context import cached_history, history_datasets, load_user_context
     from cbpo_orch.workers.personalize import personalize_user
 
     config = build_config(method, options)
@@ -147,8 +147,8 @@ def train_user(
         raise ModelError(f"task adapter {task_adapter} has no adapter_config.json")
     out = fresh_output_dir(out)
 
-    typer.echo("embedding every user's history …", err=True)
-    history = build_history(datasets, embedder)
+    typer.echo("embedding every user's history (cached in the home folder) …", err=True)
+    history = cached_history(home_dir(home) / "cache", datasets, embedder)
     context = load_user_context(task_def, dataset, history, model_dir, task_adapter, device)
     with step_progress(f"{user} · {method}") as on_step:
         outcome = personalize_user(context, user, config, on_step)

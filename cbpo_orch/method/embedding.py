@@ -28,10 +28,17 @@ def embedder_path(name: str | None = None) -> Path:
     return path
 
 
+EMBED_MAX_TOKENS = 128
+
+
 def load_embedder(name: str | None = None, device: str = "cpu"):
+    """A sentence-transformers model that reads a pair's first 128 word pieces
+    (the completion comes first, see :func:`pair_text`)."""
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(embedder_path(name)), device=device)
+    model = SentenceTransformer(str(embedder_path(name)), device=device)
+    model.max_seq_length = EMBED_MAX_TOKENS
+    return model
 
 
 def pair_text(x: str, y: str) -> str:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
+import tempfile
 from pathlib import Path
 
 from cbpo_orch.method.data import Dataset, find_splits, load_split
@@ -39,3 +43,29 @@ def build_history(datasets: list[Dataset], embedder_name: str | None = None) -> 
     from cbpo_orch.method.embedding import load_embedder
 
     return build_history_index(datasets, load_embedder(embedder_name))
+
+
+def history_key(datasets: list[Dataset], embedder_name: str | None) -> str:
+    """A digest of exactly what gets embedded (every profile pair, its owner and id)
+    and of the embedder: equal keys mean an identical index."""
+    digest = hashlib.sha256(json.dumps({"embedder": embedder_name or "default", "version": 1}).encode())
+    for dataset in datasets:
+        for example in dataset.profile_examples():
+            digest.update(json.dumps([example.user_id, example.item_id, example.x, example.y]).encode())
+    return digest.hexdigest()[:24]
+
+
+def cached_history(cache_root: Path, datasets: list[Dataset], embedder_name: str | None = None) -> HistoryIndex:
+    """The history index for ``datasets``, built once and reused from ``cache_root``."""
+    folder = cache_root / "history" / history_key(datasets, embedder_name)
+    if (folder / "examples.jsonl").is_file():
+        return HistoryIndex.load(folder)
+    history = build_history(datasets, embedder_name)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".building-"))
+    history.save(staging)
+    try:
+        staging.rename(folder)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+    return history

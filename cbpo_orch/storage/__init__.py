@@ -1,0 +1,1 @@
+"""Storage: the registry database and the artifact store (the only code that touches them)."""

@@ -1,0 +1,110 @@
+"""Engine construction and short, retried transactions.
+
+SQLite gets the settings that let several processes share one file: WAL
+journal mode, a busy timeout, foreign keys, and explicit ``BEGIN`` control so
+that write transactions can take the write lock up front (``BEGIN IMMEDIATE``)
+instead of failing when a read lock cannot be upgraded.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+BUSY_TIMEOUT_S = 30.0
+"""How long one SQLite statement waits for a lock before giving up."""
+
+LOCK_RETRIES = 5
+"""How many times a transaction is retried after a "database is locked" error."""
+
+_IMMEDIATE = "cbpo_begin_immediate"
+
+T = TypeVar("T")
+
+
+def make_engine(url: str) -> Engine:
+    """Create an engine for ``url``, configured for multi-process use on SQLite.
+
+    For a file-based SQLite URL the parent folder is created first.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True, json_serializer=dump_json)
+    database = parsed.database or ""
+    if database and database != ":memory:" and not database.startswith("file:"):
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(
+        url, connect_args={"timeout": BUSY_TIMEOUT_S}, json_serializer=dump_json
+    )
+    event.listen(engine, "connect", _configure_sqlite_connection)
+    event.listen(engine, "begin", _begin_sqlite_transaction)
+    return engine
+
+
+def writer(engine: Engine) -> Engine:
+    """Return a view of ``engine`` whose transactions take the write lock at BEGIN."""
+    return engine.execution_options(**{_IMMEDIATE: True})
+
+
+def transact(engine: Engine, work: Callable[[Session], T]) -> T:
+    """Run ``work(session)`` in one transaction, committed on success.
+
+    ``work`` may run more than once: when the database reports that it is
+    locked the whole transaction is rolled back and retried with jittered
+    backoff, up to ``LOCK_RETRIES`` times.
+    """
+    attempt = 0
+    while True:
+        try:
+            with Session(engine, expire_on_commit=False) as session, session.begin():
+                return work(session)
+        except OperationalError as exc:
+            if attempt == LOCK_RETRIES or not _is_lock_error(exc):
+                raise
+            time.sleep(random.uniform(0.05, 0.2) * (2**attempt))
+            attempt += 1
+
+
+def dump_json(value: Any) -> str:
+    """Serialize a JSON column value; numpy scalars and arrays become plain numbers and lists."""
+    return json.dumps(value, default=_plain)
+
+
+def _plain(value: Any) -> Any:
+    """Convert an object ``json`` cannot encode through its ``tolist`` method (numpy)."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _is_lock_error(exc: OperationalError) -> bool:
+    """Tell whether ``exc`` is SQLite's transient "database is locked/busy" error."""
+    message = str(exc.orig).lower()
+    return "database is locked" in message or "database is busy" in message
+
+
+def _configure_sqlite_connection(dbapi_connection: Any, _record: Any) -> None:
+    """Set the per-connection SQLite pragmas and hand BEGIN control to SQLAlchemy."""
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+    finally:
+        cursor.close()
+
+
+def _begin_sqlite_transaction(connection: Any) -> None:
+    """Emit BEGIN, or BEGIN IMMEDIATE on engines made by :func:`writer`."""
+    immediate = connection.get_execution_options().get(_IMMEDIATE, False)
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")

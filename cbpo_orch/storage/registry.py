@@ -1,0 +1,562 @@
+"""The registry: jobs, their per-(user, method) runs, metrics, adapters and the TAM cache.
+
+Only the Ray driver writes through a :class:`Registry`.  Every public method
+runs one short transaction and returns plain values (frozen dataclasses,
+dicts); no ORM object leaves this module.
+
+Run state machine::
+
+    pending --mark_running--------------------> running   (attempts += 1)
+    running --record_success------------------> succeeded (final; never written twice)
+    running --record_failure(final=False)-----> pending   (retried; error kept)
+    running --record_failure(final=True)------> failed    (final; error kept)
+    pending --cancel--------------------------> cancelled (final)
+
+A run left ``running`` by a dead driver may be restarted directly with
+:meth:`Registry.mark_running` or sent back to ``pending`` with
+:meth:`Registry.reset_interrupted`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from .engine import make_engine, transact, writer
+from .models import (
+    JOB_STATES,
+    RUN_STATES,
+    Adapter,
+    Job,
+    Metric,
+    TaskAdapter,
+    UserRun,
+    utcnow,
+)
+from .schema import prepare_schema
+
+COUNTED_STATES = ("pending", "running", "succeeded", "failed")
+"""Run states always present in :attr:`JobInfo.counts` (``cancelled`` only when non-zero)."""
+
+FINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
+"""Job states that set ``finished_at`` and that :meth:`Registry.cancel` leaves alone."""
+
+RESULT_COLUMNS = (
+    "user_id",
+    "method",
+    "rouge1",
+    "rougeL",
+    "gamma",
+    "n_pos",
+    "n_aux",
+    "adapter_path",
+    "sha256",
+    "seconds",
+)
+"""Keys of every row returned by :meth:`Registry.results`, in order."""
+
+_STARTABLE = ("pending", "running")
+_FLOAT_METRICS = ("rouge1", "rougeL", "seconds")
+_INT_METRICS = ("n_pos", "n_aux")
+_OPTIONAL_METRICS = ("gamma", "gamma_reason", "phase_seconds", "extra")
+_ADAPTER_KEYS = ("path", "sha256", "bytes")
+
+
+class UnknownJob(KeyError):
+    """No job with this id exists in the registry."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+    def __str__(self) -> str:
+        return f"no job with id {self.job_id!r} in the registry"
+
+
+class UnknownRun(KeyError):
+    """No run with this id exists in the registry."""
+
+    def __init__(self, run_id: int) -> None:
+        super().__init__(run_id)
+        self.run_id = run_id
+
+    def __str__(self) -> str:
+        return f"no run with id {self.run_id!r} in the registry"
+
+
+class InvalidTransition(ValueError):
+    """A run cannot move to the requested state from the state it is in."""
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """A job as stored, with the number of its runs in each state."""
+
+    job_id: str
+    task: str
+    methods: list[str]
+    users: list[str]
+    config: dict[str, Any]
+    state: str
+    created_at: str
+    finished_at: str | None
+    error: str | None
+    counts: dict[str, int]
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """One (user, method) run of a job."""
+
+    run_id: int
+    job_id: str
+    user_id: str
+    method: str
+    state: str
+    attempts: int
+    error: str | None
+
+
+class Registry:
+    """Access to the registry database at a SQLAlchemy ``url``.
+
+    Opening creates missing tables and checks the schema version (see
+    :mod:`cbpo_orch.storage.schema`).  Several processes may share one SQLite
+    file: writes take the lock at ``BEGIN`` and are retried when it is busy.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._engine = make_engine(url)
+        self._writer = writer(self._engine)
+        try:
+            transact(self._writer, lambda session: prepare_schema(session.connection()))
+        except BaseException:
+            self._engine.dispose()
+            raise
+
+    def close(self) -> None:
+        """Release every pooled database connection."""
+        self._engine.dispose()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def create_job(
+        self,
+        task: str,
+        methods: Sequence[str],
+        users: Sequence[str],
+        config: Mapping[str, Any],
+    ) -> str:
+        """Create a pending job and one pending run per (user, method); return the job id."""
+        methods = _distinct_names("methods", methods)
+        users = _distinct_names("users", users)
+        if not isinstance(config, Mapping):
+            raise TypeError(f"config must be a mapping, not {type(config).__name__}")
+        job_id = uuid.uuid4().hex[:12]
+
+        def work(session: Session) -> None:
+            session.add(
+                Job(job_id=job_id, task=task, methods=methods, users=users, config=dict(config))
+            )
+            session.flush()
+            session.add_all(
+                UserRun(job_id=job_id, user_id=user, method=method)
+                for user in users
+                for method in methods
+            )
+
+        transact(self._writer, work)
+        return job_id
+
+    def job(self, job_id: str) -> JobInfo:
+        """Return the job ``job_id``; raise :class:`UnknownJob` if there is none."""
+
+        def work(session: Session) -> JobInfo:
+            job = _get_job(session, job_id)
+            return _job_info(job, _run_counts(session, job_id).get(job_id, {}))
+
+        return transact(self._engine, work)
+
+    def jobs(self) -> list[JobInfo]:
+        """Return every job, newest first."""
+
+        def work(session: Session) -> list[JobInfo]:
+            counts = _run_counts(session)
+            found = session.scalars(select(Job).order_by(Job.created_at.desc(), Job.job_id))
+            return [_job_info(job, counts.get(job.job_id, {})) for job in found]
+
+        return transact(self._engine, work)
+
+    def runs(self, job_id: str, states: Iterable[str] | None = None) -> list[RunInfo]:
+        """Return the runs of ``job_id``, only those in ``states`` if given, by user then method."""
+        wanted = None if states is None else _checked_states(states, RUN_STATES, "run")
+
+        def work(session: Session) -> list[RunInfo]:
+            _get_job(session, job_id)
+            query = select(UserRun).where(UserRun.job_id == job_id)
+            if wanted is not None:
+                query = query.where(UserRun.state.in_(wanted))
+            query = query.order_by(UserRun.user_id, UserRun.method)
+            return [_run_info(run) for run in session.scalars(query)]
+
+        return transact(self._engine, work)
+
+    def mark_running(self, run_id: int) -> RunInfo:
+        """Start an attempt of a pending run (or of one left running by a crash).
+
+        Increments ``attempts`` and sets ``started_at``.  Raises
+        :class:`InvalidTransition` for a succeeded, failed or cancelled run.
+        """
+
+        def work(session: Session) -> RunInfo:
+            run = _get_run(session, run_id, for_update=True)
+            if run.state not in _STARTABLE:
+                raise InvalidTransition(
+                    f"run {run_id} ({run.user_id}, {run.method}) is {run.state}; "
+                    "only a pending run or one left running by a crash can start"
+                )
+            run.state = "running"
+            run.attempts += 1
+            run.started_at = utcnow()
+            run.finished_at = None
+            return _run_info(run)
+
+        return transact(self._writer, work)
+
+    def record_success(
+        self,
+        run_id: int,
+        metrics: Mapping[str, Any],
+        adapter: Mapping[str, Any] | None,
+    ) -> bool:
+        """Store the metrics and adapter of a run and mark it succeeded, in one transaction.
+
+        ``metrics`` needs ``rouge1``, ``rougeL``, ``n_pos``, ``n_aux`` and
+        ``seconds``, and may have ``gamma``, ``gamma_reason``,
+        ``phase_seconds`` and ``extra``; ``adapter`` needs ``path``, ``sha256``
+        and ``bytes``.  Idempotent: for a run that already succeeded nothing is
+        written and False is returned (True when this call recorded it).  The
+        error message of earlier failed attempts, if any, is kept.
+        """
+        metric_values = _metric_values(metrics)
+        adapter_values = None if adapter is None else _adapter_values(adapter)
+
+        def work(session: Session) -> bool:
+            run = _get_run(session, run_id, for_update=True)
+            if run.state == "succeeded":
+                return False
+            if run.state not in _STARTABLE:
+                raise InvalidTransition(
+                    f"run {run_id} ({run.user_id}, {run.method}) is {run.state}; "
+                    "its result cannot be recorded"
+                )
+            session.add(Metric(run_id=run_id, **metric_values))
+            if adapter_values is not None:
+                session.add(Adapter(run_id=run_id, **adapter_values))
+            run.state = "succeeded"
+            run.finished_at = utcnow()
+            return True
+
+        try:
+            return transact(self._writer, work)
+        except IntegrityError:
+            if self._run_state(run_id) == "succeeded":
+                return False
+            raise
+
+    def record_failure(self, run_id: int, error: str, final: bool) -> bool:
+        """Record a failed attempt of a run; return False if the run was no longer active.
+
+        ``final`` marks the run failed for good; otherwise it goes back to
+        pending to be retried.  The reason is kept in both cases.  A run that
+        already succeeded, failed or was cancelled is left untouched.
+        """
+
+        def work(session: Session) -> bool:
+            run = _get_run(session, run_id, for_update=True)
+            if run.state not in _STARTABLE:
+                return False
+            run.error = error
+            if final:
+                run.state = "failed"
+                run.finished_at = utcnow()
+            else:
+                run.state = "pending"
+            return True
+
+        return transact(self._writer, work)
+
+    def set_job_state(self, job_id: str, state: str, error: str | None = None) -> None:
+        """Set the state and error of a job; final states also set ``finished_at``."""
+        _checked_states([state], JOB_STATES, "job")
+
+        def work(session: Session) -> None:
+            job = _get_job(session, job_id, for_update=True)
+            job.state = state
+            job.error = error
+            job.finished_at = utcnow() if state in FINAL_JOB_STATES else None
+
+        transact(self._writer, work)
+
+    def reset_interrupted(self, job_id: str) -> int:
+        """Send the runs of ``job_id`` left running (by a dead driver) back to pending.
+
+        Returns how many runs were reset; their attempt counts are kept.
+        """
+
+        def work(session: Session) -> int:
+            _get_job(session, job_id, for_update=True)
+            result = session.execute(
+                update(UserRun)
+                .where(UserRun.job_id == job_id, UserRun.state == "running")
+                .values(state="pending")
+            )
+            return result.rowcount
+
+        return transact(self._writer, work)
+
+    def cancel(self, job_id: str) -> int:
+        """Cancel a job: its pending runs become cancelled and the job cancelled.
+
+        Running runs are left to finish.  A job already succeeded, failed or
+        cancelled is left untouched.  Returns how many runs were cancelled.
+        """
+
+        def work(session: Session) -> int:
+            job = _get_job(session, job_id, for_update=True)
+            if job.state in FINAL_JOB_STATES:
+                return 0
+            now = utcnow()
+            result = session.execute(
+                update(UserRun)
+                .where(UserRun.job_id == job_id, UserRun.state == "pending")
+                .values(state="cancelled", finished_at=now)
+            )
+            job.state = "cancelled"
+            job.finished_at = now
+            return result.rowcount
+
+        return transact(self._writer, work)
+
+    def results(self, job_id: str) -> list[dict[str, Any]]:
+        """Return one row per succeeded (user, method) of a job, keyed by ``RESULT_COLUMNS``.
+
+        Rows are sorted by user id then method (string order).  ``adapter_path``
+        and ``sha256`` are None for a run recorded without an adapter.
+        """
+
+        def work(session: Session) -> list[dict[str, Any]]:
+            _get_job(session, job_id)
+            query = (
+                select(
+                    UserRun.user_id,
+                    UserRun.method,
+                    Metric.rouge1,
+                    Metric.rougeL,
+                    Metric.gamma,
+                    Metric.n_pos,
+                    Metric.n_aux,
+                    Adapter.path.label("adapter_path"),
+                    Adapter.sha256,
+                    Metric.seconds,
+                )
+                .join(Metric, Metric.run_id == UserRun.id)
+                .outerjoin(Adapter, Adapter.run_id == UserRun.id)
+                .where(UserRun.job_id == job_id, UserRun.state == "succeeded")
+                .order_by(UserRun.user_id, UserRun.method)
+            )
+            return [dict(row._mapping) for row in session.execute(query)]
+
+        return transact(self._engine, work)
+
+    def task_adapter(self, key: str) -> dict[str, Any] | None:
+        """Return the cached task adapter stored under ``key``, or None."""
+
+        def work(session: Session) -> dict[str, Any] | None:
+            found = session.scalar(select(TaskAdapter).where(TaskAdapter.key == key))
+            return None if found is None else _task_adapter_dict(found)
+
+        return transact(self._engine, work)
+
+    def record_task_adapter(
+        self, key: str, task: str, model: str, path: str, sha256: str, bytes: int
+    ) -> dict[str, Any]:
+        """Cache a task adapter under ``key`` and return the cached entry.
+
+        The first entry recorded for a key wins: if one exists already it is
+        returned unchanged.
+        """
+
+        def work(session: Session) -> dict[str, Any]:
+            found = session.scalar(select(TaskAdapter).where(TaskAdapter.key == key))
+            if found is None:
+                found = TaskAdapter(
+                    key=key,
+                    task=task,
+                    model=model,
+                    path=str(path),
+                    sha256=sha256,
+                    bytes=int(bytes),
+                )
+                session.add(found)
+                session.flush()
+            return _task_adapter_dict(found)
+
+        try:
+            return transact(self._writer, work)
+        except IntegrityError:
+            existing = self.task_adapter(key)
+            if existing is None:
+                raise
+            return existing
+
+    def _run_state(self, run_id: int) -> str:
+        """Return the current state of a run."""
+        return transact(self._engine, lambda session: _get_run(session, run_id).state)
+
+
+def _get_job(session: Session, job_id: str, for_update: bool = False) -> Job:
+    """Load a job (locking its row if ``for_update``), or raise :class:`UnknownJob`."""
+    job = session.get(Job, job_id, with_for_update=for_update)
+    if job is None:
+        raise UnknownJob(job_id)
+    return job
+
+
+def _get_run(session: Session, run_id: int, for_update: bool = False) -> UserRun:
+    """Load a run (locking its row if ``for_update``), or raise :class:`UnknownRun`."""
+    run = session.get(UserRun, run_id, with_for_update=for_update)
+    if run is None:
+        raise UnknownRun(run_id)
+    return run
+
+
+def _run_counts(session: Session, job_id: str | None = None) -> dict[str, dict[str, int]]:
+    """Count runs per job and state, for one job or for all of them."""
+    query = select(UserRun.job_id, UserRun.state, func.count()).group_by(
+        UserRun.job_id, UserRun.state
+    )
+    if job_id is not None:
+        query = query.where(UserRun.job_id == job_id)
+    counts: dict[str, dict[str, int]] = {}
+    for owner, state, number in session.execute(query):
+        counts.setdefault(owner, {})[state] = number
+    return counts
+
+
+def _job_info(job: Job, counts: Mapping[str, int]) -> JobInfo:
+    """Convert a job row and its run counts to a :class:`JobInfo`."""
+    shown = {state: counts.get(state, 0) for state in COUNTED_STATES}
+    if counts.get("cancelled"):
+        shown["cancelled"] = counts["cancelled"]
+    return JobInfo(
+        job_id=job.job_id,
+        task=job.task,
+        methods=list(job.methods),
+        users=list(job.users),
+        config=dict(job.config),
+        state=job.state,
+        created_at=_iso(job.created_at),
+        finished_at=None if job.finished_at is None else _iso(job.finished_at),
+        error=job.error,
+        counts=shown,
+    )
+
+
+def _run_info(run: UserRun) -> RunInfo:
+    """Convert a run row to a :class:`RunInfo`."""
+    return RunInfo(
+        run_id=run.id,
+        job_id=run.job_id,
+        user_id=run.user_id,
+        method=run.method,
+        state=run.state,
+        attempts=run.attempts,
+        error=run.error,
+    )
+
+
+def _task_adapter_dict(entry: TaskAdapter) -> dict[str, Any]:
+    """Convert a task-adapter row to a plain dict."""
+    return {
+        "key": entry.key,
+        "task": entry.task,
+        "model": entry.model,
+        "path": entry.path,
+        "sha256": entry.sha256,
+        "bytes": entry.bytes,
+        "created_at": _iso(entry.created_at),
+    }
+
+
+def _iso(moment: datetime) -> str:
+    """Format a stored timestamp as ISO 8601 in UTC (SQLite returns it naive)."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.isoformat()
+
+
+def _distinct_names(field: str, values: Sequence[str]) -> list[str]:
+    """Check that ``values`` is a non-empty sequence of distinct non-empty strings."""
+    if isinstance(values, str) or not isinstance(values, Sequence):
+        raise TypeError(f"{field} must be a list of strings")
+    names = list(values)
+    if not names:
+        raise ValueError(f"{field} must not be empty")
+    bad = [name for name in names if not isinstance(name, str) or not name]
+    if bad:
+        raise TypeError(f"{field} must be non-empty strings, got {bad[:5]!r}")
+    duplicates = sorted(name for name, seen in Counter(names).items() if seen > 1)
+    if duplicates:
+        raise ValueError(f"{field} has duplicates: {duplicates[:5]!r}")
+    return names
+
+
+def _checked_states(states: Iterable[str], allowed: tuple[str, ...], kind: str) -> list[str]:
+    """Check that every state is one of ``allowed``."""
+    checked = list(states)
+    unknown = [state for state in checked if state not in allowed]
+    if unknown:
+        raise ValueError(f"unknown {kind} state(s) {unknown!r}; expected one of {allowed}")
+    return checked
+
+
+def _metric_values(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate a metrics mapping and convert it to :class:`Metric` column values."""
+    required = _FLOAT_METRICS + _INT_METRICS
+    unknown = sorted(set(metrics) - set(required) - set(_OPTIONAL_METRICS))
+    missing = [name for name in required if metrics.get(name) is None]
+    if unknown or missing:
+        raise ValueError(f"bad metrics: missing {missing}, unknown {unknown}")
+    values: dict[str, Any] = {name: float(metrics[name]) for name in _FLOAT_METRICS}
+    values.update({name: int(metrics[name]) for name in _INT_METRICS})
+    gamma = metrics.get("gamma")
+    values["gamma"] = None if gamma is None else float(gamma)
+    values["gamma_reason"] = metrics.get("gamma_reason")
+    values["phase_seconds"] = dict(metrics.get("phase_seconds") or {})
+    values["extra"] = metrics.get("extra")
+    return values
+
+
+def _adapter_values(adapter: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate an adapter mapping (``path``, ``sha256``, ``bytes``) into column values."""
+    if set(adapter) != set(_ADAPTER_KEYS):
+        raise ValueError(f"adapter needs exactly the keys {_ADAPTER_KEYS}, got {sorted(adapter)}")
+    return {
+        "path": str(adapter["path"]),
+        "sha256": str(adapter["sha256"]),
+        "bytes": int(adapter["bytes"]),
+    }

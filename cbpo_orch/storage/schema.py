@@ -1,0 +1,56 @@
+"""Schema creation, version check and migrations of the registry database."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import Connection, insert, inspect, select, update
+
+from .models import SCHEMA_VERSION, Base, SchemaVersion
+
+Migration = Callable[[Connection], None]
+
+MIGRATIONS: dict[int, Migration] = {}
+"""``MIGRATIONS[v]`` upgrades a database from schema version ``v`` to ``v + 1``."""
+
+
+class SchemaVersionError(RuntimeError):
+    """The database's schema version cannot be used by this code."""
+
+
+def prepare_schema(connection: Connection) -> None:
+    """Bring the database on ``connection`` to ``SCHEMA_VERSION``.
+
+    A fresh database gets every table and the version row.  An older one is
+    migrated step by step through ``MIGRATIONS``; a newer one raises
+    :class:`SchemaVersionError` before anything is changed.  Run this inside a
+    transaction so that a failed migration leaves the database untouched.
+    """
+    found = _stored_version(connection)
+    if found is not None and found > SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"the registry database has schema version {found}, newer than version "
+            f"{SCHEMA_VERSION} known to this cbpo-orch; upgrade cbpo-orch to open it"
+        )
+    for version in range(found if found is not None else SCHEMA_VERSION, SCHEMA_VERSION):
+        migrate = MIGRATIONS.get(version)
+        if migrate is None:
+            raise SchemaVersionError(
+                f"no migration from schema version {version} to {version + 1}; "
+                "this registry database cannot be upgraded"
+            )
+        migrate(connection)
+    Base.metadata.create_all(connection)
+    if found is None:
+        connection.execute(insert(SchemaVersion).values(id=1, version=SCHEMA_VERSION))
+    elif found < SCHEMA_VERSION:
+        connection.execute(
+            update(SchemaVersion).where(SchemaVersion.id == 1).values(version=SCHEMA_VERSION)
+        )
+
+
+def _stored_version(connection: Connection) -> int | None:
+    """Return the version recorded in the database, or None for a fresh one."""
+    if not inspect(connection).has_table(SchemaVersion.__tablename__):
+        return None
+    return connection.scalar(select(SchemaVersion.version).where(SchemaVersion.id == 1))
