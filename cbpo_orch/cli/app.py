@@ -1,0 +1,67 @@
+"""The typer app, the options every command shares, and what counts as a user mistake.
+
+User mistakes (bad data, unknown task or method, a missing path, an out-of-range
+option, an unknown job) end with one ``error:`` line on stderr and exit code 2,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cbpo_orch.home import default_model_dir, home_dir
+from cbpo_orch.method.config import ConfigError
+from cbpo_orch.method.data import DataError
+from cbpo_orch.method.methods import UnknownMethod
+from cbpo_orch.method.models import ModelError, check_model_dir
+from cbpo_orch.storage.registry import UnknownJob
+from cbpo_orch.storage.schema import SchemaVersionError
+
+app = typer.Typer(
+    help="Per-user LLM personalization with C-BPO: train one LoRA adapter per user, for many users, over Ray.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+class UsageError(ValueError):
+    """A command-line mistake that is not about data, models or config values."""
+
+
+USER_ERRORS: tuple[type[Exception], ...] = (DataError, ModelError, ConfigError, UnknownMethod, UnknownJob, SchemaVersionError, UsageError)
+
+TaskOpt = Annotated[str, typer.Option(help="Built-in task (lamp4 lamp5 longlamp2 longlamp3 longlamp4 commit-subject) or a task definition JSON file.")]
+DataOpt = Annotated[Path, typer.Option(help="Data folder in LaMP or LongLaMP format.")]
+ModelOpt = Annotated[Optional[Path], typer.Option(help="Local Hugging Face model folder (default: the model `setup-model` cached in the home folder).")]
+HomeOpt = Annotated[Optional[Path], typer.Option(help="Home folder for models, caches, registry and artifacts (env CBPO_ORCH_HOME, default ~/.cbpo-orch).")]
+DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")]
+
+
+def resolve_model(model: Path | None, home: Path | None) -> Path:
+    chosen = model or default_model_dir(home_dir(home))
+    if model is None and not chosen.is_dir():
+        raise ModelError(f"no --model given and no default model at {chosen}: run `cbpo-orch setup-model` first")
+    return check_model_dir(chosen)
+
+
+def fresh_output_dir(out: Path) -> Path:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"output folder {out} already exists and is not empty; choose another --out")
+    return out
+
+
+def write_folder(out: Path, files: dict[str, bytes]) -> None:
+    """Write ``files`` into ``out`` through a temporary folder renamed into place."""
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name, content in files.items():
+        (staging / name).write_bytes(content)
+    if out.exists():
+        out.rmdir()
+    staging.rename(out)

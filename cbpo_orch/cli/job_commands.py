@@ -1,0 +1,252 @@
+"""Commands for multi-user jobs: submit, status, results, resume, cancel, generate."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cbpo_orch.cli.app import DataOpt, DeviceOpt, HomeOpt, ModelOpt, UsageError, app, resolve_model
+from cbpo_orch.cli.progress import job_progress
+from cbpo_orch.cli.training_options import build_config, with_training_options
+from cbpo_orch.home import SAMPLE_DATA, home_dir
+from cbpo_orch.orchestrator.spec import JobSpec, Resources, check_paths, check_task_adapter, parse_methods, resolve_users
+
+DbOpt = Annotated[Optional[str], typer.Option(help="Registry as a SQLAlchemy URL, e.g. postgresql+psycopg://… (env CBPO_ORCH_DB; default SQLite in the home folder).")]
+ArtifactsOpt = Annotated[Optional[Path], typer.Option(help="Artifact folder (env CBPO_ORCH_ARTIFACTS; default <home>/artifacts).")]
+AddressOpt = Annotated[Optional[str], typer.Option(help="Ray cluster: 'auto' (RAY_ADDRESS or a local `ray start`) or ray://HOST:10001. Default: start a local Ray.")]
+JobArg = Annotated[str, typer.Argument(help="Job id (see `cbpo-orch status`).")]
+PANEL = "Scheduling"
+OUT = Console()
+if not OUT.is_terminal:
+    OUT.width = 200
+
+
+def _workspace(home: Path | None, db: str | None, artifacts: Path | None):
+    from cbpo_orch.orchestrator.driver import Workspace
+
+    return Workspace.open(home_dir(home), db, artifacts)
+
+
+def _run(space, job_id: str, resources: Resources | None) -> None:
+    from cbpo_orch.orchestrator.driver import run_job
+
+    job = space.registry.job(job_id)
+    total = len(job.users) * len(job.methods)
+    typer.echo(f"job {job_id}: {len(job.users)} users × {len(job.methods)} methods ({', '.join(job.methods)})", err=True)
+    try:
+        with job_progress(total) as progress:
+            state = run_job(space, job_id, resources, progress)
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: finish it with `cbpo-orch resume {job_id}`", err=True)
+        sys.exit(130)
+    _print_results(space.registry.results(job_id), "table", aggregate=True)
+    failed = space.registry.runs(job_id, states=("failed",))
+    for run in failed:
+        typer.echo(f"failed: {run.user_id} · {run.method} after {run.attempts} attempts: {run.error}", err=True)
+    typer.echo(f"job {job_id} {state}. Details: cbpo-orch results {job_id}", err=True)
+    if state != "succeeded":
+        sys.exit(1)
+
+
+@app.command()
+@with_training_options
+def submit(
+    task: Annotated[str, typer.Option(help="Built-in task or a task definition JSON file.")] = "lamp4",
+    data: Annotated[Optional[Path], typer.Option(help="Data folder (LaMP/LongLaMP format). Default: the shipped HuffPost sample.")] = None,
+    model: ModelOpt = None,
+    users: Annotated[str, typer.Option(help="'all', N (the first N test users) or id,id,….")] = "3",
+    method: Annotated[str, typer.Option(help="One or more of base,sft,sft-aux,kto,bco,cbpo,cbpo-raw,cbpo-nnpu (comma-separated).")] = "cbpo",
+    split: Annotated[str, typer.Option(help="Split holding the test users.")] = "dev",
+    task_adapter: Annotated[str, typer.Option(help="none | auto (train once on the train split, then reuse) | a task adapter folder.")] = "none",
+    embedder: Annotated[Optional[str], typer.Option(help="Sentence-embedding model folder (default: bundled all-MiniLM-L6-v2).")] = None,
+    home: HomeOpt = None,
+    db: DbOpt = None,
+    artifacts: ArtifactsOpt = None,
+    address: AddressOpt = None,
+    cpus_per_user: Annotated[float, typer.Option(help="CPUs per user's worker (torch threads).", rich_help_panel=PANEL)] = 1.0,
+    gpus_per_user: Annotated[float, typer.Option(help="GPUs per user's worker; fractional packs several users on one GPU.", rich_help_panel=PANEL)] = 0.0,
+    workers: Annotated[Optional[int], typer.Option(help="Worker processes (each loads the model once). Default: as many as the cluster fits.", rich_help_panel=PANEL)] = None,
+    max_retries: Annotated[int, typer.Option(help="Retries of a failed user before it is marked failed.", rich_help_panel=PANEL)] = 2,
+    options: Optional[dict] = None,
+) -> None:
+    """Personalize many users: one LoRA adapter per (user, method), fanned out over Ray."""
+    from cbpo_orch.method.data import load_split
+    from cbpo_orch.method.tasks import load_task
+
+    methods = parse_methods(method)
+    train = build_config(methods[0], options)
+    resources = Resources(address, cpus_per_user, gpus_per_user, workers, max_retries)
+    task_def = load_task(task)
+    data_path, model_path = check_paths(data or SAMPLE_DATA, resolve_model(model, home))
+    dataset = load_split(data_path, split, task_def)
+    chosen = resolve_users(users, dataset)
+    tam = check_task_adapter(task_adapter)
+    if tam == "auto":
+        load_split(data_path, "train", task_def)
+    task_ref = task if task == task_def.name else str(Path(task).resolve())
+    spec = JobSpec(task_ref, data_path, split, model_path, methods, chosen, train, tam, embedder)
+
+    space = _workspace(home, db, artifacts)
+    job_id = space.registry.create_job(task_def.name, list(methods), list(chosen), spec.to_config(resources))
+    typer.echo(job_id)
+    _run(space, job_id, resources)
+
+
+@app.command()
+def resume(
+    job: JobArg,
+    address: AddressOpt = None,
+    workers: Annotated[Optional[int], typer.Option(help="Worker processes (default: as submitted).")] = None,
+    home: HomeOpt = None,
+    db: DbOpt = None,
+    artifacts: ArtifactsOpt = None,
+) -> None:
+    """Finish a job after a crash or Ctrl-C: runs what has not succeeded; nothing is redone."""
+    space = _workspace(home, db, artifacts)
+    info = space.registry.job(job)
+    if info.state == "cancelled":
+        raise UsageError(f"job {job} was cancelled; submit it again instead")
+    _, stored = JobSpec.from_config(info.config)
+    resources = Resources(address or stored.address, stored.cpus_per_user, stored.gpus_per_user, workers or stored.workers, stored.max_retries)
+    _run(space, job, resources)
+
+
+@app.command()
+def cancel(job: JobArg, home: HomeOpt = None, db: DbOpt = None) -> None:
+    """Cancel a job: its pending users are not started; running ones finish."""
+    space = _workspace(home, db, None)
+    n = space.registry.cancel(job)
+    typer.echo(f"job {job}: {n} pending runs cancelled")
+
+
+def _job_dict(info) -> dict:
+    return {
+        "job_id": info.job_id,
+        "task": info.task,
+        "methods": list(info.methods),
+        "state": info.state,
+        "created_at": info.created_at,
+        "finished_at": info.finished_at,
+        "users": len(info.users),
+        "counts": {k: info.counts[k] for k in ("pending", "running", "succeeded", "failed")},
+        "error": info.error,
+    }
+
+
+@app.command()
+def status(
+    job: Annotated[Optional[str], typer.Argument(help="One job's id (default: all jobs).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable JSON.")] = False,
+    home: HomeOpt = None,
+    db: DbOpt = None,
+) -> None:
+    """Show jobs and their progress (all jobs, newest first, or one job in detail)."""
+    registry = _workspace(home, db, None).registry
+    jobs = [registry.job(job)] if job else registry.jobs()
+    if as_json:
+        typer.echo(json.dumps([_job_dict(j) for j in jobs], indent=2))
+        return
+    table = Table("job", "task", "methods", "users", "state", "✓", "✗", "▶", "pending", "created")
+    for info in jobs:
+        c = info.counts
+        table.add_row(info.job_id, info.task, ",".join(info.methods), str(len(info.users)), info.state, str(c["succeeded"]), str(c["failed"]), str(c["running"]), str(c["pending"]), info.created_at[:19])
+    OUT.print(table)
+    if job:
+        for run in registry.runs(job, states=("failed",)):
+            OUT.print(f"failed: {run.user_id} · {run.method} ({run.attempts} attempts): {run.error}")
+        if jobs[0].error:
+            OUT.print(f"error: {jobs[0].error}")
+
+
+RESULT_COLUMNS = ("user_id", "method", "rouge1", "rougeL", "gamma", "n_pos", "n_aux", "adapter_path", "sha256", "seconds")
+
+
+def _aggregate(rows: list[dict]) -> list[dict]:
+    by_method: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        by_method[row["method"]].append(row)
+    out = []
+    for method, group in by_method.items():
+        mean = lambda key: (sum(r[key] for r in group if r[key] is not None) / n if (n := sum(r[key] is not None for r in group)) else None)  # noqa: E731
+        out.append({"method": method, "users": len(group), "rouge1": mean("rouge1"), "rougeL": mean("rougeL"), "gamma": mean("gamma"), "seconds": mean("seconds")})
+    return out
+
+
+def _print_results(rows: list[dict], fmt: str, aggregate: bool) -> None:
+    rows = _aggregate(rows) if aggregate else [{k: r[k] for k in RESULT_COLUMNS} for r in rows]
+    if fmt == "json":
+        typer.echo(json.dumps(rows, indent=2))
+    elif fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else list(RESULT_COLUMNS), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        typer.echo(buffer.getvalue(), nl=False)
+    else:
+        columns = list(rows[0]) if rows else list(RESULT_COLUMNS)
+        shown = [c for c in columns if c not in ("adapter_path", "sha256")]
+        table = Table(*shown)
+        for row in rows:
+            table.add_row(*(_cell(row[c]) for c in shown))
+        OUT.print(table)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+@app.command()
+def results(
+    job: JobArg,
+    fmt: Annotated[str, typer.Option("--format", help="table | csv | json.")] = "table",
+    aggregate: Annotated[bool, typer.Option("--aggregate", help="One row per method (means over users) instead of one per (user, method).")] = False,
+    home: HomeOpt = None,
+    db: DbOpt = None,
+) -> None:
+    """A job's metrics: one row per (user, method), or means per method."""
+    if fmt not in ("table", "csv", "json"):
+        raise UsageError("--format must be table, csv or json")
+    registry = _workspace(home, db, None).registry
+    registry.job(job)
+    _print_results(registry.results(job), fmt, aggregate)
+
+
+@app.command()
+def generate(
+    text: Annotated[str, typer.Argument(help="The input, e.g. the article to write a headline for.")],
+    job: Annotated[str, typer.Option(help="Job id.")],
+    user: Annotated[str, typer.Option(help="User id.")],
+    method: Annotated[Optional[str], typer.Option(help="Which of the job's methods (default: the first with an adapter).")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Generation length (default: the task's).")] = None,
+    home: HomeOpt = None,
+    db: DbOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Answer one input with one user's adapter from a finished job."""
+    from cbpo_orch.method.data import Query
+    from cbpo_orch.method.evaluation import generate as greedy
+    from cbpo_orch.method.tasks import load_task
+    from cbpo_orch.orchestrator.driver import loaded_for_job
+
+    space = _workspace(home, db, None)
+    info = space.registry.job(job)
+    rows = [r for r in space.registry.results(job) if r["user_id"] == user and r["adapter_path"] and (method is None or r["method"] == method)]
+    if not rows:
+        raise UsageError(f"job {job} has no adapter for user {user!r}" + (f" and method {method!r}" if method else ""))
+    spec, _ = JobSpec.from_config(info.config)
+    task = load_task(spec.task)
+    loaded, model = loaded_for_job(space, spec, rows[0]["adapter_path"], device)
+    prompt = task.prompt(Query(id="cli", input=text, gold=None))
+    out = greedy(model, loaded.tokenizer, [prompt], max_new_tokens or task.max_new_tokens, spec.train.max_length, 1, loaded.device)
+    typer.echo(out[0])

@@ -1,0 +1,237 @@
+"""Running a job: the stages, the fan-out, and the only writer of its results.
+
+Stages: (1) the history index (embeddings + FAISS), cached per task/data/embedder;
+(2) the task adapter, trained once per task/data/model and reused, when asked for;
+(3) one Ray call per (user, method): select aux → γ → train → generate → score;
+(4) the job's final state. Workers return results; this driver writes each adapter
+atomically to the artifact store and then records it, once, in the registry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cbpo_orch.method.tasks import load_task
+from cbpo_orch.orchestrator import scheduler
+from cbpo_orch.orchestrator.spec import JobSpec, Resources
+from cbpo_orch.storage.artifacts import ArtifactStore
+from cbpo_orch.storage.registry import InvalidTransition, Registry
+from cbpo_orch.workers.context import cached_history, history_datasets
+from cbpo_orch.workers.personalize import UserOutcome, personalize_user
+from cbpo_orch.workers.task_adapter import build_task_adapter, task_adapter_config
+
+DB_ENV = "CBPO_ORCH_DB"
+ARTIFACTS_ENV = "CBPO_ORCH_ARTIFACTS"
+
+
+@dataclass
+class Progress:
+    """What the driver reports while it runs (the CLI draws it)."""
+
+    stage: Callable[[str], None] = lambda text: None
+    runs: Callable[[dict, float | None], None] = lambda counts, users_per_hour: None
+    notice: Callable[[str], None] = lambda text: None
+
+
+@dataclass
+class Workspace:
+    """Where jobs live: the registry, the artifact store and the cache folder."""
+
+    registry: Registry
+    artifacts: ArtifactStore
+    cache: Path
+
+    @classmethod
+    def open(cls, home: Path, db: str | None = None, artifacts: Path | None = None) -> "Workspace":
+        """``db`` defaults to ``$CBPO_ORCH_DB`` then SQLite in ``home``; artifacts to
+        ``$CBPO_ORCH_ARTIFACTS`` then ``home/artifacts``."""
+        url = db or os.environ.get(DB_ENV) or f"sqlite:///{home / 'registry.db'}"
+        folder = artifacts or Path(os.environ.get(ARTIFACTS_ENV) or home / "artifacts")
+        return cls(Registry(url), ArtifactStore(folder), home / "cache")
+
+
+@dataclass
+class _Tally:
+    started: float = field(default_factory=time.perf_counter)
+    finished: int = 0
+
+
+def run_job(
+    space: Workspace,
+    job_id: str,
+    resources: Resources | None = None,
+    progress: Progress | None = None,
+    worker_fn: Callable = personalize_user,
+) -> str:
+    """Run (or resume) every unfinished (user, method) of ``job_id``; returns its final state."""
+    progress = progress or Progress()
+    registry = space.registry
+    job = registry.job(job_id)
+    spec, stored_resources = JobSpec.from_config(job.config)
+    resources = resources or stored_resources
+    registry.reset_interrupted(job_id)
+    registry.set_job_state(job_id, "running")
+    try:
+        task = load_task(spec.task)
+        progress.stage("embedding users' histories (cached after the first job)")
+        datasets = history_datasets(spec.data, spec.split, task)
+        history = cached_history(space.cache, datasets, spec.embedder)
+        progress.stage("connecting to Ray")
+        dashboard = scheduler.connect(resources.address)
+        if dashboard:
+            progress.notice(f"Ray dashboard: http://{dashboard}")
+        tam_path = _task_adapter(space, spec, resources, progress)
+        progress.stage("personalizing users")
+        _fan_out(space, job_id, spec, resources, history, tam_path, progress, worker_fn)
+    except KeyboardInterrupt:
+        registry.set_job_state(job_id, "interrupted", "interrupted by the user; `cbpo-orch resume` finishes it")
+        raise
+    except Exception as error:
+        registry.set_job_state(job_id, "failed", f"{type(error).__name__}: {error}")
+        raise
+    return _finish(registry, job_id)
+
+
+def _finish(registry: Registry, job_id: str) -> str:
+    job = registry.job(job_id)
+    if job.state == "cancelled":
+        return job.state
+    failed = job.counts["failed"]
+    state, error = ("failed", f"{failed} of {len(job.users) * len(job.methods)} runs failed") if failed else ("succeeded", None)
+    registry.set_job_state(job_id, state, error)
+    return state
+
+
+def task_adapter_key(spec: JobSpec) -> str:
+    config = task_adapter_config(spec.train.max_profile, spec.train.max_length)
+    identity = {"task": spec.task, "data": spec.data, "model": spec.model, "config": config.to_dict(), "version": 1}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _task_adapter(space: Workspace, spec: JobSpec, resources: Resources, progress: Progress) -> str | None:
+    """Stage 2: the task adapter's folder, trained once per (task, data, model, config)."""
+    if not spec.needs_task_adapter:
+        return None
+    if spec.task_adapter != "auto":
+        return spec.task_adapter
+    key = task_adapter_key(spec)
+    known = space.registry.task_adapter(key)
+    if known is not None and space.artifacts.verify(known["path"], known["sha256"]):
+        return known["path"]
+    progress.stage("training the task adapter on the train split's users (once per task, data and model)")
+    built = scheduler.run_remote(
+        build_task_adapter,
+        spec.task,
+        spec.data,
+        spec.model,
+        spec.train.max_profile,
+        spec.train.max_length,
+        num_cpus=resources.cpus_per_user,
+        num_gpus=1 if resources.gpus_per_user else 0,
+    )
+    info = space.artifacts.write_dir(f"task-adapters/{key}", built["files"])
+    space.registry.record_task_adapter(key, spec.task, spec.model, str(info.path), info.sha256, info.bytes)
+    return str(info.path)
+
+
+def _fan_out(
+    space: Workspace,
+    job_id: str,
+    spec: JobSpec,
+    resources: Resources,
+    history,
+    tam_path: str | None,
+    progress: Progress,
+    worker_fn: Callable,
+) -> None:
+    registry = space.registry
+    pending = registry.runs(job_id, states=("pending",))
+    runs = {run.run_id: run for run in pending}
+    tally = _Tally()
+    work = [scheduler.Work(run.run_id, run.user_id, spec.config_for(run.method)) for run in pending]
+    attempts: dict[int, int] = {}
+
+    def report() -> None:
+        counts = registry.job(job_id).counts
+        hours = (time.perf_counter() - tally.started) / 3600
+        progress.runs(counts, tally.finished / hours if tally.finished and hours > 0 else None)
+
+    def start(unit: scheduler.Work) -> bool:
+        try:
+            attempts[unit.key] = registry.mark_running(unit.key).attempts
+        except InvalidTransition:
+            return False
+        report()
+        return True
+
+    def finish(unit: scheduler.Work, result) -> list[scheduler.Work]:
+        run = runs[unit.key]
+        retry: list[scheduler.Work] = []
+        if isinstance(result, scheduler.Failure):
+            final = attempts[unit.key] > resources.max_retries
+            registry.record_failure(unit.key, result.error, final=final)
+            if not final:
+                retry.append(unit)
+        else:
+            _record(space, job_id, run, attempts[unit.key], result)
+        if not retry:
+            tally.finished += 1
+        report()
+        return retry
+
+    context_args = {
+        "task": spec.task,
+        "data": spec.data,
+        "split": spec.split,
+        "model": spec.model,
+        "task_adapter": tam_path,
+    }
+    slots = resources.workers or scheduler.cluster_slots(resources.cpus_per_user, resources.gpus_per_user)
+    report()
+    scheduler.fan_out(work, context_args, history, worker_fn, slots, resources.cpus_per_user, resources.gpus_per_user, start, finish, report)
+
+
+def _record(space: Workspace, job_id: str, run, attempt: int, outcome: UserOutcome) -> None:
+    """Write the adapter atomically (its own folder per attempt), then record the run once."""
+    adapter = None
+    if outcome.adapter_files:
+        files = dict(outcome.adapter_files)
+        files["predictions.jsonl"] = "".join(json.dumps(p) + "\n" for p in outcome.predictions).encode()
+        info = space.artifacts.write_dir(f"adapters/{job_id}/{run.user_id}/{run.method}/attempt-{attempt}", files)
+        adapter = info.as_dict()
+    m = outcome.metrics
+    metrics = {
+        "rouge1": m["rouge1"],
+        "rougeL": m["rougeL"],
+        "gamma": m["gamma"],
+        "gamma_reason": m["gamma_reason"],
+        "n_pos": m["n_pos"],
+        "n_aux": m["n_aux"],
+        "seconds": m["seconds"],
+        "phase_seconds": m["phase_seconds"],
+        "extra": {"losses": m["losses"], "predictions": outcome.predictions},
+    }
+    space.registry.record_success(run.run_id, metrics, adapter)
+
+
+def loaded_for_job(space: Workspace, spec: JobSpec, adapter_path: str, device: str = "auto"):
+    """The job's starting model (with its task adapter merged, if it used one) and the
+    user adapter at ``adapter_path`` on top, ready to generate."""
+    from peft import PeftModel
+
+    from cbpo_orch.method.models import load_model
+    from cbpo_orch.method.task_adapter import merge_task_adapter
+
+    loaded = load_model(spec.model, device)
+    if spec.task_adapter == "auto":
+        known = space.registry.task_adapter(task_adapter_key(spec))
+        loaded = merge_task_adapter(loaded, known["path"])
+    elif spec.needs_task_adapter:
+        loaded = merge_task_adapter(loaded, spec.task_adapter)
+    return loaded, PeftModel.from_pretrained(loaded.model, adapter_path).eval()

@@ -1,0 +1,148 @@
+"""The Ray layer: it only schedules.
+
+One :class:`PersonalizeWorker` actor per worker slot loads the model, data and history
+once and then personalizes user after user; the driver keeps at most one call in
+flight per actor (never thousands of pending futures), replaces an actor that dies,
+and receives every result to write it itself.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
+
+from cbpo_orch.method.config import TrainConfig
+
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}
+
+
+def connect(address: str | None) -> str | None:
+    """Join the cluster at ``address`` (``auto``, ``ray://…``), or start a local Ray;
+    returns the Ray dashboard's address when there is one."""
+    if ray.is_initialized():
+        return None
+    context = ray.init(
+        address=address,
+        runtime_env={"env_vars": WORKER_ENV},
+        log_to_driver=False,
+        configure_logging=False,
+        include_dashboard=None,
+    )
+    return getattr(context, "dashboard_url", None) or None
+
+
+def cluster_slots(cpus_per_user: float, gpus_per_user: float) -> int:
+    total = ray.cluster_resources()
+    if gpus_per_user > 0:
+        return max(1, int(total.get("GPU", 0) / gpus_per_user))
+    return max(1, int(total.get("CPU", 1) / cpus_per_user))
+
+
+@ray.remote
+class PersonalizeWorker:
+    """Holds one loaded :class:`UserContext` and personalizes users with it."""
+
+    def __init__(self, context_args: dict, history, threads: int, worker_fn: Callable):
+        import torch
+
+        from cbpo_orch.method.data import load_split
+        from cbpo_orch.method.tasks import load_task
+        from cbpo_orch.workers.context import load_user_context
+
+        torch.set_num_threads(max(1, threads))
+        task = load_task(context_args["task"])
+        dataset = load_split(context_args["data"], context_args["split"], task)
+        self.context = load_user_context(
+            task, dataset, history, context_args["model"], context_args["task_adapter"], "auto"
+        )
+        self.worker_fn = worker_fn
+
+    def personalize(self, user_id: str, config: TrainConfig):
+        return self.worker_fn(self.context, user_id, config)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@dataclass(frozen=True)
+class Work:
+    """One unit to schedule: a key the driver knows it by, a user and a config."""
+
+    key: object
+    user_id: str
+    config: TrainConfig
+
+
+@dataclass(frozen=True)
+class Failure:
+    error: str
+    worker_died: bool
+
+
+def run_remote(fn: Callable, *args, num_cpus: float = 1, num_gpus: float = 0):
+    """Run a plain function once as a Ray task and return its result."""
+    return ray.get(ray.remote(fn).options(num_cpus=num_cpus, num_gpus=num_gpus).remote(*args))
+
+
+def fan_out(
+    work: Iterable[Work],
+    context_args: dict,
+    history,
+    worker_fn: Callable,
+    slots: int,
+    cpus_per_user: float,
+    gpus_per_user: float,
+    start: Callable[[Work], bool],
+    finish: Callable[[Work, object], list[Work]],
+    tick: Callable[[], None] = lambda: None,
+) -> None:
+    """Run every unit of ``work`` on a pool of at most ``slots`` actors.
+
+    ``start(w)`` is asked before a unit is sent (False skips it, e.g. cancelled);
+    ``finish(w, result_or_failure)`` receives each result or :class:`Failure` and
+    returns units to schedule again (retries). ``tick`` runs about once a second.
+    """
+    queue = deque(work)
+    history_ref = ray.put(history)
+    options = dict(num_cpus=cpus_per_user, num_gpus=gpus_per_user)
+    threads = max(1, int(cpus_per_user))
+
+    def new_actor():
+        return PersonalizeWorker.options(**options).remote(context_args, history_ref, threads, worker_fn)
+
+    idle = [new_actor() for _ in range(max(1, min(slots, len(queue))))]
+    in_flight: dict = {}
+    while queue or in_flight:
+        while queue and idle:
+            unit = queue.popleft()
+            if start(unit):
+                actor = idle.pop()
+                in_flight[actor.personalize.remote(unit.user_id, unit.config)] = (unit, actor)
+        if not in_flight:
+            continue
+        done, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+        for ref in done:
+            unit, actor = in_flight.pop(ref)
+            try:
+                result = ray.get(ref)
+            except (RayActorError, WorkerCrashedError) as error:
+                result = Failure(f"worker died: {_first_line(error)}", worker_died=True)
+                ray.kill(actor, no_restart=True)
+                actor = new_actor()
+            except RayTaskError as error:
+                result = Failure(_first_line(error.cause if error.cause is not None else error), worker_died=False)
+            idle.append(actor)
+            queue.extend(finish(unit, result))
+        tick()
+    for actor in idle:
+        ray.kill(actor, no_restart=True)
+
+
+def _first_line(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}".strip()
+    return text.splitlines()[0][:500] if text else type(error).__name__

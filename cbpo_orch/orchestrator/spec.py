@@ -1,0 +1,116 @@
+"""What a job is: its task, data, model, users, methods and training config.
+
+A :class:`JobSpec` is validated in full before anything is written (unknown task or
+method, missing paths, unknown user ids all fail here), then stored as the job's
+config in the registry, so ``resume`` runs exactly the job that was submitted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from cbpo_orch.method.config import ConfigError, TrainConfig
+from cbpo_orch.method.data import DataError, Dataset
+from cbpo_orch.method.methods import method_spec
+from cbpo_orch.method.models import ModelError, check_model_dir
+
+TASK_ADAPTER_MODES = ("none", "auto")
+
+
+@dataclass(frozen=True)
+class Resources:
+    """How the fan-out is scheduled; not part of what the job computes."""
+
+    address: str | None = None
+    cpus_per_user: float = 1.0
+    gpus_per_user: float = 0.0
+    workers: int | None = None
+    max_retries: int = 2
+
+    def __post_init__(self) -> None:
+        if self.cpus_per_user <= 0 or self.gpus_per_user < 0:
+            raise ConfigError("cpus-per-user must be > 0 and gpus-per-user ≥ 0")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError("workers must be ≥ 1")
+        if self.max_retries < 0:
+            raise ConfigError("max-retries must be ≥ 0")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    task: str
+    data: str
+    split: str
+    model: str
+    methods: tuple[str, ...]
+    users: tuple[str, ...]
+    train: TrainConfig = field(default_factory=TrainConfig)
+    task_adapter: str = "none"
+    embedder: str | None = None
+
+    def config_for(self, method: str) -> TrainConfig:
+        return self.train.with_method(method)
+
+    @property
+    def needs_task_adapter(self) -> bool:
+        return self.task_adapter != "none"
+
+    def to_config(self, resources: Resources) -> dict:
+        data = asdict(self)
+        data["methods"] = list(self.methods)
+        data["users"] = list(self.users)
+        data["train"] = self.train.to_dict()
+        data["resources"] = asdict(resources)
+        return data
+
+    @classmethod
+    def from_config(cls, config: dict) -> tuple["JobSpec", Resources]:
+        values = {k: v for k, v in config.items() if k != "resources"}
+        values["methods"] = tuple(values["methods"])
+        values["users"] = tuple(values["users"])
+        values["train"] = TrainConfig.from_dict(values["train"])
+        return cls(**values), Resources(**config.get("resources", {}))
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    methods = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    if not methods:
+        raise ConfigError("--method names no method")
+    for name in methods:
+        method_spec(name)
+    return methods
+
+
+def resolve_users(selector: str, dataset: Dataset) -> tuple[str, ...]:
+    """``all`` | ``N`` (the first N test users) | ``id,id,…`` → user ids of ``dataset``."""
+    known = list(dataset.users)
+    text = selector.strip()
+    if text == "all":
+        return tuple(known)
+    if text.isdigit():
+        n = int(text)
+        if n < 1:
+            raise DataError("--users must be 'all', a positive number or a list of ids")
+        return tuple(known[:n])
+    wanted = tuple(dict.fromkeys(u.strip() for u in text.split(",") if u.strip()))
+    unknown = [u for u in wanted if u not in dataset.users]
+    if unknown or not wanted:
+        shown = ", ".join(unknown[:5]) + (" …" if len(unknown) > 5 else "")
+        raise DataError(f"--users names {len(unknown)} id(s) not in split {dataset.split!r} of {dataset.path}: {shown}")
+    return wanted
+
+
+def check_task_adapter(value: str) -> str:
+    if value in TASK_ADAPTER_MODES:
+        return value
+    folder = Path(value).expanduser().resolve()
+    if not (folder / "adapter_config.json").is_file():
+        raise ModelError(f"--task-adapter must be none, auto or a folder with adapter_config.json, got {value!r}")
+    return str(folder)
+
+
+def check_paths(data: Path, model: Path) -> tuple[str, str]:
+    if not data.is_dir():
+        raise DataError(f"{data}: no such data folder")
+    return str(data.resolve()), str(check_model_dir(model).resolve())
