@@ -18,3 +18,7 @@ def home_dir(override: str | Path | None = None) -> Path:
 
 def default_model_dir(home: Path) -> Path:
     return home / "models" / DEFAULT_MODEL_NAME
+
+
+def downloads_dir(home: Path) -> Path:
+    return home / "downloads"

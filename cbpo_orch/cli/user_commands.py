@@ -12,7 +12,7 @@ import typer
 from cbpo_orch.cli.app import DataOpt, DeviceOpt, HomeOpt, ModelOpt, TaskOpt, app, fresh_output_dir, resolve_model, write_folder
 from cbpo_orch.cli.progress import step_progress
 from cbpo_orch.cli.training_options import build_config, with_training_options
-from cbpo_orch.home import default_model_dir, home_dir
+from cbpo_orch.home import default_model_dir, downloads_dir, home_dir
 from cbpo_orch.method.data import load_split
 from cbpo_orch.method.models import ModelError
 from cbpo_orch.method.tasks import load_task
@@ -28,9 +28,10 @@ def setup_model(
 
     if gguf is not None and not gguf.is_file():
         raise ModelError(f"GGUF file {gguf} does not exist")
-    out = default_model_dir(home_dir(home))
+    root = home_dir(home)
+    out = default_model_dir(root)
     typer.echo(f"preparing {out.name} in {out.parent} …", err=True)
-    typer.echo(str(setup_default_model(out, gguf)))
+    typer.echo(str(setup_default_model(out, downloads_dir(root), gguf)))
 
 
 @app.command("train-task-adapter")

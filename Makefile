@@ -1,0 +1,23 @@
+# cbpo-orch: `make demo` sets up and runs the main job; `make test` runs the tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CLI := $(VENV)/bin/cbpo-orch
+
+.PHONY: setup model demo test
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $@
+
+model: setup
+	$(CLI) setup-model
+
+demo: model
+	$(CLI) submit --users 3 --method base,sft,cbpo --max-profile 16
+
+test: setup
+	$(PY) -m pytest -q

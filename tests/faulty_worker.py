@@ -1,0 +1,45 @@
+"""Worker functions for the orchestrator tests, importable by Ray workers as
+``tests.faulty_worker`` (the test puts the repository root on ``PYTHONPATH``).
+
+Each has the signature of :func:`cbpo_orch.workers.personalize.personalize_user`
+as the driver calls it: ``worker_fn(context, user_id, config)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from cbpo_orch.workers.personalize import personalize_user
+
+FAILING_USER = "a24e7d657a9"
+"""The dev user of the shipped HuffPost sample that :func:`fail_one_user` fails."""
+
+CANCEL_FILE_ENV = "CBPO_TEST_CANCEL_FILE"
+"""Env var naming a JSON file ``{"db": URL, "job_id": ID}`` read by :func:`cancel_job_then_personalize`."""
+
+
+def injected_error(user_id: str) -> str:
+    return f"injected failure for user {user_id}"
+
+
+def fail_one_user(context, user_id: str, config):
+    """Raise for :data:`FAILING_USER`, personalize every other user as usual."""
+    if user_id == FAILING_USER:
+        raise RuntimeError(injected_error(user_id))
+    return personalize_user(context, user_id, config)
+
+
+def cancel_job_then_personalize(context, user_id: str, config):
+    """Cancel the job named in ``$CBPO_TEST_CANCEL_FILE`` (as ``cbpo-orch cancel`` would,
+    from another process), then personalize this user: a run already started finishes."""
+    from cbpo_orch.storage.registry import Registry
+
+    target = json.loads(open(os.environ[CANCEL_FILE_ENV], encoding="utf-8").read())
+    with Registry(target["db"]) as registry:
+        registry.cancel(target["job_id"])
+    return personalize_user(context, user_id, config)
+
+
+def must_not_run(context, user_id: str, config):
+    raise AssertionError(f"a run of user {user_id} was started")

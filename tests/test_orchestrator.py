@@ -1,0 +1,458 @@
+"""The orchestrator end to end on CPU: the real ``cbpo-orch`` console script and
+``run_job`` over a local Ray, on the shipped HuffPost sample and the tiny random model.
+
+Every subprocess runs in its own session; whatever it leaves behind in that session
+(its local Ray: GCS, raylet, dashboard, workers) is killed when the test ends.
+The history index is embedded once per test session and copied into each home.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cbpo_orch.home import SAMPLE_DATA
+from cbpo_orch.storage.artifacts import directory_sha256
+from cbpo_orch.storage.registry import Registry
+from tests import faulty_worker
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = Path(sys.executable).with_name("cbpo-orch")
+CONTRACT = ["user_id", "method", "rouge1", "rougeL", "gamma", "n_pos", "n_aux", "adapter_path", "sha256", "seconds"]
+FAST = ["--max-profile", "8", "--epochs", "1", "--max-new-tokens", "8", "--max-length", "64"]
+# Slow enough (≈2 s a run on one CPU) that the driver can be killed between two runs.
+SLOW = ["--max-profile", "40", "--epochs", "6", "--max-new-tokens", "8", "--max-length", "128"]
+CLEAN_ENV = ("RAY_ADDRESS", "CBPO_ORCH_DB", "CBPO_ORCH_ARTIFACTS")
+JOB_TIMEOUT = 240
+
+
+# ───────────────────────────── helpers and fixtures ─────────────────────────────
+
+
+def _session_members(sid: int) -> list[int]:
+    """Live (non-zombie) processes whose session id is ``sid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if fields[0] != "Z" and int(fields[3]) == sid:
+            found.append(int(entry))
+    return found
+
+
+def kill_session(sid: int, timeout: float = 15.0) -> None:
+    """SIGKILL the process group ``sid`` and every other process of session ``sid``
+    (Ray workers put themselves in their own group but stay in the session)."""
+    deadline = time.monotonic() + timeout
+    try:
+        os.killpg(sid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    while members := _session_members(sid):
+        for pid in members:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"processes of session {sid} survive SIGKILL: {members}")
+        time.sleep(0.1)
+
+
+class Cli:
+    """The real ``cbpo-orch`` console script with ``CBPO_ORCH_HOME`` set to ``home``."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.env = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV}
+        self.env["CBPO_ORCH_HOME"] = str(home)
+        self.started: list[subprocess.Popen] = []
+
+    def start(self, *args: str) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [str(CLI), *args],
+            env=self.env,
+            cwd=self.home,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        self.started.append(proc)
+        return proc
+
+    def finish(self, proc: subprocess.Popen, timeout: float = JOB_TIMEOUT) -> subprocess.CompletedProcess:
+        """Wait for ``proc``, then clear what it left in its session."""
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        finally:
+            self.kill(proc)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    def run(self, *args: str, timeout: float = JOB_TIMEOUT) -> subprocess.CompletedProcess:
+        return self.finish(self.start(*args), timeout)
+
+    def json(self, *args: str):
+        done = self.run(*args)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    def kill(self, proc: subprocess.Popen) -> None:
+        kill_session(proc.pid)
+        proc.wait(timeout=10)
+
+    def cleanup(self) -> None:
+        for proc in self.started:
+            self.kill(proc)
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
+
+
+def _ok(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 0, f"{done.args} exited {done.returncode}:\n{done.stderr[-4000:]}"
+    return done.stdout.splitlines()[0].strip()
+
+
+@pytest.fixture(scope="session")
+def dev_users() -> list[str]:
+    from cbpo_orch.method.data import load_split
+    from cbpo_orch.method.tasks import load_task
+
+    return list(load_split(SAMPLE_DATA, "dev", load_task("lamp4")).users)
+
+
+@pytest.fixture(scope="session")
+def history_cache(tmp_path_factory, sample_history) -> Path:
+    """A home's ``cache`` folder already holding the sample's history index."""
+    from cbpo_orch.method.tasks import load_task
+    from cbpo_orch.workers.context import history_datasets, history_key
+
+    root = tmp_path_factory.mktemp("cache")
+    datasets = history_datasets(SAMPLE_DATA, "dev", load_task("lamp4"))
+    sample_history[1].save(root / "history" / history_key(datasets, None))
+    return root
+
+
+@pytest.fixture
+def home(tmp_path, history_cache) -> Path:
+    folder = tmp_path / "home"
+    shutil.copytree(history_cache, folder / "cache")
+    return folder
+
+
+@pytest.fixture
+def cli(home):
+    runner = Cli(home)
+    yield runner
+    runner.cleanup()
+
+
+def _registry(home: Path) -> Registry:
+    return Registry(f"sqlite:///{home / 'registry.db'}")
+
+
+def _spec_config(model: Path, users: list[str], methods=("sft",)) -> tuple[dict, object]:
+    from cbpo_orch.method.config import TrainConfig
+    from cbpo_orch.orchestrator.spec import JobSpec, Resources
+
+    train = TrainConfig(method=methods[0], max_profile=8, epochs=1, max_new_tokens=8, max_length=64)
+    spec = JobSpec("lamp4", str(SAMPLE_DATA.resolve()), "dev", str(model), tuple(methods), tuple(users), train)
+    resources = Resources(workers=1, max_retries=1)
+    return spec.to_config(resources), resources
+
+
+def _create_job(home: Path, model: Path, users: list[str], methods=("sft",)) -> str:
+    config, _ = _spec_config(model, users, methods)
+    with _registry(home) as registry:
+        return registry.create_job("lamp4", list(methods), users, config)
+
+
+def _shutdown_ray_if_started() -> None:
+    """Leave no Ray behind in this process (a cancelled job must not need one)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _attempt_dirs(home: Path, job: str, user: str, method: str) -> list[str]:
+    return sorted(p.name for p in (home / "artifacts" / "adapters" / job / user / method).glob("attempt-*"))
+
+
+# ───────────────────────────── CLI, real subprocesses ─────────────────────────────
+
+
+def test_submit_then_status_and_results(cli, home, tiny_model_dir, dev_users):
+    job = _ok(cli.run("submit", "--model", str(tiny_model_dir), "--users", "3", "--method", "sft,cbpo", "--workers", "2", *FAST))
+
+    status, as_json, as_csv = (
+        cli.start("status", "--json"),
+        cli.start("results", job, "--format", "json"),
+        cli.start("results", job, "--format", "csv"),
+    )
+    status, as_json, as_csv = (cli.finish(p) for p in (status, as_json, as_csv))
+    for done in (status, as_json, as_csv):
+        _ok(done)
+
+    [entry] = [j for j in json.loads(status.stdout) if j["job_id"] == job]
+    assert entry["state"] == "succeeded" and entry["error"] is None
+    assert entry["counts"] == {"pending": 0, "running": 0, "succeeded": 6, "failed": 0}
+    assert entry["users"] == 3 and entry["methods"] == ["sft", "cbpo"]
+
+    rows = json.loads(as_json.stdout)
+    assert all(list(row) == CONTRACT for row in rows)
+    keys = [(row["user_id"], row["method"]) for row in rows]
+    assert sorted(keys) == sorted((u, m) for u in dev_users[:3] for m in ("sft", "cbpo"))
+    for row in rows:
+        path = Path(row["adapter_path"])
+        assert path == home.resolve() / "artifacts" / "adapters" / job / row["user_id"] / row["method"] / "attempt-1"
+        assert (path / "adapter_config.json").is_file() and (path / "predictions.jsonl").is_file()
+        assert directory_sha256(path) == row["sha256"]
+        assert 0.0 <= row["rouge1"] <= 1.0 and 0.0 <= row["rougeL"] <= 1.0 and row["seconds"] > 0
+        assert row["n_pos"] == 8
+        if row["method"] == "sft":
+            assert row["gamma"] is None and row["n_aux"] == 0
+        else:
+            assert 0.0 <= row["gamma"] < 1.0 and row["n_aux"] > 0
+
+    table = list(csv.reader(io.StringIO(as_csv.stdout)))
+    assert table[0] == CONTRACT
+    assert len(table) == 7
+    by_key = {(r["user_id"], r["method"]): r for r in rows}
+    for line in table[1:]:
+        row = dict(zip(CONTRACT, line))
+        expected = by_key[(row["user_id"], row["method"])]
+        assert (row["adapter_path"], row["sha256"]) == (expected["adapter_path"], expected["sha256"])
+
+
+def test_resume_after_killed_driver_redoes_only_unfinished_runs(cli, home, tiny_model_dir):
+    proc = cli.start("submit", "--model", str(tiny_model_dir), "--users", "6", "--method", "sft", "--workers", "1", *SLOW)
+    job = proc.stdout.readline().strip()
+    assert job, f"submit printed no job id: {proc.stderr.read()[-4000:] if proc.poll() is not None else ''}"
+
+    with _registry(home) as registry:
+        deadline = time.monotonic() + JOB_TIMEOUT
+        while not registry.runs(job, states=("succeeded",)):
+            assert proc.poll() is None, f"the driver ended before it could be killed:\n{proc.stderr.read()[-4000:]}"
+            assert time.monotonic() < deadline, "no run succeeded in time"
+            time.sleep(0.05)
+        cli.kill(proc)  # SIGKILL to the driver's group (it and its local Ray), then the rest of its session
+
+        assert registry.job(job).state == "running"  # a killed driver leaves its job as it was
+        before = {(r.user_id, r.method): r for r in registry.runs(job, states=("succeeded",))}
+        assert 1 <= len(before) < 6, f"{len(before)} runs had succeeded: the kill came too late to test resume"
+        assert all(r.attempts == 1 for r in before.values())
+        recorded = {(r["user_id"], r["method"]): r for r in registry.results(job)}
+        assert recorded.keys() == before.keys()
+
+        _ok(cli.run("resume", job, "--workers", "1"))
+
+        info = registry.job(job)
+        assert info.state == "succeeded" and info.error is None
+        assert info.counts == {"pending": 0, "running": 0, "succeeded": 6, "failed": 0}
+        after = {(r.user_id, r.method): r for r in registry.runs(job)}
+        rows = {(r["user_id"], r["method"]): r for r in registry.results(job)}
+    assert len(rows) == 6 and rows.keys() == after.keys()
+    for key, run in after.items():
+        assert directory_sha256(rows[key]["adapter_path"]) == rows[key]["sha256"]
+        if key in before:
+            assert run.attempts == 1, f"{key} was run again"
+            assert rows[key]["sha256"] == recorded[key]["sha256"]
+            assert rows[key]["adapter_path"] == recorded[key]["adapter_path"]
+            assert _attempt_dirs(home, job, *key) == ["attempt-1"]
+
+
+def test_two_submits_share_one_registry(cli, tiny_model_dir, dev_users):
+    common = ["--model", str(tiny_model_dir), "--method", "sft", "--workers", "1", *FAST]
+    first = cli.start("submit", "--users", "2", *common)
+    second = cli.start("submit", "--users", ",".join(dev_users[2:4]), *common)
+    jobs = [_ok(cli.finish(p)) for p in (first, second)]
+    assert jobs[0] != jobs[1]
+
+    status = {j["job_id"]: j for j in cli.json("status", "--json")}
+    assert set(status) == set(jobs)
+    for job in jobs:
+        assert status[job]["state"] == "succeeded"
+        assert status[job]["counts"] == {"pending": 0, "running": 0, "succeeded": 2, "failed": 0}
+    with _registry(cli.home) as registry:
+        assert registry.job(jobs[0]).users == dev_users[:2]
+        assert registry.job(jobs[1]).users == dev_users[2:4]
+        for job in jobs:
+            assert len(registry.results(job)) == 2
+
+
+# ───────────────────────────── CLI, in process ─────────────────────────────
+
+
+def _main(monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
+    from cbpo_orch.cli.main import main
+
+    monkeypatch.setattr(sys, "argv", ["cbpo-orch", *argv])
+    capsys.readouterr()
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def quiet_home(tmp_path, monkeypatch) -> Path:
+    """A home for in-process CLI calls, its registry holding one job."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("CBPO_ORCH_HOME", str(home))
+    for name in CLEAN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    return home
+
+
+BAD_INPUT = {
+    "unknown task": (["submit", "--task", "no-such-task"], "no-such-task"),
+    "unknown method": (["submit", "--method", "sft,no-such-method"], "no-such-method"),
+    "missing model": (["submit", "--model", "/nonexistent/model-dir"], "/nonexistent/model-dir"),
+    "missing data": (["submit", "--data", "/nonexistent/data-dir"], "/nonexistent/data-dir"),
+    "unknown user": (["submit", "--users", "ad7c7cfda48,nobody-here"], "nobody-here"),
+    "zero users": (["submit", "--users", "0"], "--users"),
+    "status of unknown job": (["status", "NOSUCHJOB"], "NOSUCHJOB"),
+    "results of unknown job": (["results", "NOSUCHJOB"], "NOSUCHJOB"),
+    "resume of unknown job": (["resume", "NOSUCHJOB"], "NOSUCHJOB"),
+    "unknown results format": (["results", "{job}", "--format", "xml"], "--format"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_is_one_error_line_and_changes_nothing(case, quiet_home, tiny_model_dir, dev_users, monkeypatch, capsys):
+    existing = _create_job(quiet_home, tiny_model_dir, dev_users[:1])
+    argv, hint = BAD_INPUT[case]
+    argv = [a.replace("{job}", existing) for a in argv]
+    if argv[0] == "submit":
+        argv = argv + FAST + ([] if "--model" in argv else ["--model", str(tiny_model_dir)])
+    with _registry(quiet_home) as registry:
+        jobs_before = registry.jobs()
+
+    code, out, err = _main(monkeypatch, capsys, *argv)
+
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert hint in lines[0]
+    assert "Traceback" not in err and out == ""
+    with _registry(quiet_home) as registry:
+        assert registry.jobs() == jobs_before
+    assert not (quiet_home / "artifacts").exists()
+
+
+def test_cancelled_job_starts_nothing(quiet_home, tiny_model_dir, dev_users, monkeypatch, capsys):
+    from cbpo_orch.orchestrator.driver import Workspace, run_job
+
+    job = _create_job(quiet_home, tiny_model_dir, dev_users[:2], ("sft", "cbpo"))
+    code, out, err = _main(monkeypatch, capsys, "cancel", job)
+    assert code == 0 and out.strip() == f"job {job}: 4 pending runs cancelled", err
+
+    space = Workspace.open(quiet_home)
+    try:
+        state = run_job(space, job, worker_fn=faulty_worker.must_not_run)
+    finally:
+        _shutdown_ray_if_started()
+    assert state == "cancelled"
+    info = space.registry.job(job)
+    assert info.state == "cancelled" and info.finished_at is not None
+    runs = space.registry.runs(job)
+    assert len(runs) == 4 and all(r.state == "cancelled" and r.attempts == 0 for r in runs)
+    assert not (quiet_home / "artifacts").exists()
+
+    code, out, err = _main(monkeypatch, capsys, "resume", job)
+    assert code == 2 and err.startswith("error: ") and "cancelled" in err and len(err.strip().splitlines()) == 1
+
+
+# ───────────────────────────── run_job in process, over a local Ray ─────────────────────────────
+
+
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory):
+    """A local Ray started by this process, whose workers can import ``tests.faulty_worker``."""
+    import ray
+
+    from cbpo_orch.orchestrator import scheduler
+
+    control = tmp_path_factory.mktemp("ray-control") / "cancel.json"
+    with pytest.MonkeyPatch.context() as patch:
+        paths = [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        patch.setenv("PYTHONPATH", os.pathsep.join(paths))
+        patch.setenv(faulty_worker.CANCEL_FILE_ENV, str(control))
+        for name in CLEAN_ENV:
+            patch.delenv(name, raising=False)
+        assert not ray.is_initialized()
+        scheduler.connect(None)
+        try:
+            yield control
+        finally:
+            ray.shutdown()
+
+
+def test_failing_user_is_retried_then_failed_others_succeed(local_ray, home, tiny_model_dir, dev_users):
+    from cbpo_orch.orchestrator.driver import Workspace, run_job
+    from cbpo_orch.orchestrator.spec import Resources
+
+    users = [dev_users[0], faulty_worker.FAILING_USER, dev_users[2]]
+    assert faulty_worker.FAILING_USER == dev_users[1]
+    job = _create_job(home, tiny_model_dir, users, ("sft", "cbpo"))
+    space = Workspace.open(home)
+
+    state = run_job(space, job, Resources(max_retries=1, workers=1), worker_fn=faulty_worker.fail_one_user)
+
+    assert state == "failed"
+    info = space.registry.job(job)
+    assert info.state == "failed" and info.error == "2 of 6 runs failed"
+    assert info.counts == {"pending": 0, "running": 0, "succeeded": 4, "failed": 2}
+    for run in space.registry.runs(job):
+        if run.user_id == faulty_worker.FAILING_USER:
+            assert run.state == "failed" and run.attempts == 2
+            assert faulty_worker.injected_error(run.user_id) in run.error and "RuntimeError" in run.error
+            assert _attempt_dirs(home, job, run.user_id, run.method) == []
+        else:
+            assert run.state == "succeeded" and run.attempts == 1 and run.error is None
+    rows = space.registry.results(job)
+    assert sorted((r["user_id"], r["method"]) for r in rows) == sorted(
+        (u, m) for u in users if u != faulty_worker.FAILING_USER for m in ("sft", "cbpo")
+    )
+    assert all(directory_sha256(r["adapter_path"]) == r["sha256"] for r in rows)
+
+
+def test_cancel_while_running_finishes_started_run_only(local_ray, home, tiny_model_dir, dev_users):
+    from cbpo_orch.orchestrator.driver import Workspace, run_job
+    from cbpo_orch.orchestrator.spec import Resources
+
+    job = _create_job(home, tiny_model_dir, dev_users[:3])
+    local_ray.write_text(json.dumps({"db": f"sqlite:///{home / 'registry.db'}", "job_id": job}))
+    space = Workspace.open(home)
+
+    state = run_job(space, job, Resources(workers=1), worker_fn=faulty_worker.cancel_job_then_personalize)
+
+    assert state == "cancelled"
+    info = space.registry.job(job)
+    assert info.state == "cancelled"
+    assert info.counts == {"pending": 0, "running": 0, "succeeded": 1, "failed": 0, "cancelled": 2}
+    runs = space.registry.runs(job)
+    started = [r for r in runs if r.attempts]
+    assert len(started) == 1 and started[0].state == "succeeded"
+    assert len(space.registry.results(job)) == 1
