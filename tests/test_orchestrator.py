@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 CLI = Path(sys.executable).with_name("cbpo-orch")
 CONTRACT = ["user_id", "method", "rouge1", "rougeL", "gamma", "n_pos", "n_aux", "adapter_path", "sha256", "seconds"]
 FAST = ["--max-profile", "8", "--epochs", "1", "--max-new-tokens", "8", "--max-length", "64"]
-# Slow enough (≈2 s a run on one CPU) that the driver can be killed between two runs.
-SLOW = ["--max-profile", "40", "--epochs", "6", "--max-new-tokens", "8", "--max-length", "128"]
+# Slow enough (≈1.5 s a run on one CPU) that the driver can be killed between two runs.
+SLOW = ["--max-profile", "40", "--epochs", "4", "--max-new-tokens", "8", "--max-length", "128"]
 CLEAN_ENV = ("RAY_ADDRESS", "CBPO_ORCH_DB", "CBPO_ORCH_ARTIFACTS")
 JOB_TIMEOUT = 240
 

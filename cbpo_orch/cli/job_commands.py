@@ -19,6 +19,7 @@ from cbpo_orch.cli.progress import job_progress
 from cbpo_orch.cli.training_options import build_config, with_training_options
 from cbpo_orch.home import SAMPLE_DATA, home_dir
 from cbpo_orch.orchestrator.spec import JobSpec, Resources, check_paths, check_task_adapter, parse_methods, resolve_users
+from cbpo_orch.storage.registry import RESULT_COLUMNS
 
 DbOpt = Annotated[Optional[str], typer.Option(help="Registry as a SQLAlchemy URL, e.g. postgresql+psycopg://… (env CBPO_ORCH_DB; default SQLite in the home folder).")]
 ArtifactsOpt = Annotated[Optional[Path], typer.Option(help="Artifact folder (env CBPO_ORCH_ARTIFACTS; default <home>/artifacts).")]
@@ -165,9 +166,6 @@ def status(
             OUT.print(f"failed: {run.user_id} · {run.method} ({run.attempts} attempts): {run.error}")
         if jobs[0].error:
             OUT.print(f"error: {jobs[0].error}")
-
-
-RESULT_COLUMNS = ("user_id", "method", "rouge1", "rougeL", "gamma", "n_pos", "n_aux", "adapter_path", "sha256", "seconds")
 
 
 def _aggregate(rows: list[dict]) -> list[dict]:

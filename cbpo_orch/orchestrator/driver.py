@@ -73,6 +73,8 @@ def run_job(
     progress = progress or Progress()
     registry = space.registry
     job = registry.job(job_id)
+    if job.state == "cancelled":
+        return job.state  # its runs were cancelled: start none, and keep the job cancelled
     spec, stored_resources = JobSpec.from_config(job.config)
     resources = resources or stored_resources
     registry.reset_interrupted(job_id)

@@ -1,0 +1,250 @@
+"""Quality benchmark: C-BPO against SFT (OPPU), BCO, KTO and the ablations, on real users.
+
+Every arm runs through `cbpo-orch submit`, so the benchmark exercises the product.
+Arms that share training options share one job (the same users, the same auxiliary
+samples); each ablation that changes an option is its own job. Jobs are remembered in a
+state file, so an interrupted benchmark resumes instead of starting over.
+
+    # 1. tune on a validation slice (the first --validation users), never reported
+    python bench/quality.py tune --task commit-subject --data ../shared/data/numpy-commit-subject \
+        --model ../shared/models/commit-lm-17m --validation 5 --grid lr=1e-4,1e-3 --grid beta=0.1,1.0
+    # 2. report every arm on the remaining users with the chosen options
+    python bench/quality.py run --task commit-subject --data ../shared/data/numpy-commit-subject \
+        --model ../shared/models/commit-lm-17m --validation 5 --set lr=1e-3 --set beta=0.1
+
+Outputs under bench/results/: NAME.json (per-user ROUGE and γ per arm, means, paired
+bootstrap 95% CIs of arm − sft), NAME.md (the table) and NAME.png (bars with CIs; γ vs gain).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from cbpo_orch.method.data import load_split
+from cbpo_orch.method.evaluation import paired_bootstrap_ci
+from cbpo_orch.method.tasks import load_task
+
+HERE = Path(__file__).parent
+CLI = [sys.executable, "-m", "cbpo_orch"]
+
+# arm name -> (method, extra training options)
+ARMS: dict[str, tuple[str, dict[str, str]]] = {
+    "base": ("base", {}),
+    "sft": ("sft", {}),
+    "kto": ("kto", {}),
+    "bco": ("bco", {}),
+    "cbpo": ("cbpo", {}),
+    "sft-aux": ("sft-aux", {}),
+    "cbpo-gamma0": ("cbpo", {"gamma": "0"}),
+    "cbpo-joint-reference": ("cbpo", {"reference": "joint"}),
+    "cbpo-gamma0.2": ("cbpo", {"gamma": "0.2"}),
+    "cbpo-gamma0.5": ("cbpo", {"gamma": "0.5"}),
+    "cbpo-gamma0.8": ("cbpo", {"gamma": "0.8"}),
+    "cbpo-nearest": ("cbpo", {"aux_strategy": "nearest"}),
+    "cbpo-farthest": ("cbpo", {"aux_strategy": "farthest"}),
+}
+
+
+def parse_pairs(items: list[str]) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if not value:
+            raise SystemExit(f"expected KEY=VALUE, got {item!r}")
+        pairs[key.strip().replace("-", "_")] = value.strip()
+    return pairs
+
+
+def cli_flags(options: dict[str, str]) -> list[str]:
+    return [part for key, value in sorted(options.items()) for part in (f"--{key.replace('_', '-')}", value)]
+
+
+def split_users(args) -> tuple[list[str], list[str]]:
+    users = list(load_split(args.data, args.split, load_task(args.task)).users)
+    validation, report = users[: args.validation], users[args.validation :]
+    return validation, report[: args.users] if args.users else report
+
+
+class Jobs:
+    """Submits (or resumes) one job per group of arms and remembers its id."""
+
+    def __init__(self, args, state_file: Path):
+        self.args = args
+        self.state_file = state_file
+        self.state = json.loads(state_file.read_text()) if state_file.exists() else {}
+
+    def run(self, key: str, methods: list[str], users: list[str], options: dict[str, str]) -> str:
+        common = ["--home", str(self.args.home), "--workers", str(self.args.workers)]
+        job = self.state.get(key)
+        if job is None:
+            command = CLI + [
+                "submit", "--task", self.args.task, "--data", str(self.args.data), "--model", str(self.args.model),
+                "--split", self.args.split, "--users", ",".join(users), "--method", ",".join(methods),
+                "--task-adapter", self.args.task_adapter, "--seed", str(self.args.seed), *common, *cli_flags(options),
+            ]
+            print(f"[{key}] {' '.join(command[2:])}", flush=True)
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+            job = process.stdout.readline().strip()
+            self.state[key] = job
+            self.state_file.write_text(json.dumps(self.state, indent=2))
+            process.communicate()
+        else:
+            status = json.loads(subprocess.run(CLI + ["status", job, "--json", "--home", str(self.args.home)], capture_output=True, text=True, check=True).stdout)[0]
+            if status["state"] != "succeeded":
+                print(f"[{key}] resuming job {job}", flush=True)
+                subprocess.run(CLI + ["resume", job, *common], stdout=subprocess.DEVNULL)
+        return job
+
+    def results(self, job: str) -> list[dict]:
+        out = subprocess.run(CLI + ["results", job, "--format", "json", "--home", str(self.args.home)], capture_output=True, text=True, check=True)
+        return json.loads(out.stdout)
+
+
+def run_arms(jobs: Jobs, arms: dict[str, tuple[str, dict[str, str]]], users: list[str], shared: dict[str, str], prefix: str) -> dict[str, dict[str, dict]]:
+    """Per arm, per user: {rouge1, rougeL, gamma}."""
+    groups: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    options_of: dict[str, dict[str, str]] = {}
+    for arm, (method, extra) in arms.items():
+        options = {**shared, **extra}
+        key = f"{prefix}{json.dumps(options, sort_keys=True)}"
+        groups[key].append((arm, method))
+        options_of[key] = options
+    per_arm: dict[str, dict[str, dict]] = {}
+    for key, members in groups.items():
+        job = jobs.run(key, [method for _, method in members], users, options_of[key])
+        rows = jobs.results(job)
+        for arm, method in members:
+            per_arm[arm] = {r["user_id"]: {"rouge1": r["rouge1"], "rougeL": r["rougeL"], "gamma": r["gamma"]} for r in rows if r["method"] == method}
+    return per_arm
+
+
+def summarize(per_arm: dict[str, dict[str, dict]], users: list[str]) -> dict:
+    complete = [u for u in users if all(u in scores for scores in per_arm.values())]
+    arms = {}
+    for arm, scores in per_arm.items():
+        entry = {
+            metric: sum(scores[u][metric] for u in complete) / len(complete) for metric in ("rouge1", "rougeL")
+        }
+        entry["ci_vs_sft"] = {
+            metric: list(paired_bootstrap_ci([scores[u][metric] for u in complete], [per_arm["sft"][u][metric] for u in complete])[1:])
+            for metric in ("rouge1", "rougeL")
+        }
+        entry["per_user"] = {u: scores[u] for u in complete}
+        arms[arm] = entry
+    return {"users": complete, "arms": arms}
+
+
+def markdown(summary: dict, title: str) -> str:
+    lines = [f"### {title}", "", f"{len(summary['users'])} users; mean ROUGE-1 / ROUGE-L; Δ vs sft with paired bootstrap 95% CI", "",
+             "| arm | ROUGE-1 | ROUGE-L | Δ R-1 vs sft [95% CI] | Δ R-L vs sft [95% CI] |", "|---|---|---|---|---|"]
+    sft = summary["arms"]["sft"]
+    for arm, entry in summary["arms"].items():
+        deltas = []
+        for metric in ("rouge1", "rougeL"):
+            if arm == "sft":
+                deltas.append("—")
+            else:
+                lo, hi = entry["ci_vs_sft"][metric]
+                deltas.append(f"{entry[metric] - sft[metric]:+.4f} [{lo:+.4f}, {hi:+.4f}]")
+        lines.append(f"| {arm} | {entry['rouge1']:.4f} | {entry['rougeL']:.4f} | {deltas[0]} | {deltas[1]} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = summary["arms"]
+    names = list(arms)
+    fig, (bars, scatter) = plt.subplots(1, 2, figsize=(14, 5))
+    sft = arms["sft"]["rougeL"]
+    deltas = [arms[a]["rougeL"] - sft for a in names]
+    low_high = [arms[a]["ci_vs_sft"]["rougeL"] for a in names]
+    errors = [[d - lo for d, (lo, _) in zip(deltas, low_high)], [hi - d for d, (_, hi) in zip(deltas, low_high)]]
+    bars.bar(names, deltas, yerr=errors, capsize=3, color=["tab:red" if a.startswith("cbpo") else "tab:gray" for a in names])
+    bars.axhline(0, color="black", linewidth=0.8)
+    bars.set_ylabel("ROUGE-L − sft (paired bootstrap 95% CI)")
+    bars.set_title(title)
+    bars.tick_params(axis="x", rotation=60)
+    if "cbpo" in arms:
+        users = summary["users"]
+        gammas = [arms["cbpo"]["per_user"][u]["gamma"] for u in users]
+        gains = [arms["cbpo"]["per_user"][u]["rougeL"] - arms["sft"]["per_user"][u]["rougeL"] for u in users]
+        scatter.scatter(gammas, gains)
+        scatter.axhline(0, color="black", linewidth=0.8)
+        scatter.set_xlabel("estimated γ (per user)")
+        scatter.set_ylabel("cbpo − sft ROUGE-L")
+        scatter.set_title("γ vs gain over SFT, per user")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=["tune", "run"])
+    parser.add_argument("--task", required=True)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--split", default="dev")
+    parser.add_argument("--validation", type=int, default=5, help="the first N users: tuning only, never reported")
+    parser.add_argument("--users", type=int, default=None, help="report on at most N users after the validation slice")
+    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated arm names (run mode)")
+    parser.add_argument("--grid", action="append", default=[], help="tune: KEY=V1,V2 (repeatable)")
+    parser.add_argument("--tune-methods", default="sft,cbpo")
+    parser.add_argument("--set", action="append", default=[], help="KEY=VALUE training option for every arm")
+    parser.add_argument("--task-adapter", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--home", type=Path, default=HERE / ".home")
+    parser.add_argument("--name", default=None, help="results file name (default: TASK-MODEL)")
+    args = parser.parse_args(argv)
+    args.data, args.model = args.data.resolve(), args.model.resolve()
+
+    name = args.name or f"{args.task}-{args.model.name}"
+    out = HERE / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    shared = parse_pairs(args.set)
+    validation, report = split_users(args)
+    jobs = Jobs(args, out / f"{name}.{args.mode}.jobs.json")
+
+    if args.mode == "tune":
+        grid = {k: v.split(",") for k, v in parse_pairs(args.grid).items()}
+        rows = []
+        for values in itertools.product(*grid.values()):
+            options = {**shared, **dict(zip(grid, values))}
+            arms = {m: (m, options) for m in args.tune_methods.split(",")}
+            per_arm = run_arms(jobs, arms, validation, {}, prefix="tune:")
+            for method, scores in per_arm.items():
+                mean = {m: sum(s[m] for s in scores.values()) / len(scores) for m in ("rouge1", "rougeL")}
+                rows.append({"options": options, "method": method, **mean})
+                print(f"{method:6s} {options}  R-1 {mean['rouge1']:.4f}  R-L {mean['rougeL']:.4f}", flush=True)
+        result = {"task": args.task, "model": str(args.model), "validation_users": validation, "grid": grid, "rows": rows}
+        (out / f"{name}-tuning.json").write_text(json.dumps(result, indent=2))
+        return
+
+    arms = {a: ARMS[a] for a in args.arms.split(",")}
+    if "sft" not in arms:
+        raise SystemExit("the arms must include sft: every arm is compared with it")
+    summary = summarize(run_arms(jobs, arms, report, shared, prefix="run:"), report)
+    config = {"options": shared, "task_adapter": args.task_adapter, "split": args.split, "validation_users": validation,
+              "arms": {a: {"method": m, "options": o} for a, (m, o) in arms.items()}}
+    result = {"task": args.task, "model": str(args.model), "data": str(args.data), "users": summary["users"],
+              "seeds": [args.seed], "config": config, "arms": summary["arms"]}
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    title = f"{args.task} · {args.model.name}"
+    (out / f"{name}.md").write_text(markdown(summary, title))
+    plot(summary, title, out / f"{name}.png")
+    print(markdown(summary, title))
+
+
+if __name__ == "__main__":
+    main()
