@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -282,8 +283,13 @@ def test_two_submits_share_one_registry(cli, tiny_model_dir, dev_users):
     common = ["--model", str(tiny_model_dir), "--method", "sft", "--workers", "1", *FAST]
     first = cli.start("submit", "--users", "2", *common)
     second = cli.start("submit", "--users", ",".join(dev_users[2:4]), *common)
-    jobs = [_ok(cli.finish(p)) for p in (first, second)]
+    done = [cli.finish(p) for p in (first, second)]
+    jobs = [_ok(d) for d in done]
     assert jobs[0] != jobs[1]
+    # Two local Rays on one machine: each gets its own dashboard port.
+    dashboards = [re.findall(r"Ray dashboard: (\S+)", d.stderr) for d in done]
+    if all(dashboards):
+        assert dashboards[0] != dashboards[1]
 
     status = {j["job_id"]: j for j in cli.json("status", "--json")}
     assert set(status) == set(jobs)
@@ -310,6 +316,8 @@ def _main(monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
         code = 0
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        _shutdown_ray_if_started()  # only a wrongly accepted submit would have started one
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -362,7 +370,8 @@ def test_bad_input_is_one_error_line_and_changes_nothing(case, quiet_home, tiny_
 
 
 def test_cancelled_job_starts_nothing(quiet_home, tiny_model_dir, dev_users, monkeypatch, capsys):
-    from cbpo_orch.orchestrator.driver import Workspace, run_job
+    from cbpo_orch.orchestrator.driver import run_job
+    from cbpo_orch.orchestrator.workspace import Workspace
 
     job = _create_job(quiet_home, tiny_model_dir, dev_users[:2], ("sft", "cbpo"))
     code, out, err = _main(monkeypatch, capsys, "cancel", job)
@@ -410,7 +419,8 @@ def local_ray(tmp_path_factory):
 
 
 def test_failing_user_is_retried_then_failed_others_succeed(local_ray, home, tiny_model_dir, dev_users):
-    from cbpo_orch.orchestrator.driver import Workspace, run_job
+    from cbpo_orch.orchestrator.driver import run_job
+    from cbpo_orch.orchestrator.workspace import Workspace
     from cbpo_orch.orchestrator.spec import Resources
 
     users = [dev_users[0], faulty_worker.FAILING_USER, dev_users[2]]
@@ -439,7 +449,8 @@ def test_failing_user_is_retried_then_failed_others_succeed(local_ray, home, tin
 
 
 def test_cancel_while_running_finishes_started_run_only(local_ray, home, tiny_model_dir, dev_users):
-    from cbpo_orch.orchestrator.driver import Workspace, run_job
+    from cbpo_orch.orchestrator.driver import run_job
+    from cbpo_orch.orchestrator.workspace import Workspace
     from cbpo_orch.orchestrator.spec import Resources
 
     job = _create_job(home, tiny_model_dir, dev_users[:3])

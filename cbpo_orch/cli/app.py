@@ -17,7 +17,7 @@ from cbpo_orch.home import default_model_dir, home_dir
 from cbpo_orch.method.config import ConfigError
 from cbpo_orch.method.data import DataError
 from cbpo_orch.method.methods import UnknownMethod
-from cbpo_orch.method.models import ModelError, check_model_dir
+from cbpo_orch.method.model_dirs import ModelError, check_model_dir
 from cbpo_orch.storage.registry import UnknownJob
 from cbpo_orch.storage.schema import SchemaVersionError
 

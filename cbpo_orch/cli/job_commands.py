@@ -32,7 +32,7 @@ if not OUT.is_terminal:
 
 
 def _workspace(home: Path | None, db: str | None, artifacts: Path | None):
-    from cbpo_orch.orchestrator.driver import Workspace
+    from cbpo_orch.orchestrator.workspace import Workspace
 
     return Workspace.open(home_dir(home), db, artifacts)
 

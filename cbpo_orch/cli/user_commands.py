@@ -14,7 +14,7 @@ from cbpo_orch.cli.progress import step_progress
 from cbpo_orch.cli.training_options import build_config, with_training_options
 from cbpo_orch.home import default_model_dir, downloads_dir, home_dir
 from cbpo_orch.method.data import load_split
-from cbpo_orch.method.models import ModelError
+from cbpo_orch.method.model_dirs import ModelError
 from cbpo_orch.method.tasks import load_task
 
 

@@ -16,15 +16,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from cbpo_orch.method.model_dirs import ModelError, check_model_dir  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-
-
-class ModelError(ValueError):
-    """A model path that cannot be loaded."""
 
 
 @dataclass
@@ -44,15 +42,6 @@ def resolve_device(name: str = "auto") -> torch.device:
 def training_dtype(device: torch.device) -> torch.dtype:
     """bf16 on GPU, fp32 on CPU (CPU bf16 matmuls are slow and imprecise)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def check_model_dir(path: str | Path) -> Path:
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        raise ModelError(f"model path {str(path)!r} is not a folder (need a local Hugging Face model folder)")
-    if not (path / "config.json").is_file():
-        raise ModelError(f"model path {str(path)!r} has no config.json (need a local Hugging Face model folder)")
-    return path
 
 
 def load_tokenizer(path: str | Path):

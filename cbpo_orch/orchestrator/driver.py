@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,14 +19,11 @@ from pathlib import Path
 from cbpo_orch.method.tasks import load_task
 from cbpo_orch.orchestrator import scheduler
 from cbpo_orch.orchestrator.spec import JobSpec, Resources
-from cbpo_orch.storage.artifacts import ArtifactStore
+from cbpo_orch.orchestrator.workspace import Workspace
 from cbpo_orch.storage.registry import InvalidTransition, Registry
 from cbpo_orch.workers.context import cached_history, history_datasets
 from cbpo_orch.workers.personalize import UserOutcome, personalize_user
 from cbpo_orch.workers.task_adapter import build_task_adapter, task_adapter_config
-
-DB_ENV = "CBPO_ORCH_DB"
-ARTIFACTS_ENV = "CBPO_ORCH_ARTIFACTS"
 
 
 @dataclass
@@ -37,23 +33,6 @@ class Progress:
     stage: Callable[[str], None] = lambda text: None
     runs: Callable[[dict, float | None], None] = lambda counts, users_per_hour: None
     notice: Callable[[str], None] = lambda text: None
-
-
-@dataclass
-class Workspace:
-    """Where jobs live: the registry, the artifact store and the cache folder."""
-
-    registry: Registry
-    artifacts: ArtifactStore
-    cache: Path
-
-    @classmethod
-    def open(cls, home: Path, db: str | None = None, artifacts: Path | None = None) -> "Workspace":
-        """``db`` defaults to ``$CBPO_ORCH_DB`` then SQLite in ``home``; artifacts to
-        ``$CBPO_ORCH_ARTIFACTS`` then ``home/artifacts``."""
-        url = db or os.environ.get(DB_ENV) or f"sqlite:///{home / 'registry.db'}"
-        folder = artifacts or Path(os.environ.get(ARTIFACTS_ENV) or home / "artifacts")
-        return cls(Registry(url), ArtifactStore(folder), home / "cache")
 
 
 @dataclass

@@ -22,12 +22,13 @@ WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "RAY_DED
 
 
 def connect(address: str | None) -> str | None:
-    """Join the cluster at ``address`` (``auto``, ``ray://…``), or start a local Ray;
-    returns the Ray dashboard's address when there is one."""
+    """Join the cluster at ``address`` (``auto``, ``ray://…``), or with none start a
+    local Ray of this machine's own (never an unrelated running cluster); returns the
+    Ray dashboard's address when there is one."""
     if ray.is_initialized():
         return None
     context = ray.init(
-        address=address,
+        address=address or "local",
         runtime_env={"env_vars": WORKER_ENV},
         log_to_driver=False,
         configure_logging=False,
@@ -108,6 +109,8 @@ def fan_out(
     returns units to schedule again (retries). ``tick`` runs about once a second.
     """
     queue = deque(work)
+    if not queue:
+        return
     history_ref = ray.put(history)
     options = dict(num_cpus=cpus_per_user, num_gpus=gpus_per_user)
     threads = max(1, int(cpus_per_user))
@@ -115,7 +118,7 @@ def fan_out(
     def new_actor():
         return PersonalizeWorker.options(**options).remote(context_args, history_ref, threads, worker_fn)
 
-    idle = [new_actor() for _ in range(max(1, min(slots, len(queue))))]
+    idle = [new_actor() for _ in range(min(max(1, slots), len(queue)))]
     in_flight: dict = {}
     while queue or in_flight:
         while queue and idle:

@@ -13,7 +13,7 @@ from pathlib import Path
 from cbpo_orch.method.config import ConfigError, TrainConfig
 from cbpo_orch.method.data import DataError, Dataset
 from cbpo_orch.method.methods import method_spec
-from cbpo_orch.method.models import ModelError, check_model_dir
+from cbpo_orch.method.model_dirs import ModelError, check_model_dir
 
 TASK_ADAPTER_MODES = ("none", "auto")
 
