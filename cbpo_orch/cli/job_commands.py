@@ -68,6 +68,8 @@ def submit(
     method: Annotated[str, typer.Option(help="One or more of base,sft,sft-aux,kto,bco,cbpo,cbpo-raw,cbpo-nnpu (comma-separated).")] = "cbpo",
     split: Annotated[str, typer.Option(help="Split holding the test users.")] = "dev",
     task_adapter: Annotated[str, typer.Option(help="none | auto (train once on the train split, then reuse) | a task adapter folder.")] = "none",
+    task_adapter_lr: Annotated[float, typer.Option(help="Learning rate of an `auto` task adapter (LoRA r=16 on q/k/v/o, SFT).")] = 1e-4,
+    task_adapter_epochs: Annotated[int, typer.Option(help="Epochs of an `auto` task adapter.")] = 3,
     embedder: Annotated[Optional[str], typer.Option(help="Sentence-embedding model folder (default: bundled all-MiniLM-L6-v2).")] = None,
     home: HomeOpt = None,
     db: DbOpt = None,
@@ -94,7 +96,9 @@ def submit(
     if tam == "auto":
         load_split(data_path, "train", task_def)
     task_ref = task if task == task_def.name else str(Path(task).resolve())
-    spec = JobSpec(task_ref, data_path, split, model_path, methods, chosen, train, tam, embedder)
+    if task_adapter_lr <= 0 or task_adapter_epochs < 1:
+        raise UsageError("--task-adapter-lr must be > 0 and --task-adapter-epochs ≥ 1")
+    spec = JobSpec(task_ref, data_path, split, model_path, methods, chosen, train, tam, task_adapter_lr, task_adapter_epochs, embedder)
 
     space = _workspace(home, db, artifacts)
     job_id = space.registry.create_job(task_def.name, list(methods), list(chosen), spec.to_config(resources))

@@ -41,8 +41,13 @@ def job_progress(total: int) -> Iterator:
     with Progress(*columns, console=STDERR, transient=False) as progress:
         bar = progress.add_task("starting", total=total, ok=0, failed=0, running=0, rate="", eta="—")
 
+        logged = {"done": -1}
+        live = progress.console.is_terminal
+
         def stage(text: str) -> None:
             progress.update(bar, description=text)
+            if not live:
+                progress.console.print(text)
 
         def runs(counts: dict, users_per_hour: float | None) -> None:
             done = counts["succeeded"] + counts["failed"]
@@ -50,5 +55,8 @@ def job_progress(total: int) -> Iterator:
             eta = f"{left / users_per_hour * 60:.0f} min" if users_per_hour else "—"
             rate = f"{users_per_hour:.0f} runs/h" if users_per_hour else ""
             progress.update(bar, completed=done, ok=counts["succeeded"], failed=counts["failed"], running=counts["running"], rate=rate, eta=eta)
+            if not live and done != logged["done"]:
+                logged["done"] = done
+                progress.console.print(f"{done}/{total} runs: ✓ {counts['succeeded']} ✗ {counts['failed']} ▶ {counts['running']} {rate} ETA {eta}")
 
         yield DriverProgress(stage=stage, runs=runs, notice=lambda text: progress.console.print(text))

@@ -90,8 +90,7 @@ def _finish(registry: Registry, job_id: str) -> str:
 
 
 def task_adapter_key(spec: JobSpec) -> str:
-    config = task_adapter_config(spec.train.max_profile, spec.train.max_length)
-    identity = {"task": spec.task, "data": spec.data, "model": spec.model, "config": config.to_dict(), "version": 1}
+    identity = {"task": spec.task, "data": spec.data, "model": spec.model, "config": task_adapter_config(spec).to_dict(), "version": 1}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -111,8 +110,7 @@ def _task_adapter(space: Workspace, spec: JobSpec, resources: Resources, progres
         spec.task,
         spec.data,
         spec.model,
-        spec.train.max_profile,
-        spec.train.max_length,
+        task_adapter_config(spec),
         num_cpus=resources.cpus_per_user,
         num_gpus=1 if resources.gpus_per_user else 0,
     )

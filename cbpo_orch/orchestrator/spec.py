@@ -47,6 +47,8 @@ class JobSpec:
     users: tuple[str, ...]
     train: TrainConfig = field(default_factory=TrainConfig)
     task_adapter: str = "none"
+    task_adapter_lr: float = 1e-4
+    task_adapter_epochs: int = 3
     embedder: str | None = None
 
     def config_for(self, method: str) -> TrainConfig:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from cbpo_orch.method.config import TrainConfig
 from cbpo_orch.method.data import load_split
 from cbpo_orch.method.models import load_model
 from cbpo_orch.method.task_adapter import TASK_ADAPTER_CONFIG, train_task_adapter
@@ -11,12 +12,15 @@ from cbpo_orch.method.tasks import load_task
 from cbpo_orch.workers.context import TASK_ADAPTER_SPLIT
 
 
-def task_adapter_config(max_profile: int | None, max_length: int):
-    return replace(TASK_ADAPTER_CONFIG, max_profile=max_profile, max_length=max_length)
+def task_adapter_config(spec) -> TrainConfig:
+    """The task adapter's training config for a job: TAM defaults (METHOD.md §6) with the
+    job's lr, epochs, profile cap and length budget."""
+    train = spec.train
+    return replace(TASK_ADAPTER_CONFIG, lr=spec.task_adapter_lr, epochs=spec.task_adapter_epochs, max_profile=train.max_profile, max_length=train.max_length, seed=train.seed)
 
 
-def build_task_adapter(task: str, data: str, model: str, max_profile: int | None, max_length: int, device: str = "auto") -> dict:
+def build_task_adapter(task: str, data: str, model: str, config: TrainConfig, device: str = "auto") -> dict:
     """Train the task adapter on the data's train split; returns its files and losses."""
     dataset = load_split(data, TASK_ADAPTER_SPLIT, load_task(task))
-    files, result = train_task_adapter(load_model(model, device), dataset, task_adapter_config(max_profile, max_length))
+    files, result = train_task_adapter(load_model(model, device), dataset, config)
     return {"files": files, "epoch_losses": result.epoch_losses, "seconds": result.seconds}
