@@ -227,8 +227,12 @@ def main(argv: list[str] | None = None) -> None:
                 mean = {m: sum(s[m] for s in scores.values()) / len(scores) for m in ("rouge1", "rougeL")}
                 rows.append({"options": options, "method": method, **mean})
                 print(f"{method:6s} {options}  R-1 {mean['rouge1']:.4f}  R-L {mean['rougeL']:.4f}", flush=True)
-        result = {"task": args.task, "model": str(args.model), "validation_users": validation, "grid": grid, "rows": rows}
-        (out / f"{name}-tuning.json").write_text(json.dumps(result, indent=2))
+        path = out / f"{name}-tuning.json"
+        earlier = json.loads(path.read_text())["rows"] if path.exists() else []
+        seen = {(json.dumps(r["options"], sort_keys=True), r["method"]) for r in rows}
+        rows = [r for r in earlier if (json.dumps(r["options"], sort_keys=True), r["method"]) not in seen] + rows
+        result = {"task": args.task, "model": str(args.model), "validation_users": validation, "rows": rows}
+        path.write_text(json.dumps(result, indent=2))
         return
 
     arms = {a: ARMS[a] for a in args.arms.split(",")}
