@@ -44,10 +44,6 @@ class EncodedPair:
     input_ids: tuple[int, ...]
     prompt_len: int
 
-    @property
-    def completion_len(self) -> int:
-        return len(self.input_ids) - self.prompt_len
-
 
 def encode_pair(tokenizer, x: str, y: str, max_length: int) -> EncodedPair:
     completion = _ids(tokenizer, y)[: max_length // 2] + [tokenizer.eos_token_id]

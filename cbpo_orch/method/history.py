@@ -43,6 +43,7 @@ class HistoryIndex:
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         np.save(folder / "embeddings.npy", self.embeddings)
+        self.index.save(folder / "faiss")
         with open(folder / "examples.jsonl", "w", encoding="utf-8") as out:
             for example in self.examples:
                 out.write(json.dumps(asdict(example)) + "\n")
@@ -51,7 +52,7 @@ class HistoryIndex:
     def load(cls, folder: Path) -> "HistoryIndex":
         with open(folder / "examples.jsonl", encoding="utf-8") as lines:
             examples = [Example(**json.loads(line)) for line in lines]
-        return cls.from_examples(examples, np.load(folder / "embeddings.npy"))
+        return cls(examples, np.load(folder / "embeddings.npy"), AuxIndex.load(folder / "faiss"))
 
 
 def build_history_index(datasets: list[Dataset], embedder, batch_size: int = 64) -> HistoryIndex:

@@ -8,7 +8,6 @@ and receives every result to write it itself.
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -66,9 +65,6 @@ class PersonalizeWorker:
     def personalize(self, user_id: str, config: TrainConfig):
         return self.worker_fn(self.context, user_id, config)
 
-    def pid(self) -> int:
-        return os.getpid()
-
 
 @dataclass(frozen=True)
 class Work:
@@ -81,8 +77,9 @@ class Work:
 
 @dataclass(frozen=True)
 class Failure:
+    """A unit that raised, or whose worker died; ``error`` is its one-line reason."""
+
     error: str
-    worker_died: bool
 
 
 def run_remote(fn: Callable, *args, num_cpus: float = 1, num_gpus: float = 0):
@@ -134,11 +131,11 @@ def fan_out(
             try:
                 result = ray.get(ref)
             except (RayActorError, WorkerCrashedError) as error:
-                result = Failure(f"worker died: {_first_line(error)}", worker_died=True)
+                result = Failure(f"worker died: {_first_line(error)}")
                 ray.kill(actor, no_restart=True)
                 actor = new_actor()
             except RayTaskError as error:
-                result = Failure(_first_line(error.cause if error.cause is not None else error), worker_died=False)
+                result = Failure(_first_line(error.cause if error.cause is not None else error))
             idle.append(actor)
             queue.extend(finish(unit, result))
         tick()

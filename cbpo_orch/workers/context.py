@@ -48,7 +48,7 @@ def build_history(datasets: list[Dataset], embedder_name: str | None = None) -> 
 def history_key(datasets: list[Dataset], embedder_name: str | None) -> str:
     """A digest of exactly what gets embedded (every profile pair, its owner and id)
     and of the embedder: equal keys mean an identical index."""
-    digest = hashlib.sha256(json.dumps({"embedder": embedder_name or "default", "version": 1}).encode())
+    digest = hashlib.sha256(json.dumps({"embedder": embedder_name or "default", "version": 2}).encode())
     for dataset in datasets:
         for example in dataset.profile_examples():
             digest.update(json.dumps([example.user_id, example.item_id, example.x, example.y]).encode())
