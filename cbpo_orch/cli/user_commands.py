@@ -14,7 +14,7 @@ from cbpo_orch.cli.progress import step_progress
 from cbpo_orch.cli.training_options import build_config, with_training_options
 from cbpo_orch.home import default_model_dir, downloads_dir, home_dir
 from cbpo_orch.method.data import load_split
-from cbpo_orch.method.model_dirs import ModelError
+from cbpo_orch.method.model_dirs import ModelError, check_adapter_dir
 from cbpo_orch.method.tasks import load_task
 
 
@@ -91,8 +91,8 @@ def train_user(
     dataset = datasets[0]
     dataset.user(user)
     model_dir = resolve_model(model, home)
-    if task_adapter is not None and not (task_adapter / "adapter_config.json").is_file():
-        raise ModelError(f"task adapter {task_adapter} has no adapter_config.json")
+    if task_adapter is not None:
+        check_adapter_dir(task_adapter)
     out = fresh_output_dir(out)
 
     typer.echo("embedding every user's history (cached in the home folder) …", err=True)
@@ -101,10 +101,7 @@ def train_user(
     with step_progress(f"{user} · {method}") as on_step:
         outcome = personalize_user(context, user, config, on_step)
     metrics = {**outcome.metrics, "task": task_def.name, "model": str(model_dir), "task_adapter": str(task_adapter) if task_adapter else None}
-    files = dict(outcome.adapter_files or {})
-    files["metrics.json"] = json.dumps(metrics, indent=2).encode()
-    files["predictions.jsonl"] = "".join(json.dumps(p) + "\n" for p in outcome.predictions).encode()
-    write_folder(out, files)
+    write_folder(out, {**outcome.artifact_files(), "metrics.json": json.dumps(metrics, indent=2).encode()})
     typer.echo(
         f"{user} · {method}: ROUGE-1 {_fmt(metrics['rouge1'])}  ROUGE-L {_fmt(metrics['rougeL'])}  "
         f"γ {_fmt(metrics['gamma'])}  pos {metrics['n_pos']}  aux {metrics['n_aux']}  "

@@ -16,3 +16,11 @@ def check_model_dir(path: str | Path) -> Path:
     if not (path / "config.json").is_file():
         raise ModelError(f"model path {str(path)!r} has no config.json (need a local Hugging Face model folder)")
     return path
+
+
+def check_adapter_dir(path: str | Path) -> Path:
+    """A folder holding a saved peft adapter (``adapter_config.json``), resolved."""
+    folder = Path(path).expanduser().resolve()
+    if not (folder / "adapter_config.json").is_file():
+        raise ModelError(f"adapter folder {str(path)!r} has no adapter_config.json")
+    return folder

@@ -180,9 +180,7 @@ def _record(space: Workspace, job_id: str, run, attempt: int, outcome: UserOutco
     """Write the adapter atomically (its own folder per attempt), then record the run once."""
     adapter = None
     if outcome.adapter_files:
-        files = dict(outcome.adapter_files)
-        files["predictions.jsonl"] = "".join(json.dumps(p) + "\n" for p in outcome.predictions).encode()
-        info = space.artifacts.write_dir(f"adapters/{job_id}/{run.user_id}/{run.method}/attempt-{attempt}", files)
+        info = space.artifacts.write_dir(f"adapters/{job_id}/{run.user_id}/{run.method}/attempt-{attempt}", outcome.artifact_files())
         adapter = info.as_dict()
     m = outcome.metrics
     metrics = {

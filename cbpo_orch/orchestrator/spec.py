@@ -13,7 +13,7 @@ from pathlib import Path
 from cbpo_orch.method.config import ConfigError, TrainConfig
 from cbpo_orch.method.data import DataError, Dataset
 from cbpo_orch.method.methods import method_spec
-from cbpo_orch.method.model_dirs import ModelError, check_model_dir
+from cbpo_orch.method.model_dirs import ModelError, check_adapter_dir, check_model_dir
 
 TASK_ADAPTER_MODES = ("none", "auto")
 
@@ -106,10 +106,10 @@ def resolve_users(selector: str, dataset: Dataset) -> tuple[str, ...]:
 def check_task_adapter(value: str) -> str:
     if value in TASK_ADAPTER_MODES:
         return value
-    folder = Path(value).expanduser().resolve()
-    if not (folder / "adapter_config.json").is_file():
-        raise ModelError(f"--task-adapter must be none, auto or a folder with adapter_config.json, got {value!r}")
-    return str(folder)
+    try:
+        return str(check_adapter_dir(value))
+    except ModelError as error:
+        raise ModelError(f"--task-adapter must be none, auto or an adapter folder: {error}") from None
 
 
 def check_paths(data: Path, model: Path) -> tuple[str, str]:

@@ -7,6 +7,7 @@ and the caller decides where they go (the orchestrator's driver is the only writ
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -43,6 +44,12 @@ class UserOutcome:
     metrics: dict
     adapter_files: dict[str, bytes] | None
     predictions: list[dict] = field(default_factory=list)
+
+    def artifact_files(self) -> dict[str, bytes]:
+        """What is saved for this run: the adapter's files (none for ``base``) and
+        ``predictions.jsonl``, one query's prediction and gold per line."""
+        lines = "".join(json.dumps(p) + "\n" for p in self.predictions)
+        return {**(self.adapter_files or {}), "predictions.jsonl": lines.encode()}
 
 
 @contextmanager
