@@ -79,10 +79,16 @@ def collate(pairs: list[EncodedPair], pad_id: int) -> TokenBatch:
 def completion_logps(model, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probabilities of each row's completion tokens, and their counts.
 
-    Prompt and padding positions are masked out (METHOD.md §7: sums, not means).
+    Prompt and padding positions are masked out (METHOD.md §7: sums, not means). Only
+    the positions from the batch's earliest completion token on go through the LM head
+    (``logits_to_keep``): prompts are most of each row, and vocabulary-wide logits are
+    the largest tensors of a step.
     """
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
-    targets = batch.input_ids[:, 1:]
-    mask = batch.completion_mask[:, 1:]
+    first = max(int(batch.completion_mask.int().argmax(-1).min()), 1)
+    keep = batch.input_ids.shape[1] - first + 1
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep)
+    logits = out.logits[:, :-1].float()
+    targets = batch.input_ids[:, first:]
+    mask = batch.completion_mask[:, first:]
     token_logps = torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
     return (token_logps * mask).sum(-1), mask.sum(-1)
