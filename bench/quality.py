@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import json
 import subprocess
 import sys
@@ -72,38 +73,49 @@ def split_users(args) -> tuple[list[str], list[str]]:
 
 
 class Jobs:
-    """Submits (or resumes) one job per group of arms and remembers its id."""
+    """Submits (or resumes) the jobs of each group of arms and remembers their ids.
+
+    A group's state is a list of {job, users, methods}: asking for (user, method) runs that
+    no job of the group covers yet submits one more job for just those, so a report grows
+    by users or arms without rerunning what it has.
+    """
 
     def __init__(self, args, state_file: Path):
         self.args = args
         self.state_file = state_file
         self.state = json.loads(state_file.read_text()) if state_file.exists() else {}
 
-    def run(self, key: str, methods: list[str], users: list[str], options: dict[str, str]) -> str:
+    def run(self, key: str, methods: list[str], users: list[str], options: dict[str, str]) -> list[str]:
         common = ["--home", str(self.args.home), "--workers", str(self.args.workers)]
-        job = self.state.get(key)
-        if job is None:
+        entries = self.state.setdefault(key, [])
+        for entry in entries:
+            status = json.loads(subprocess.run(CLI + ["status", entry["job"], "--json", "--home", str(self.args.home)], capture_output=True, text=True, check=True).stdout)[0]
+            if status["state"] != "succeeded":
+                print(f"[{key}] resuming job {entry['job']}", flush=True)
+                subprocess.run(CLI + ["resume", entry["job"], *common], stdout=subprocess.DEVNULL)
+        covered = {(u, m) for entry in entries for u in entry["users"] for m in entry["methods"]}
+        missing = [(u, m) for u in users for m in methods if (u, m) not in covered]
+        if missing:
+            new_users = list(dict.fromkeys(u for u, _ in missing))
+            new_methods = list(dict.fromkeys(m for _, m in missing))
             command = CLI + [
                 "submit", "--task", self.args.task, "--data", str(self.args.data), "--model", str(self.args.model),
-                "--split", self.args.split, "--users", ",".join(users), "--method", ",".join(methods),
+                "--split", self.args.split, "--users", ",".join(new_users), "--method", ",".join(new_methods),
                 "--task-adapter", self.args.task_adapter, "--seed", str(self.args.seed), *common, *cli_flags(options),
             ]
             print(f"[{key}] {' '.join(command[2:])}", flush=True)
             process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-            job = process.stdout.readline().strip()
-            self.state[key] = job
+            entries.append({"job": process.stdout.readline().strip(), "users": new_users, "methods": new_methods})
             self.state_file.write_text(json.dumps(self.state, indent=2))
             process.communicate()
-        else:
-            status = json.loads(subprocess.run(CLI + ["status", job, "--json", "--home", str(self.args.home)], capture_output=True, text=True, check=True).stdout)[0]
-            if status["state"] != "succeeded":
-                print(f"[{key}] resuming job {job}", flush=True)
-                subprocess.run(CLI + ["resume", job, *common], stdout=subprocess.DEVNULL)
-        return job
+        return [entry["job"] for entry in entries]
 
-    def results(self, job: str) -> list[dict]:
-        out = subprocess.run(CLI + ["results", job, "--format", "json", "--home", str(self.args.home)], capture_output=True, text=True, check=True)
-        return json.loads(out.stdout)
+    def results(self, jobs: list[str]) -> list[dict]:
+        rows = []
+        for job in jobs:
+            out = subprocess.run(CLI + ["results", job, "--format", "json", "--home", str(self.args.home)], capture_output=True, text=True, check=True)
+            rows += json.loads(out.stdout)
+        return rows
 
 
 def run_arms(jobs: Jobs, arms: dict[str, tuple[str, dict[str, str]]], users: list[str], shared: dict[str, str], prefix: str) -> dict[str, dict[str, dict]]:
@@ -117,11 +129,34 @@ def run_arms(jobs: Jobs, arms: dict[str, tuple[str, dict[str, str]]], users: lis
         options_of[key] = options
     per_arm: dict[str, dict[str, dict]] = {}
     for key, members in groups.items():
-        job = jobs.run(key, [method for _, method in members], users, options_of[key])
-        rows = jobs.results(job)
+        rows = jobs.results(jobs.run(key, [method for _, method in members], users, options_of[key]))
         for arm, method in members:
-            per_arm[arm] = {r["user_id"]: {"rouge1": r["rouge1"], "rougeL": r["rougeL"], "gamma": r["gamma"]} for r in rows if r["method"] == method}
+            per_arm[arm] = {r["user_id"]: {"rouge1": r["rouge1"], "rougeL": r["rougeL"], "gamma": r["gamma"], **reward_means(r["adapter_path"])} for r in rows if r["method"] == method and r["user_id"] in users}
     return per_arm
+
+
+def reward_means(adapter_path: str | None) -> dict[str, float]:
+    """The run's final EMA reward means m₊ (own items) and m_U (aux) and δ, where it kept them.
+
+    Rewards are β·log(π_θ/π_ref); m₊ − m_U is how far training pushed the user's own
+    items above the auxiliary ones, m_U how far it pushed shared text down.
+    """
+    state_file = Path(adapter_path or "") / "trainer_state.json"
+    if not adapter_path or not state_file.exists():
+        return {}
+    state = json.loads(state_file.read_text()).get("reference_state") or {}
+    if state.get("kind") != "ema" or not (state["init_pos"][0] and state["init_aux"][0]):
+        return {}
+    m_pos, m_aux = state["m_pos"][0], state["m_aux"][0]
+    return {"m_pos": m_pos, "m_aux": m_aux, "delta": (m_pos + m_aux) / 2}
+
+
+def spearman(a: list[float], b: list[float]) -> float | None:
+    """Spearman's rank correlation; None where it is undefined (a constant input)."""
+    from scipy.stats import spearmanr
+
+    rho = float(spearmanr(a, b).statistic)
+    return None if math.isnan(rho) else rho
 
 
 def summarize(per_arm: dict[str, dict[str, dict]], users: list[str]) -> dict:
@@ -136,13 +171,22 @@ def summarize(per_arm: dict[str, dict[str, dict]], users: list[str]) -> dict:
             for metric in ("rouge1", "rougeL")
         }
         entry["per_user"] = {u: scores[u] for u in complete}
+        for key in ("m_pos", "m_aux", "delta"):
+            if all(key in scores[u] for u in complete):
+                entry[key] = sum(scores[u][key] for u in complete) / len(complete)
         arms[arm] = entry
-    return {"users": complete, "arms": arms}
+    summary = {"users": complete, "arms": arms}
+    if "cbpo" in arms and len(complete) > 2:
+        gammas = [arms["cbpo"]["per_user"][u]["gamma"] for u in complete]
+        gains = [arms["cbpo"]["per_user"][u]["rougeL"] - arms["sft"]["per_user"][u]["rougeL"] for u in complete]
+        summary["gamma_vs_gain"] = spearman(gammas, gains)
+    return summary
 
 
 def markdown(summary: dict, title: str) -> str:
-    lines = [f"### {title}", "", f"{len(summary['users'])} users; mean ROUGE-1 / ROUGE-L; Δ vs sft with paired bootstrap 95% CI", "",
-             "| arm | ROUGE-1 | ROUGE-L | Δ R-1 vs sft [95% CI] | Δ R-L vs sft [95% CI] |", "|---|---|---|---|---|"]
+    lines = [f"### {title}", "", f"{len(summary['users'])} users; mean ROUGE-1 / ROUGE-L; Δ vs sft with paired bootstrap 95% CI; "
+             "for EMA-reference arms, the final mean rewards m₊ (own items) and m_U (aux)", "",
+             "| arm | ROUGE-1 | ROUGE-L | Δ R-1 vs sft [95% CI] | Δ R-L vs sft [95% CI] | m₊ / m_U |", "|---|---|---|---|---|---|"]
     sft = summary["arms"]["sft"]
     for arm, entry in summary["arms"].items():
         deltas = []
@@ -152,7 +196,10 @@ def markdown(summary: dict, title: str) -> str:
             else:
                 lo, hi = entry["ci_vs_sft"][metric]
                 deltas.append(f"{entry[metric] - sft[metric]:+.4f} [{lo:+.4f}, {hi:+.4f}]")
-        lines.append(f"| {arm} | {entry['rouge1']:.4f} | {entry['rougeL']:.4f} | {deltas[0]} | {deltas[1]} |")
+        rewards = f"{entry['m_pos']:+.2f} / {entry['m_aux']:+.2f}" if "m_pos" in entry else ""
+        lines.append(f"| {arm} | {entry['rouge1']:.4f} | {entry['rougeL']:.4f} | {deltas[0]} | {deltas[1]} | {rewards} |")
+    if summary.get("gamma_vs_gain") is not None:
+        lines += ["", f"Spearman ρ between a user's estimated γ and cbpo − sft ROUGE-L: {summary['gamma_vs_gain']:+.2f}"]
     return "\n".join(lines) + "\n"
 
 
@@ -242,7 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     config = {"options": shared, "task_adapter": args.task_adapter, "split": args.split, "validation_users": validation,
               "arms": {a: {"method": m, "options": o} for a, (m, o) in arms.items()}}
     result = {"task": args.task, "model": str(args.model), "data": str(args.data), "users": summary["users"],
-              "seeds": [args.seed], "config": config, "arms": summary["arms"]}
+              "seeds": [args.seed], "config": config, "arms": summary["arms"],
+              "gamma_vs_gain_spearman": summary.get("gamma_vs_gain")}
     (out / f"{name}.json").write_text(json.dumps(result, indent=2))
     title = f"{args.task} · {args.model.name}"
     (out / f"{name}.md").write_text(markdown(summary, title))
