@@ -3,7 +3,8 @@
 Every arm runs through `cbpo-orch submit`, so the benchmark exercises the product.
 Arms that share training options share one job (the same users, the same auxiliary
 samples); each ablation that changes an option is its own job. Jobs are remembered in a
-state file, so an interrupted benchmark resumes instead of starting over.
+state file per (data, model), so an interrupted benchmark resumes instead of starting over,
+and reports that share runs (another --name, more --seeds) train them once.
 
     # 1. tune on a validation slice (the first --validation users), never reported
     python bench/quality.py tune --task commit-subject --data ../shared/data/numpy-commit-subject \
@@ -14,6 +15,7 @@ state file, so an interrupted benchmark resumes instead of starting over.
 
 Outputs under bench/results/: NAME.json (per-user ROUGE and γ per arm, means, paired
 bootstrap 95% CIs of arm − sft), NAME.md (the table) and NAME.png (bars with CIs; γ vs gain).
+With several --seeds, each (user, arm) scores the mean over seeds, and the CIs are over users.
 """
 
 from __future__ import annotations
@@ -85,8 +87,9 @@ class Jobs:
         self.state_file = state_file
         self.state = json.loads(state_file.read_text()) if state_file.exists() else {}
 
-    def run(self, key: str, methods: list[str], users: list[str], options: dict[str, str]) -> list[str]:
+    def run(self, methods: list[str], users: list[str], options: dict[str, str], seed: int) -> list[str]:
         common = ["--home", str(self.args.home), "--workers", str(self.args.workers)]
+        key = json.dumps({"options": options, "seed": seed, "split": self.args.split, "task_adapter": self.args.task_adapter}, sort_keys=True)
         entries = self.state.setdefault(key, [])
         for entry in entries:
             status = json.loads(subprocess.run(CLI + ["status", entry["job"], "--json", "--home", str(self.args.home)], capture_output=True, text=True, check=True).stdout)[0]
@@ -101,7 +104,7 @@ class Jobs:
             command = CLI + [
                 "submit", "--task", self.args.task, "--data", str(self.args.data), "--model", str(self.args.model),
                 "--split", self.args.split, "--users", ",".join(new_users), "--method", ",".join(new_methods),
-                "--task-adapter", self.args.task_adapter, "--seed", str(self.args.seed), *common, *cli_flags(options),
+                "--task-adapter", self.args.task_adapter, "--seed", str(seed), *common, *cli_flags(options),
             ]
             print(f"[{key}] {' '.join(command[2:])}", flush=True)
             process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
@@ -118,18 +121,18 @@ class Jobs:
         return rows
 
 
-def run_arms(jobs: Jobs, arms: dict[str, tuple[str, dict[str, str]]], users: list[str], shared: dict[str, str], prefix: str) -> dict[str, dict[str, dict]]:
-    """Per arm, per user: {rouge1, rougeL, gamma}."""
+def run_arms(jobs: Jobs, arms: dict[str, tuple[str, dict[str, str]]], users: list[str], shared: dict[str, str], seed: int) -> dict[str, dict[str, dict]]:
+    """Per arm, per user: {rouge1, rougeL, gamma, …} of one seed."""
     groups: dict[str, list[tuple[str, str]]] = defaultdict(list)
     options_of: dict[str, dict[str, str]] = {}
     for arm, (method, extra) in arms.items():
         options = {**shared, **extra}
-        key = f"{prefix}{json.dumps(options, sort_keys=True)}"
+        key = json.dumps(options, sort_keys=True)
         groups[key].append((arm, method))
         options_of[key] = options
     per_arm: dict[str, dict[str, dict]] = {}
     for key, members in groups.items():
-        rows = jobs.results(jobs.run(key, [method for _, method in members], users, options_of[key]))
+        rows = jobs.results(jobs.run([method for _, method in members], users, options_of[key], seed))
         for arm, method in members:
             per_arm[arm] = {r["user_id"]: {"rouge1": r["rouge1"], "rougeL": r["rougeL"], "gamma": r["gamma"], **reward_means(r["adapter_path"])} for r in rows if r["method"] == method and r["user_id"] in users}
     return per_arm
@@ -151,6 +154,20 @@ def reward_means(adapter_path: str | None) -> dict[str, float]:
     return {"m_pos": m_pos, "m_aux": m_aux, "delta": (m_pos + m_aux) / 2}
 
 
+def average_seeds(per_seed: dict[int, dict[str, dict[str, dict]]]) -> dict[str, dict[str, dict]]:
+    """Per arm, per user: the mean over seeds of every score that each seed has for that user."""
+    first, *rest = per_seed.values()
+    averaged: dict[str, dict[str, dict]] = {}
+    for arm, scores in first.items():
+        averaged[arm] = {}
+        for user in scores:
+            runs = [scores[user]] + [other[arm][user] for other in rest if user in other.get(arm, {})]
+            if len(runs) == len(per_seed):
+                keys = [k for k in runs[0] if all(k in run and run[k] is not None for run in runs)]
+                averaged[arm][user] = {k: sum(run[k] for run in runs) / len(runs) for k in keys}
+    return averaged
+
+
 def spearman(a: list[float], b: list[float]) -> float | None:
     """Spearman's rank correlation; None where it is undefined (a constant input)."""
     from scipy.stats import spearmanr
@@ -159,7 +176,8 @@ def spearman(a: list[float], b: list[float]) -> float | None:
     return None if math.isnan(rho) else rho
 
 
-def summarize(per_arm: dict[str, dict[str, dict]], users: list[str]) -> dict:
+def summarize(per_seed: dict[int, dict[str, dict[str, dict]]], users: list[str]) -> dict:
+    per_arm = average_seeds(per_seed)
     complete = [u for u in users if all(u in scores for scores in per_arm.values())]
     arms = {}
     for arm, scores in per_arm.items():
@@ -170,12 +188,16 @@ def summarize(per_arm: dict[str, dict[str, dict]], users: list[str]) -> dict:
             metric: list(paired_bootstrap_ci([scores[u][metric] for u in complete], [per_arm["sft"][u][metric] for u in complete])[1:])
             for metric in ("rouge1", "rougeL")
         }
+        entry["per_seed"] = {
+            seed: {metric: sum(runs[arm][u][metric] for u in complete) / len(complete) for metric in ("rouge1", "rougeL")}
+            for seed, runs in per_seed.items()
+        }
         entry["per_user"] = {u: scores[u] for u in complete}
         for key in ("m_pos", "m_aux", "delta"):
             if all(key in scores[u] for u in complete):
                 entry[key] = sum(scores[u][key] for u in complete) / len(complete)
         arms[arm] = entry
-    summary = {"users": complete, "arms": arms}
+    summary = {"users": complete, "seeds": list(per_seed), "arms": arms}
     if "cbpo" in arms and len(complete) > 2:
         gammas = [arms["cbpo"]["per_user"][u]["gamma"] for u in complete]
         gains = [arms["cbpo"]["per_user"][u]["rougeL"] - arms["sft"]["per_user"][u]["rougeL"] for u in complete]
@@ -184,7 +206,9 @@ def summarize(per_arm: dict[str, dict[str, dict]], users: list[str]) -> dict:
 
 
 def markdown(summary: dict, title: str) -> str:
-    lines = [f"### {title}", "", f"{len(summary['users'])} users; mean ROUGE-1 / ROUGE-L; Δ vs sft with paired bootstrap 95% CI; "
+    seeds = summary["seeds"]
+    seeds_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))} (each user's score is its mean over seeds)"
+    lines = [f"### {title}", "", f"{len(summary['users'])} users; {seeds_text}; mean ROUGE-1 / ROUGE-L; Δ vs sft with paired bootstrap 95% CI; "
              "for EMA-reference arms, the final mean rewards m₊ (own items) and m_U (aux)", "",
              "| arm | ROUGE-1 | ROUGE-L | Δ R-1 vs sft [95% CI] | Δ R-L vs sft [95% CI] | m₊ / m_U |", "|---|---|---|---|---|---|"]
     sft = summary["arms"]["sft"]
@@ -249,11 +273,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tune-methods", default="sft,cbpo")
     parser.add_argument("--set", action="append", default=[], help="KEY=VALUE training option for every arm")
     parser.add_argument("--task-adapter", default="auto")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0", help="comma-separated training seeds; scores are averaged over them")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--home", type=Path, default=HERE / ".home")
     parser.add_argument("--name", default=None, help="results file name (default: TASK-MODEL)")
     args = parser.parse_args(argv)
+    seeds = [int(seed) for seed in args.seeds.split(",")]
     args.data, args.model = args.data.resolve(), args.model.resolve()
 
     name = args.name or f"{args.task}-{args.model.name}"
@@ -261,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     shared = parse_pairs(args.set)
     validation, report = split_users(args)
-    jobs = Jobs(args, out / f"{name}.{args.mode}.jobs.json")
+    jobs = Jobs(args, out / f"{args.data.name}-{args.model.name}.{args.mode}.jobs.json")
 
     if args.mode == "tune":
         grid = {k: v.split(",") for k, v in parse_pairs(args.grid).items()}
@@ -269,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
         for values in itertools.product(*grid.values()):
             options = {**shared, **dict(zip(grid, values))}
             arms = {m: (m, options) for m in args.tune_methods.split(",")}
-            per_arm = run_arms(jobs, arms, validation, {}, prefix="tune:")
+            per_arm = average_seeds({seed: run_arms(jobs, arms, validation, {}, seed) for seed in seeds})
             for method, scores in per_arm.items():
                 mean = {m: sum(s[m] for s in scores.values()) / len(scores) for m in ("rouge1", "rougeL")}
                 rows.append({"options": options, "method": method, **mean})
@@ -278,18 +303,18 @@ def main(argv: list[str] | None = None) -> None:
         earlier = json.loads(path.read_text())["rows"] if path.exists() else []
         seen = {(json.dumps(r["options"], sort_keys=True), r["method"]) for r in rows}
         rows = [r for r in earlier if (json.dumps(r["options"], sort_keys=True), r["method"]) not in seen] + rows
-        result = {"task": args.task, "model": str(args.model), "validation_users": validation, "rows": rows}
+        result = {"task": args.task, "model": str(args.model), "validation_users": validation, "seeds": seeds, "rows": rows}
         path.write_text(json.dumps(result, indent=2))
         return
 
     arms = {a: ARMS[a] for a in args.arms.split(",")}
     if "sft" not in arms:
         raise SystemExit("the arms must include sft: every arm is compared with it")
-    summary = summarize(run_arms(jobs, arms, report, shared, prefix="run:"), report)
+    summary = summarize({seed: run_arms(jobs, arms, report, shared, seed) for seed in seeds}, report)
     config = {"options": shared, "task_adapter": args.task_adapter, "split": args.split, "validation_users": validation,
               "arms": {a: {"method": m, "options": o} for a, (m, o) in arms.items()}}
     result = {"task": args.task, "model": str(args.model), "data": str(args.data), "users": summary["users"],
-              "seeds": [args.seed], "config": config, "arms": summary["arms"],
+              "seeds": seeds, "config": config, "arms": summary["arms"],
               "gamma_vs_gain_spearman": summary.get("gamma_vs_gain")}
     (out / f"{name}.json").write_text(json.dumps(result, indent=2))
     title = f"{args.task} · {args.model.name}"

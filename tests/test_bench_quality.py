@@ -1,0 +1,42 @@
+"""bench/quality.py's report math: seeds are averaged per user before the CIs over users."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SPEC = importlib.util.spec_from_file_location("quality", Path(__file__).parent.parent / "bench" / "quality.py")
+quality = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(quality)
+
+
+def scores(r1: float, gamma: float | None = None) -> dict:
+    return {"rouge1": r1, "rougeL": r1 / 2, "gamma": gamma}
+
+
+def test_average_seeds_means_each_user_over_seeds_and_drops_incomplete_users():
+    per_seed = {
+        0: {"sft": {"a": scores(0.2), "b": scores(0.4)}, "cbpo": {"a": scores(0.3, 0.5), "b": scores(0.1, 0.2)}},
+        1: {"sft": {"a": scores(0.4)}, "cbpo": {"a": scores(0.5, 0.7), "b": scores(0.3, 0.4)}},
+    }
+    averaged = quality.average_seeds(per_seed)
+    assert averaged["sft"] == {"a": pytest.approx({"rouge1": 0.3, "rougeL": 0.15})}
+    assert averaged["cbpo"]["a"] == pytest.approx({"rouge1": 0.4, "rougeL": 0.2, "gamma": 0.6})
+    assert averaged["cbpo"]["b"] == pytest.approx({"rouge1": 0.2, "rougeL": 0.1, "gamma": 0.3})
+
+
+def test_summarize_reports_seed_means_and_uses_only_users_every_arm_has():
+    per_seed = {
+        0: {"sft": {"a": scores(0.2), "b": scores(0.4), "c": scores(0.1)}, "cbpo": {"a": scores(0.3, 0.5), "b": scores(0.5, 0.2), "c": scores(0.2, 0.1)}},
+        1: {"sft": {"a": scores(0.4), "b": scores(0.2), "c": scores(0.3)}, "cbpo": {"a": scores(0.5, 0.7), "b": scores(0.3, 0.4)}},
+    }
+    summary = quality.summarize(per_seed, ["a", "b", "c"])
+    assert summary["users"] == ["a", "b"] and summary["seeds"] == [0, 1]
+    cbpo = summary["arms"]["cbpo"]
+    assert cbpo["rouge1"] == pytest.approx((0.4 + 0.4) / 2)
+    assert cbpo["per_seed"][0]["rouge1"] == pytest.approx((0.3 + 0.5) / 2)
+    assert cbpo["per_seed"][1]["rouge1"] == pytest.approx((0.5 + 0.3) / 2)
+    assert summary["arms"]["sft"]["rouge1"] == pytest.approx((0.3 + 0.3) / 2)
+    lo, hi = cbpo["ci_vs_sft"]["rouge1"]
+    assert lo <= cbpo["rouge1"] - summary["arms"]["sft"]["rouge1"] <= hi
+    assert "seeds 0, 1" in quality.markdown(summary, "t")
