@@ -64,6 +64,13 @@ def parse_pairs(items: list[str]) -> dict[str, str]:
     return pairs
 
 
+def seed_list(text: str) -> list[int]:
+    try:
+        return [int(seed) for seed in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def cli_flags(options: dict[str, str]) -> list[str]:
     return [part for key, value in sorted(options.items()) for part in (f"--{key.replace('_', '-')}", value)]
 
@@ -273,12 +280,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tune-methods", default="sft,cbpo")
     parser.add_argument("--set", action="append", default=[], help="KEY=VALUE training option for every arm")
     parser.add_argument("--task-adapter", default="auto")
-    parser.add_argument("--seeds", default="0", help="comma-separated training seeds; scores are averaged over them")
+    parser.add_argument("--seeds", type=seed_list, default=[0], help="comma-separated training seeds; scores are averaged over them")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--home", type=Path, default=HERE / ".home")
     parser.add_argument("--name", default=None, help="results file name (default: TASK-MODEL)")
     args = parser.parse_args(argv)
-    seeds = [int(seed) for seed in args.seeds.split(",")]
     args.data, args.model = args.data.resolve(), args.model.resolve()
 
     name = args.name or f"{args.task}-{args.model.name}"
@@ -294,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         for values in itertools.product(*grid.values()):
             options = {**shared, **dict(zip(grid, values))}
             arms = {m: (m, options) for m in args.tune_methods.split(",")}
-            per_arm = average_seeds({seed: run_arms(jobs, arms, validation, {}, seed) for seed in seeds})
+            per_arm = average_seeds({seed: run_arms(jobs, arms, validation, {}, seed) for seed in args.seeds})
             for method, scores in per_arm.items():
                 mean = {m: sum(s[m] for s in scores.values()) / len(scores) for m in ("rouge1", "rougeL")}
                 rows.append({"options": options, "method": method, **mean})
@@ -303,18 +309,18 @@ def main(argv: list[str] | None = None) -> None:
         earlier = json.loads(path.read_text())["rows"] if path.exists() else []
         seen = {(json.dumps(r["options"], sort_keys=True), r["method"]) for r in rows}
         rows = [r for r in earlier if (json.dumps(r["options"], sort_keys=True), r["method"]) not in seen] + rows
-        result = {"task": args.task, "model": str(args.model), "validation_users": validation, "seeds": seeds, "rows": rows}
+        result = {"task": args.task, "model": str(args.model), "validation_users": validation, "seeds": args.seeds, "rows": rows}
         path.write_text(json.dumps(result, indent=2))
         return
 
     arms = {a: ARMS[a] for a in args.arms.split(",")}
     if "sft" not in arms:
         raise SystemExit("the arms must include sft: every arm is compared with it")
-    summary = summarize({seed: run_arms(jobs, arms, report, shared, seed) for seed in seeds}, report)
+    summary = summarize({seed: run_arms(jobs, arms, report, shared, seed) for seed in args.seeds}, report)
     config = {"options": shared, "task_adapter": args.task_adapter, "split": args.split, "validation_users": validation,
               "arms": {a: {"method": m, "options": o} for a, (m, o) in arms.items()}}
     result = {"task": args.task, "model": str(args.model), "data": str(args.data), "users": summary["users"],
-              "seeds": seeds, "config": config, "arms": summary["arms"],
+              "seeds": args.seeds, "config": config, "arms": summary["arms"],
               "gamma_vs_gain_spearman": summary.get("gamma_vs_gain")}
     (out / f"{name}.json").write_text(json.dumps(result, indent=2))
     title = f"{args.task} · {args.model.name}"

@@ -40,3 +40,10 @@ def test_summarize_reports_seed_means_and_uses_only_users_every_arm_has():
     lo, hi = cbpo["ci_vs_sft"]["rouge1"]
     assert lo <= cbpo["rouge1"] - summary["arms"]["sft"]["rouge1"] <= hi
     assert "seeds 0, 1" in quality.markdown(summary, "t")
+
+
+def test_a_bad_seeds_list_is_a_usage_error_not_a_traceback(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        quality.main(["run", "--task", "lamp4", "--data", "d", "--model", "m", "--seeds", "0,one"])
+    assert exit_info.value.code == 2
+    assert "expected comma-separated integers, got '0,one'" in capsys.readouterr().err
