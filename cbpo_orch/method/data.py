@@ -10,6 +10,12 @@ A data folder holds one file set per split, in one of two formats:
   ``{"input", "output"?, "profile", "id"?}`` plus a user id under one of ``USER_ID_KEYS``.
   Rows of one user must carry the same profile.
 
+Against leaks (METHOD.md §5: never test queries of anyone), loading leaves out every profile
+item whose prompt equals the prompt of a query of ANY split in the folder, compared after
+whitespace normalisation. Every user of the result, and so positives, the auxiliary index and
+the task adapter's data alike, sees only the items kept; texts shared by several users'
+profiles stay, each owner keeping its copy.
+
 Everything is validated on load; bad input raises ``DataError`` with a one-line message
 naming the file and the record (``record N`` is the 0-based index in a JSON list,
 ``line N`` the 1-based line of a JSONL file; ``profile item N`` is 0-based).
@@ -21,7 +27,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Mapping
@@ -95,7 +101,8 @@ class User:
 
 @dataclass(frozen=True)
 class Dataset:
-    """One split of a data folder, read with a task; ``users`` keeps the file's order."""
+    """One split of a data folder, read with a task; ``users`` keeps the file's order and
+    their profiles hold no query's text (see the module's docstring)."""
 
     path: Path
     split: str
@@ -110,22 +117,19 @@ class Dataset:
             raise DataError(f"{self.path}: split {self.split!r} has no user {user_id!r}") from None
 
     def examples(self, user_id: str, n_recent: int | None = None) -> list[Example]:
-        """The user's profile as (x, y) pairs, from their ``n_recent`` most recent items."""
-        return [self._example(item, user_id) for item in self.user(user_id).recent(n_recent)]
+        """The user's profile as (x, y) pairs, from their ``n_recent`` most recent items;
+        DataError where every item of the profile was a query's text."""
+        user = self.user(user_id)
+        if not user.profile:
+            raise DataError(
+                f"{self.path}: user {user_id!r} of split {self.split!r} has no profile item left "
+                "(each equals a query's text and was left out against leaks)"
+            )
+        return [self._example(item, user_id) for item in user.recent(n_recent)]
 
     def profile_examples(self, n_recent: int | None = None) -> list[Example]:
-        """Every user's profile pairs (e.g. for the auxiliary index), never a query.
-
-        As a guard against leaks, a profile item whose prompt equals a query's prompt of
-        this split is left out.
-        """
-        query_prompts = {self.task.prompt(q) for user in self.users.values() for q in user.queries}
-        return [
-            example
-            for user_id in self.users
-            for example in self.examples(user_id, n_recent)
-            if example.x not in query_prompts
-        ]
+        """Every user's profile pairs (e.g. for the auxiliary index or the task adapter)."""
+        return [self._example(item, user.id) for user in self.users.values() for item in user.recent(n_recent)]
 
     def _example(self, item: ProfileItem, user_id: str) -> Example:
         x, y = self.task.pair(item)
@@ -149,8 +153,8 @@ def load_split(path: str | os.PathLike[str], split: str, task: Task) -> Dataset:
     folder = Path(path)
     if not folder.is_dir():
         raise DataError(f"{folder}: no such data folder")
-    questions = folder / f"{split}_questions.json"
-    candidates = (questions, folder / f"{split}.json", folder / f"{split}.jsonl")
+    candidates = _split_files(folder, split)
+    questions = candidates[0]
     present = [file for file in candidates if file.is_file()]
     if not present:
         looked = ", ".join(file.name for file in candidates)
@@ -162,7 +166,43 @@ def load_split(path: str | os.PathLike[str], split: str, task: Task) -> Dataset:
         users = _lamp_users(questions, folder / f"{split}_outputs.json", split, task)
     else:
         users = _row_users(present[0], task)
-    return Dataset(path=folder, split=split, task=task, users=users)
+    return Dataset(path=folder, split=split, task=task, users=_without_queries(users, _query_prompts(folder, task), task))
+
+
+def _split_files(folder: Path, split: str) -> tuple[Path, Path, Path]:
+    """The files a split may come in: LaMP questions, a JSON list of rows, JSONL rows."""
+    return folder / f"{split}_questions.json", folder / f"{split}.json", folder / f"{split}.jsonl"
+
+
+def _query_prompts(folder: Path, task: Task) -> frozenset[str]:
+    """The normalised prompt of every query of every split in ``folder``.
+
+    Read leniently, so that no split's queries escape, not even those of a split that fails
+    validation: every record with an ``input`` is a query; a JSON file that is not a list
+    (e.g. a task definition) holds none.
+    """
+    prompts: set[str] = set()
+    for split in find_splits(folder):
+        for file in filter(Path.is_file, _split_files(folder, split)):
+            data = [record for _, record in _records(file)] if file.suffix == ".jsonl" else _read_json(file)
+            for record in data if isinstance(data, list) else ():
+                if isinstance(record, dict) and _is_scalar(record.get("input")):
+                    prompts.add(_normalised(task.prompt(Query(id="", input=_as_text(record["input"]), gold=None))))
+    return frozenset(prompts)
+
+
+def _without_queries(users: dict[str, User], query_prompts: frozenset[str], task: Task) -> dict[str, User]:
+    """The users with every profile item whose prompt is one of ``query_prompts`` left out."""
+    return {
+        user_id: replace(user, profile=tuple(item for item in user.profile if _normalised(task.pair(item)[0]) not in query_prompts))
+        for user_id, user in users.items()
+    }
+
+
+def _normalised(text: str) -> str:
+    """``text`` with whitespace runs made one space and the ends stripped: copies of one text
+    that differ only in spacing or line breaks (as scraped reposts do) compare equal."""
+    return " ".join(text.split())
 
 
 def _lamp_users(questions: Path, outputs: Path, split: str, task: Task) -> dict[str, User]:

@@ -3,7 +3,9 @@ FAISS index over them (METHOD.md §4, §5).
 
 Built once per (task, data, embedding model) and reused: auxiliary items for any user
 come from it, and so do the embeddings that γ is estimated on. Only profile items are
-indexed, never queries, so no test query can become an auxiliary item.
+indexed, never queries, and the loader has left out every profile item equal to a query of
+any split (see :mod:`cbpo_orch.method.data`), so no test query can become an auxiliary item;
+a user's positives come through the same loader, so each of them has a row.
 """
 
 from __future__ import annotations
