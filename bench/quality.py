@@ -51,6 +51,8 @@ ARMS: dict[str, tuple[str, dict[str, str]]] = {
     "cbpo-gamma0.8": ("cbpo", {"gamma": "0.8"}),
     "cbpo-nearest": ("cbpo", {"aux_strategy": "nearest"}),
     "cbpo-farthest": ("cbpo", {"aux_strategy": "farthest"}),
+    "cbpo-no-selection": ("cbpo", {"selection": "off"}),
+    "sft-no-selection": ("sft", {"selection": "off"}),
 }
 
 
@@ -72,7 +74,12 @@ def seed_list(text: str) -> list[int]:
 
 
 def cli_flags(options: dict[str, str]) -> list[str]:
-    return [part for key, value in sorted(options.items()) for part in (f"--{key.replace('_', '-')}", value)]
+    """``--key value`` per option; a switch's value ``on`` / ``off`` gives ``--key`` / ``--no-key``."""
+    flags = []
+    for key, value in sorted(options.items()):
+        name = key.replace("_", "-")
+        flags += {"on": [f"--{name}"], "off": [f"--no-{name}"]}.get(value, [f"--{name}", value])
+    return flags
 
 
 def split_users(args) -> tuple[list[str], list[str]]:
@@ -141,12 +148,13 @@ def run_arms(jobs: Jobs, arms: dict[str, tuple[str, dict[str, str]]], users: lis
     for key, members in groups.items():
         rows = jobs.results(jobs.run([method for _, method in members], users, options_of[key], seed))
         for arm, method in members:
-            per_arm[arm] = {r["user_id"]: {"rouge1": r["rouge1"], "rougeL": r["rougeL"], "gamma": r["gamma"], **reward_means(r["adapter_path"])} for r in rows if r["method"] == method and r["user_id"] in users}
+            per_arm[arm] = {r["user_id"]: {"rouge1": r["rouge1"], "rougeL": r["rougeL"], "gamma": r["gamma"], **trainer_state(r["adapter_path"])} for r in rows if r["method"] == method and r["user_id"] in users}
     return per_arm
 
 
-def reward_means(adapter_path: str | None) -> dict[str, float]:
-    """The run's final EMA reward means m₊ (own items) and m_U (aux) and δ, where it kept them.
+def trainer_state(adapter_path: str | None) -> dict[str, float]:
+    """What the run's ``trainer_state.json`` kept: the epoch selection chose (0 = the
+    starting model), and the final EMA reward means m₊ (own items), m_U (aux) and δ.
 
     Rewards are β·log(π_θ/π_ref); m₊ − m_U is how far training pushed the user's own
     items above the auxiliary ones, m_U how far it pushed shared text down.
@@ -154,11 +162,13 @@ def reward_means(adapter_path: str | None) -> dict[str, float]:
     state_file = Path(adapter_path or "") / "trainer_state.json"
     if not adapter_path or not state_file.exists():
         return {}
-    state = json.loads(state_file.read_text()).get("reference_state") or {}
+    saved = json.loads(state_file.read_text())
+    kept = {} if saved.get("selected_epoch") is None else {"selected_epoch": saved["selected_epoch"]}
+    state = saved.get("reference_state") or {}
     if state.get("kind") != "ema" or not (state["init_pos"][0] and state["init_aux"][0]):
-        return {}
+        return kept
     m_pos, m_aux = state["m_pos"][0], state["m_aux"][0]
-    return {"m_pos": m_pos, "m_aux": m_aux, "delta": (m_pos + m_aux) / 2}
+    return {**kept, "m_pos": m_pos, "m_aux": m_aux, "delta": (m_pos + m_aux) / 2}
 
 
 def average_seeds(per_seed: dict[int, dict[str, dict[str, dict]]]) -> dict[str, dict[str, dict]]:
@@ -203,6 +213,11 @@ def summarize(per_seed: dict[int, dict[str, dict[str, dict]]], users: list[str])
         for key in ("m_pos", "m_aux", "delta"):
             if all(key in scores[u] for u in complete):
                 entry[key] = sum(scores[u][key] for u in complete) / len(complete)
+        selected = [scores[u]["selected_epoch"] for u in complete if "selected_epoch" in scores[u]]
+        if selected:
+            entry["selected_start_share"] = sum(epoch == 0 for epoch in selected) / len(selected)
+        if "base" in per_arm:
+            entry["users_below_base"] = sum(scores[u]["rouge1"] < per_arm["base"][u]["rouge1"] for u in complete)
         arms[arm] = entry
     summary = {"users": complete, "seeds": list(per_seed), "arms": arms}
     if "cbpo" in arms and len(complete) > 2:
@@ -216,8 +231,10 @@ def markdown(summary: dict, title: str) -> str:
     seeds = summary["seeds"]
     seeds_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))} (each user's score is its mean over seeds)"
     lines = [f"### {title}", "", f"{len(summary['users'])} users; {seeds_text}; mean ROUGE-1 / ROUGE-L; Δ vs sft with paired bootstrap 95% CI; "
-             "for EMA-reference arms, the final mean rewards m₊ (own items) and m_U (aux)", "",
-             "| arm | ROUGE-1 | ROUGE-L | Δ R-1 vs sft [95% CI] | Δ R-L vs sft [95% CI] | m₊ / m_U |", "|---|---|---|---|---|---|"]
+             "for EMA-reference arms, the final mean rewards m₊ (own items) and m_U (aux); users whose ROUGE-1 is below base's; "
+             "share of users for whom selection kept the starting model", "",
+             "| arm | ROUGE-1 | ROUGE-L | Δ R-1 vs sft [95% CI] | Δ R-L vs sft [95% CI] | m₊ / m_U | users < base | kept start |",
+             "|---|---|---|---|---|---|---|---|"]
     sft = summary["arms"]["sft"]
     for arm, entry in summary["arms"].items():
         deltas = []
@@ -228,7 +245,9 @@ def markdown(summary: dict, title: str) -> str:
                 lo, hi = entry["ci_vs_sft"][metric]
                 deltas.append(f"{entry[metric] - sft[metric]:+.4f} [{lo:+.4f}, {hi:+.4f}]")
         rewards = f"{entry['m_pos']:+.2f} / {entry['m_aux']:+.2f}" if "m_pos" in entry else ""
-        lines.append(f"| {arm} | {entry['rouge1']:.4f} | {entry['rougeL']:.4f} | {deltas[0]} | {deltas[1]} | {rewards} |")
+        below = f"{entry['users_below_base']}" if "users_below_base" in entry else ""
+        start = f"{entry['selected_start_share']:.0%}" if "selected_start_share" in entry else ""
+        lines.append(f"| {arm} | {entry['rouge1']:.4f} | {entry['rougeL']:.4f} | {deltas[0]} | {deltas[1]} | {rewards} | {below} | {start} |")
     if summary.get("gamma_vs_gain") is not None:
         lines += ["", f"Spearman ρ between a user's estimated γ and cbpo − sft ROUGE-L: {summary['gamma_vs_gain']:+.2f}"]
     return "\n".join(lines) + "\n"

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
+from cbpo_orch.method.data import DataError
 from cbpo_orch.workers.personalize import personalize_user
 
 FAILING_USER = "a24e7d657a9"
@@ -17,6 +19,9 @@ FAILING_USER = "a24e7d657a9"
 
 CANCEL_FILE_ENV = "CBPO_TEST_CANCEL_FILE"
 """Env var naming a JSON file ``{"db": URL, "job_id": ID}`` read by :func:`cancel_job_then_personalize`."""
+
+DEATHS_DIR_ENV = "CBPO_TEST_DEATHS_DIR"
+"""Env var naming a folder where :func:`die_once_for_one_user` remembers the deaths it caused."""
 
 
 def injected_error(user_id: str) -> str:
@@ -27,6 +32,24 @@ def fail_one_user(context, user_id: str, config):
     """Raise for :data:`FAILING_USER`, personalize every other user as usual."""
     if user_id == FAILING_USER:
         raise RuntimeError(injected_error(user_id))
+    return personalize_user(context, user_id, config)
+
+
+def bad_record_for_one_user(context, user_id: str, config):
+    """Raise a :class:`DataError` (the input's fault: a retry fails alike) for
+    :data:`FAILING_USER`, personalize every other user as usual."""
+    if user_id == FAILING_USER:
+        raise DataError(injected_error(user_id))
+    return personalize_user(context, user_id, config)
+
+
+def die_once_for_one_user(context, user_id: str, config):
+    """Kill this worker process the first time :data:`FAILING_USER` is personalized
+    with a method, then personalize as usual."""
+    marker = Path(os.environ[DEATHS_DIR_ENV]) / f"{user_id}-{config.method}"
+    if user_id == FAILING_USER and not marker.exists():
+        marker.touch()
+        os._exit(1)
     return personalize_user(context, user_id, config)
 
 

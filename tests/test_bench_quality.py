@@ -47,3 +47,18 @@ def test_a_bad_seeds_list_is_a_usage_error_not_a_traceback(capsys):
         quality.main(["run", "--task", "lamp4", "--data", "d", "--model", "m", "--seeds", "0,one"])
     assert exit_info.value.code == 2
     assert "expected comma-separated integers, got '0,one'" in capsys.readouterr().err
+
+
+def test_cli_flags_turn_on_and_off_into_switches():
+    assert quality.cli_flags({"selection": "off", "lr": "3e-3", "gamma": "on"}) == ["--gamma", "--lr", "3e-3", "--no-selection"]
+
+
+def test_summarize_counts_users_below_base_and_kept_starting_models():
+    def run(r1, epoch=None):
+        return {**scores(r1), **({} if epoch is None else {"selected_epoch": epoch})}
+
+    per_seed = {0: {"base": {"a": run(0.2), "b": run(0.4)}, "sft": {"a": run(0.3, 2), "b": run(0.4, 0)}, "cbpo": {"a": run(0.1, 1), "b": run(0.3, 3)}}}
+    arms = quality.summarize(per_seed, ["a", "b"])["arms"]
+    assert [arms[a]["users_below_base"] for a in ("base", "sft", "cbpo")] == [0, 0, 2]
+    assert arms["sft"]["selected_start_share"] == 0.5 and arms["cbpo"]["selected_start_share"] == 0.0
+    assert "selected_start_share" not in arms["base"]

@@ -14,7 +14,7 @@ from cbpo_orch.home import SAMPLE_DATA
 from cbpo_orch.method.models import load_model
 
 USER = json.loads((SAMPLE_DATA / "dev_questions.json").read_text())[0]["user_id"]
-FAST = ["--max-profile", "8", "--epochs", "1", "--max-length", "64", "--max-new-tokens", "6"]
+FAST = ["--max-profile", "8", "--epochs", "1", "--max-prompt-tokens", "128", "--max-new-tokens", "6"]
 
 
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
@@ -41,7 +41,8 @@ def test_train_user_writes_adapter_and_metrics(tiny_model_dir, tmp_path, monkeyp
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("rouge1", "rougeL", "gamma", "n_pos", "n_aux", "train_seconds", "method", "config"):
         assert key in metrics
-    assert metrics["method"] == "cbpo" and metrics["n_pos"] == 8 and metrics["n_aux"] == 8
+    assert metrics["method"] == "cbpo" and metrics["n_pos"] == 6 and metrics["n_aux"] == 6  # 2 of 8 held out for selection
+    assert metrics["selection"]["n_held_out"] == 2 and len(metrics["selection"]["validation_rouge1"]) == 2
     assert 0 <= metrics["gamma"] <= 0.9
     PeftModel.from_pretrained(load_model(tiny_model_dir, "cpu").model, str(out))
     assert "ROUGE-1" in stdout

@@ -7,7 +7,7 @@ import pytest
 
 import cbpo_orch
 from cbpo_orch.method.data import DataError, ProfileItem, User, find_splits, load_split
-from cbpo_orch.method.tasks import BUILTIN_TASKS, load_task
+from cbpo_orch.method.tasks import BUILTIN_TASKS, Budgets, load_task
 
 SAMPLE = Path(cbpo_orch.__file__).parent / "samples" / "huffpost-headline"
 ITEM = {"id": "a", "text": "An article.", "title": "A Title", "date": "2020-01-01"}
@@ -173,8 +173,10 @@ def test_builtin_tasks_fields_and_lengths():
         "longlamp4": ("summary", "content"),
         "commit-subject": ("text", "title"),
     }
-    assert all(BUILTIN_TASKS[n].max_new_tokens <= 64 for n in ("lamp4", "lamp5", "commit-subject"))
-    assert all(BUILTIN_TASKS[n].max_new_tokens == 600 for n in ("longlamp2", "longlamp3", "longlamp4"))
+    short, long = ("lamp4", "lamp5", "commit-subject"), ("longlamp2", "longlamp3", "longlamp4")
+    assert all(BUILTIN_TASKS[n].budgets().new_tokens <= 100 for n in short)
+    assert all(BUILTIN_TASKS[n].budgets() == Budgets(1536, 512) for n in long)
+    assert BUILTIN_TASKS["lamp4"].budgets(None, 7) == Budgets(512, 7)
 
 
 def test_user_task_file_loads_and_reads_its_fields(tmp_path):
@@ -318,11 +320,11 @@ def test_official_lamp_question_is_its_own_user(tmp_path):
     assert list(load_split(tmp_path, "dev", load_task("lamp4")).users) == ["q1", "q2"]
 
 
-def test_profile_examples_never_hold_a_query(tmp_path):
+def test_no_profile_holds_a_query(tmp_path):
     leaked = {"id": "x", "text": "q2", "title": "gold q2"}
     _write(tmp_path, {"dev_questions.json": [_question("q1", profile=[ITEM, leaked]), _question("q2", user_id="v")],
                       "dev_outputs.json": _golds("q1", "q2")})
     dataset = load_split(tmp_path, "dev", load_task("lamp4"))
     examples = dataset.profile_examples()
     assert [(e.user_id, e.item_id) for e in examples] == [("u", "a"), ("v", "a")]
-    assert [e.item_id for e in dataset.examples("u")] == ["a", "x"]
+    assert [e.item_id for e in dataset.examples("u")] == ["a"]

@@ -26,8 +26,8 @@ TRAINING_FLAGS = {
     "--epochs", "--lr", "--beta", "--batch-size", "--aux-ratio", "--aux-strategy",
     "--gamma", "--gamma-estimator", "--gamma-max", "--reference", "--ema-decay",
     "--lora-r", "--lora-alpha", "--lora-dropout", "--lora-targets", "--weight-decay",
-    "--max-grad-norm", "--warmup-ratio", "--max-length", "--max-profile",
-    "--max-new-tokens", "--seed",
+    "--max-grad-norm", "--warmup-ratio", "--max-prompt-tokens", "--max-profile",
+    "--max-new-tokens", "--selection", "--selection-min-items", "--seed",
 }
 ALLOWED_FLAGS: dict[str, set[str]] = {
     "": set(),  # `cbpo-orch --help`

@@ -4,7 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cbpo_orch.method.encoding import EncodedPair, collate, completion_logps, encode_pair
+from cbpo_orch.method.encoding import BudgetError, EncodedPair, check_prompts, collate, completion_logps, encode_pair, within_budget
+from cbpo_orch.method.tasks import Budgets
 
 PAIRS = [
     ("Generate a headline for the following article: the city council voted on the new budget", "Council passes budget"),
@@ -18,12 +19,47 @@ def tiny(tiny_model_dir):
     return AutoTokenizer.from_pretrained(tiny_model_dir), AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
 
 
-def test_encode_pair_keeps_the_completion_and_its_eos_within_max_length(tiny):
+def _ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_a_completion_within_budget_ends_with_eos(tiny):
     tokenizer, _ = tiny
-    pair = encode_pair(tokenizer, "word " * 200, "the headline", max_length=32)
+    pair = encode_pair(tokenizer, "Generate a headline: rain", "the headline", Budgets(64, 32))
+    assert list(pair.input_ids[pair.prompt_len :]) == _ids(tokenizer, "the headline") + [tokenizer.eos_token_id]
+    assert list(pair.input_ids[: pair.prompt_len]) == _ids(tokenizer, "Generate a headline: rain\n")
+
+
+def test_a_long_completion_keeps_its_budget_and_is_not_taught_to_stop(tiny):
+    tokenizer, _ = tiny
+    target = "a long review of the guitar strings " * 40
+    assert len(_ids(tokenizer, target)) > 100
+    pair = encode_pair(tokenizer, "Write a review", target, Budgets(64, 100))
     completion = list(pair.input_ids[pair.prompt_len :])
-    assert len(pair.input_ids) <= 32
-    assert completion == tokenizer("the headline", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert completion == _ids(tokenizer, target)[:100]
+    assert tokenizer.eos_token_id not in completion
+
+
+def test_a_prompt_over_budget_is_an_error_never_cut(tiny):
+    tokenizer, _ = tiny
+    with pytest.raises(BudgetError, match="exceeds the prompt budget of 32"):
+        encode_pair(tokenizer, "word " * 200, "the headline", Budgets(32, 32))
+    pairs = [("word " * 200, "long"), ("short prompt", "kept")]
+    assert within_budget(tokenizer, pairs, 32) == [("short prompt", "kept")]
+
+
+def test_check_prompts_names_the_longest_and_the_model_context(tiny):
+    tokenizer, _ = tiny
+    prompts = [("user a, query 1", "short"), ("user b, query 2", "word " * 200), ("user c, query 3", "word " * 100)]
+    with pytest.raises(BudgetError) as error:
+        check_prompts(tokenizer, prompts, Budgets(64, 8), model_context=512)
+    message = str(error.value)
+    longest = len(_ids(tokenizer, "word " * 200 + "\n"))
+    assert "2 of 3 query prompts" in message and f"longest: {longest} tokens, user b, query 2" in message
+    assert f"--max-prompt-tokens to at least {longest}" in message and "\n" not in message
+    check_prompts(tokenizer, prompts, Budgets(longest, 8), model_context=512)
+    with pytest.raises(BudgetError, match="exceeds the model's context of 512"):
+        check_prompts(tokenizer, prompts[:1], Budgets(500, 100), model_context=512)
 
 
 def test_collate_right_pads_and_masks_only_completion_tokens():
@@ -36,7 +72,7 @@ def test_collate_right_pads_and_masks_only_completion_tokens():
 def test_completion_logps_equal_the_sum_of_completion_token_log_softmax(tiny):
     """Only the tail of each batch goes through the LM head; the numbers must not change."""
     tokenizer, model = tiny
-    pairs = [encode_pair(tokenizer, x, y, max_length=64) for x, y in PAIRS]
+    pairs = [encode_pair(tokenizer, x, y, Budgets(64, 32)) for x, y in PAIRS]
     batch = collate(pairs, tokenizer.pad_token_id)
     with torch.no_grad():
         logp, n_tokens = completion_logps(model, batch)

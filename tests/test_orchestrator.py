@@ -30,9 +30,9 @@ from tests import faulty_worker
 REPO = Path(__file__).resolve().parents[1]
 CLI = Path(sys.executable).with_name("cbpo-orch")
 CONTRACT = ["user_id", "method", "rouge1", "rougeL", "gamma", "n_pos", "n_aux", "adapter_path", "sha256", "seconds"]
-FAST = ["--max-profile", "8", "--epochs", "1", "--max-new-tokens", "8", "--max-length", "64"]
+FAST = ["--max-profile", "8", "--epochs", "1", "--max-new-tokens", "8", "--max-prompt-tokens", "128"]
 # Slow enough (≈1.5 s a run on one CPU) that the driver can be killed between two runs.
-SLOW = ["--max-profile", "40", "--epochs", "4", "--max-new-tokens", "8", "--max-length", "128"]
+SLOW = ["--max-profile", "40", "--epochs", "4", "--max-new-tokens", "8", "--max-prompt-tokens", "128"]
 CLEAN_ENV = ("RAY_ADDRESS", "CBPO_ORCH_DB", "CBPO_ORCH_ARTIFACTS")
 JOB_TIMEOUT = 240
 
@@ -172,7 +172,7 @@ def _spec_config(model: Path, users: list[str], methods=("sft",)) -> tuple[dict,
     from cbpo_orch.method.config import TrainConfig
     from cbpo_orch.orchestrator.spec import JobSpec, Resources
 
-    train = TrainConfig(method=methods[0], max_profile=8, epochs=1, max_new_tokens=8, max_length=64)
+    train = TrainConfig(method=methods[0], max_profile=8, epochs=1, max_new_tokens=8, max_prompt_tokens=128)
     spec = JobSpec("lamp4", str(SAMPLE_DATA.resolve()), "dev", str(model), tuple(methods), tuple(users), train)
     resources = Resources(workers=1, max_retries=1)
     return spec.to_config(resources), resources
@@ -200,7 +200,10 @@ def _attempt_dirs(home: Path, job: str, user: str, method: str) -> list[str]:
 
 
 def test_submit_then_status_and_results(cli, home, tiny_model_dir, dev_users):
-    job = _ok(cli.run("submit", "--model", str(tiny_model_dir), "--users", "3", "--method", "sft,cbpo", "--workers", "2", *FAST))
+    submitted = cli.run("submit", "--model", str(tiny_model_dir), "--users", "3", "--method", "sft,cbpo", "--workers", "2", "--examples", "2", *FAST)
+    job = _ok(submitted)
+    shown = re.findall(r"^  +(gold|sft|cbpo): ", submitted.stdout, flags=re.MULTILINE)
+    assert shown == ["gold", "sft", "cbpo"] * 2, submitted.stdout  # one query of the first 2 users, every method
 
     status, as_json, as_csv = (
         cli.start("status", "--json"),
@@ -226,7 +229,8 @@ def test_submit_then_status_and_results(cli, home, tiny_model_dir, dev_users):
         assert (path / "adapter_config.json").is_file() and (path / "predictions.jsonl").is_file()
         assert directory_sha256(path) == row["sha256"]
         assert 0.0 <= row["rouge1"] <= 1.0 and 0.0 <= row["rougeL"] <= 1.0 and row["seconds"] > 0
-        assert row["n_pos"] == 8
+        assert row["n_pos"] == 6  # --max-profile 8, the 2 newest held out for selection
+        assert json.loads((path / "trainer_state.json").read_text())["n_held_out"] == 2
         if row["method"] == "sft":
             assert row["gamma"] is None and row["n_aux"] == 0
         else:
@@ -408,6 +412,7 @@ def local_ray(tmp_path_factory):
         paths = [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         patch.setenv("PYTHONPATH", os.pathsep.join(paths))
         patch.setenv(faulty_worker.CANCEL_FILE_ENV, str(control))
+        patch.setenv(faulty_worker.DEATHS_DIR_ENV, str(control.parent))
         for name in CLEAN_ENV:
             patch.delenv(name, raising=False)
         assert not ray.is_initialized()
@@ -446,6 +451,65 @@ def test_failing_user_is_retried_then_failed_others_succeed(local_ray, home, tin
         (u, m) for u in users if u != faulty_worker.FAILING_USER for m in ("sft", "cbpo")
     )
     assert all(directory_sha256(r["adapter_path"]) == r["sha256"] for r in rows)
+
+
+def test_input_error_fails_its_run_at_once_others_succeed(local_ray, home, tiny_model_dir, dev_users):
+    from cbpo_orch.orchestrator.driver import run_job
+    from cbpo_orch.orchestrator.workspace import Workspace
+    from cbpo_orch.orchestrator.spec import Resources
+
+    users = [dev_users[0], faulty_worker.FAILING_USER, dev_users[2]]
+    job = _create_job(home, tiny_model_dir, users)
+    space = Workspace.open(home)
+
+    state = run_job(space, job, Resources(max_retries=2, workers=1), worker_fn=faulty_worker.bad_record_for_one_user)
+
+    assert state == "failed"
+    assert space.registry.job(job).counts == {"pending": 0, "running": 0, "succeeded": 2, "failed": 1}
+    for run in space.registry.runs(job):
+        assert run.attempts == 1
+        if run.user_id == faulty_worker.FAILING_USER:
+            assert run.state == "failed"
+            assert run.error == f"DataError: {faulty_worker.injected_error(run.user_id)}"
+        else:
+            assert run.state == "succeeded"
+
+
+def test_dead_worker_is_replaced_and_its_run_retried(local_ray, home, tiny_model_dir, dev_users):
+    from cbpo_orch.orchestrator.driver import run_job
+    from cbpo_orch.orchestrator.workspace import Workspace
+    from cbpo_orch.orchestrator.spec import Resources
+
+    users = [faulty_worker.FAILING_USER, dev_users[0]]
+    job = _create_job(home, tiny_model_dir, users)
+    space = Workspace.open(home)
+
+    state = run_job(space, job, Resources(max_retries=1, workers=1), worker_fn=faulty_worker.die_once_for_one_user)
+
+    assert state == "succeeded", [(r.user_id, r.state, r.attempts, r.error) for r in space.registry.runs(job)]
+    attempts = {run.user_id: run.attempts for run in space.registry.runs(job)}
+    assert attempts == {faulty_worker.FAILING_USER: 2, dev_users[0]: 1}
+    assert _attempt_dirs(home, job, faulty_worker.FAILING_USER, "sft") == ["attempt-2"]
+
+
+def test_model_that_cannot_load_fails_every_run_without_retries(local_ray, home, tmp_path, dev_users):
+    from cbpo_orch.orchestrator.driver import run_job
+    from cbpo_orch.orchestrator.workspace import Workspace
+    from cbpo_orch.orchestrator.spec import Resources
+
+    broken = tmp_path / "emptied-model"  # checked at submit, emptied before the job ran
+    broken.mkdir()
+    job = _create_job(home, broken, dev_users[:3])
+    space = Workspace.open(home)
+
+    state = run_job(space, job, Resources(max_retries=2, workers=1))
+
+    assert state == "failed"
+    assert space.registry.job(job).counts == {"pending": 0, "running": 0, "succeeded": 0, "failed": 3}
+    runs = space.registry.runs(job)
+    assert sorted(run.attempts for run in runs) == [0, 0, 1]  # one sent, the others never
+    [error] = {run.error for run in runs}
+    assert error.startswith("WorkerCannotStart: ModelError: ") and str(broken) in error
 
 
 def test_cancel_while_running_finishes_started_run_only(local_ray, home, tiny_model_dir, dev_users):

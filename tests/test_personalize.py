@@ -15,8 +15,8 @@ from cbpo_orch.method.models import load_model
 from cbpo_orch.method.tasks import load_task
 from cbpo_orch.workers.personalize import UserContext, personalize_user
 
-METRIC_KEYS = {"rouge1", "rougeL", "gamma", "gamma_reason", "n_pos", "n_aux", "train_seconds", "seconds", "phase_seconds", "method", "config", "losses", "user_id"}
-FAST = dict(max_profile=16, max_length=96, max_new_tokens=12, batch_size=8, epochs=3)
+METRIC_KEYS = {"rouge1", "rougeL", "gamma", "gamma_reason", "n_pos", "n_aux", "selection", "train_seconds", "seconds", "phase_seconds", "method", "config", "losses", "user_id"}
+FAST = dict(max_profile=16, max_prompt_tokens=128, max_new_tokens=12, batch_size=8, epochs=3, selection=False)
 
 
 @pytest.fixture(scope="module", params=["tiny_model_dir", "commit_lm_dir"])
@@ -62,7 +62,7 @@ def test_every_method_trains_scores_and_reloads(context, method, tmp_path):
     base = load_model(context.loaded.path, "cpu").model
     reloaded = PeftModel.from_pretrained(base, str(tmp_path))
     prompts = [context.task.prompt(q) for q in context.dataset.user(user_id).queries]
-    again = generate(reloaded, context.loaded.tokenizer, prompts, FAST["max_new_tokens"], FAST["max_length"], 16, torch.device("cpu"))
+    again = generate(reloaded, context.loaded.tokenizer, prompts, context.task.budgets(128, 12), 16, torch.device("cpu"))
     assert again == [p["prediction"] for p in outcome.predictions]
 
 
@@ -82,10 +82,10 @@ def test_methods_share_aux_samples(context, monkeypatch):
     seen = {}
     original = module.encode_samples
 
-    def spy(tokenizer, pairs, positive, max_length, user=0):
+    def spy(tokenizer, pairs, positive, budgets, user=0):
         if not positive:
             seen.setdefault(method, pairs)
-        return original(tokenizer, pairs, positive, max_length, user)
+        return original(tokenizer, pairs, positive, budgets, user)
 
     monkeypatch.setattr(module, "encode_samples", spy)
     user_id = next(iter(context.dataset.users))
@@ -101,3 +101,31 @@ def test_base_model_is_untouched_after_training(context):
     after = context.loaded.model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_selection_holds_out_the_most_recent_items_and_keeps_the_best_epoch(context):
+    """Do no harm: 16 items → 4 most recent held out, 12 trained on; the starting model and
+    each epoch are scored on the held-out items, and the best is what the user gets."""
+    user_id = next(iter(context.dataset.users))
+    outcome = personalize_user(context, user_id, TrainConfig(method="sft", lr=_lr(context), **{**FAST, "selection": True}))
+    selection = outcome.metrics["selection"]
+    assert outcome.metrics["n_pos"] == 12 and selection["n_held_out"] == 4
+    scores = selection["validation_rouge1"]
+    assert len(scores) == 1 + FAST["epochs"]
+    assert selection["selected_epoch"] == max(range(len(scores)), key=lambda i: (scores[i], -i))
+    state = json.loads(outcome.adapter_files["trainer_state.json"])
+    assert state["selected_epoch"] == selection["selected_epoch"]
+
+
+def test_selection_falls_back_to_the_starting_model_when_no_epoch_beats_it(context, monkeypatch):
+    """When every epoch scores below the starting model, the adapter is the starting model:
+    the user's outputs are exactly the base outputs."""
+    from cbpo_orch.workers import personalize as module
+
+    scores = iter([1.0, 0.5, 0.25, 0.125])
+    monkeypatch.setattr(module, "_held_out_rouge", lambda *args: lambda: next(scores))
+    user_id = next(iter(context.dataset.users))
+    base = personalize_user(context, user_id, TrainConfig(method="base", **FAST))
+    trained = personalize_user(context, user_id, TrainConfig(method="cbpo", lr=_lr(context), **{**FAST, "selection": True}))
+    assert trained.metrics["selection"]["selected_epoch"] == 0
+    assert [p["prediction"] for p in trained.predictions] == [p["prediction"] for p in base.predictions]

@@ -18,7 +18,7 @@ from cbpo_orch.cli.app import DataOpt, DeviceOpt, HomeOpt, ModelOpt, UsageError,
 from cbpo_orch.cli.progress import job_progress
 from cbpo_orch.cli.training_options import build_config, with_training_options
 from cbpo_orch.home import SAMPLE_DATA, home_dir
-from cbpo_orch.orchestrator.spec import JobSpec, Resources, check_paths, check_task_adapter, parse_methods, resolve_users
+from cbpo_orch.orchestrator.spec import JobSpec, Resources, check_budgets, check_paths, check_task_adapter, parse_methods, resolve_users
 from cbpo_orch.storage.registry import RESULT_COLUMNS
 
 DbOpt = Annotated[Optional[str], typer.Option(help="Registry as a SQLAlchemy URL, e.g. postgresql+psycopg://… (env CBPO_ORCH_DB; default SQLite in the home folder).")]
@@ -37,7 +37,19 @@ def _workspace(home: Path | None, db: str | None, artifacts: Path | None):
     return Workspace.open(home_dir(home), db, artifacts)
 
 
-def _run(space, job_id: str, resources: Resources | None) -> None:
+def _print_examples(extras: dict, users, methods) -> None:
+    """Per user, the first query's gold and every method's output: what personalization did."""
+    for user in users:
+        runs = {m: extras[(user, m)]["predictions"][0] for m in methods if extras.get((user, m), {}).get("predictions")}
+        if not runs:
+            continue
+        OUT.print(f"\n[bold]{user}[/bold] · query {next(iter(runs.values()))['id']}", highlight=False)
+        OUT.print(f"  {'gold':>8}: {next(iter(runs.values()))['gold']}", highlight=False, markup=False)
+        for method, run in runs.items():
+            OUT.print(f"  {method:>8}: {run['prediction']}", highlight=False, markup=False)
+
+
+def _run(space, job_id: str, resources: Resources | None, examples: int = 0) -> None:
     from cbpo_orch.orchestrator.driver import run_job
 
     job = space.registry.job(job_id)
@@ -50,6 +62,7 @@ def _run(space, job_id: str, resources: Resources | None) -> None:
         typer.echo(f"interrupted: finish it with `cbpo-orch resume {job_id}`", err=True)
         sys.exit(130)
     _print_results(space.registry.results(job_id), "table", aggregate=True)
+    _print_examples(space.registry.extras(job_id), job.users[:examples], job.methods)
     failed = space.registry.runs(job_id, states=("failed",))
     for run in failed:
         typer.echo(f"failed: {run.user_id} · {run.method} after {run.attempts} attempts: {run.error}", err=True)
@@ -79,6 +92,7 @@ def submit(
     gpus_per_user: Annotated[float, typer.Option(help="GPUs per user's worker; fractional packs several users on one GPU.", rich_help_panel=PANEL)] = 0.0,
     workers: Annotated[Optional[int], typer.Option(help="Worker processes (each loads the model once). Default: as many as the cluster fits.", rich_help_panel=PANEL)] = None,
     max_retries: Annotated[int, typer.Option(help="Retries of a failed user before it is marked failed.", rich_help_panel=PANEL)] = 2,
+    examples: Annotated[int, typer.Option(help="At the end, show one query of the first N users: the gold and each method's output.")] = 3,
     options: Optional[dict] = None,
 ) -> None:
     """Personalize many users: one LoRA adapter per (user, method), fanned out over Ray."""
@@ -92,6 +106,7 @@ def submit(
     data_path, model_path = check_paths(data or SAMPLE_DATA, resolve_model(model, home))
     dataset = load_split(data_path, split, task_def)
     chosen = resolve_users(users, dataset)
+    check_budgets(task_def, dataset, chosen, model_path, train)
     tam = check_task_adapter(task_adapter)
     if tam == "auto":
         load_split(data_path, "train", task_def)
@@ -103,7 +118,7 @@ def submit(
     space = _workspace(home, db, artifacts)
     job_id = space.registry.create_job(task_def.name, list(methods), list(chosen), spec.to_config(resources))
     typer.echo(job_id)
-    _run(space, job_id, resources)
+    _run(space, job_id, resources, examples)
 
 
 @app.command()
@@ -250,5 +265,6 @@ def generate(
     task = load_task(spec.task)
     loaded, model = loaded_for_job(space, spec, rows[0]["adapter_path"], device)
     prompt = task.prompt(Query(id="cli", input=text, gold=None))
-    out = greedy(model, loaded.tokenizer, [prompt], max_new_tokens or task.max_new_tokens, spec.train.max_length, 1, loaded.device)
+    budgets = task.budgets(spec.train.max_prompt_tokens, max_new_tokens or spec.train.max_new_tokens)
+    out = greedy(model, loaded.tokenizer, [prompt], budgets, 1, loaded.device)
     typer.echo(out[0])

@@ -44,9 +44,11 @@ _OPTIONS: list[tuple[str, object, object]] = [
     ("weight_decay", Annotated[float, _option("AdamW weight decay.")], _DEFAULT.weight_decay),
     ("max_grad_norm", Annotated[float, _option("Gradient-norm clip.")], _DEFAULT.max_grad_norm),
     ("warmup_ratio", Annotated[float, _option("Share of steps spent in linear warm-up.")], _DEFAULT.warmup_ratio),
-    ("max_length", Annotated[int, _option("Max tokens of prompt + completion.")], _DEFAULT.max_length),
+    ("max_prompt_tokens", Annotated[Optional[int], _option("Prompt budget in tokens (default: the task's); a query over it is an error at submit, never cut.")], None),
+    ("max_new_tokens", Annotated[Optional[int], _option("Completion budget: generation length, and the cut of training targets (default: the task's).")], None),
     ("max_profile", Annotated[Optional[int], _option("Use only each user's N most recent history items.")], None),
-    ("max_new_tokens", Annotated[Optional[int], _option("Generation length (default: the task's).")], None),
+    ("selection", Annotated[bool, _option("Do no harm: hold out each user's most recent items, keep the best epoch or the starting model (--no-selection: the paper's protocol).")], _DEFAULT.selection),
+    ("selection_min_items", Annotated[int, _option("Users with fewer history items train on all of them, without selection.")], _DEFAULT.selection_min_items),
     ("seed", Annotated[int, _option("Random seed (training is deterministic given it).")], _DEFAULT.seed),
 ]
 

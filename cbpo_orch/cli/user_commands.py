@@ -16,6 +16,7 @@ from cbpo_orch.home import default_model_dir, downloads_dir, home_dir
 from cbpo_orch.method.data import load_split
 from cbpo_orch.method.model_dirs import ModelError, check_adapter_dir
 from cbpo_orch.method.tasks import load_task
+from cbpo_orch.orchestrator.spec import check_budgets
 
 
 @app.command("setup-model")
@@ -91,6 +92,7 @@ def train_user(
     dataset = datasets[0]
     dataset.user(user)
     model_dir = resolve_model(model, home)
+    check_budgets(task_def, dataset, (user,), str(model_dir), config)
     if task_adapter is not None:
         check_adapter_dir(task_adapter)
     out = fresh_output_dir(out)

@@ -30,7 +30,11 @@ class TrainConfig:
 
     ``epochs=None`` takes the method's default (SFT 2, preference methods 3);
     ``gamma=None`` estimates γ per user (METHOD.md §4); ``max_profile`` caps the
-    user's history to its most recent items.
+    user's history to its most recent items; ``max_prompt_tokens`` and
+    ``max_new_tokens`` of None take the task's budgets. ``selection`` (ours, on by
+    default; off is the paper's protocol) holds out a user's most recent items, scores
+    the starting model and every epoch on them, and keeps the best (see ``selection.py``);
+    users with fewer than ``selection_min_items`` items train without it.
     """
 
     method: str = "cbpo"
@@ -52,9 +56,11 @@ class TrainConfig:
     weight_decay: float = 0.01
     max_grad_norm: float = 0.3
     warmup_ratio: float = 0.1
-    max_length: int = 256
-    max_profile: int | None = None
+    max_prompt_tokens: int | None = None
     max_new_tokens: int | None = None
+    max_profile: int | None = None
+    selection: bool = True
+    selection_min_items: int = 6
     eval_batch_size: int = 16
     seed: int = 0
 
@@ -72,8 +78,10 @@ class TrainConfig:
             (0 <= self.gamma_max < 1, "gamma-max must be in [0, 1)"),
             (self.reference in ("ema", "joint"), "reference must be ema or joint"),
             (0 <= self.ema_decay < 1, "ema-decay must be in [0, 1)"),
-            (self.max_length >= 16, "max-length must be ≥ 16"),
+            (self.max_prompt_tokens is None or self.max_prompt_tokens >= 8, "max-prompt-tokens must be ≥ 8"),
+            (self.max_new_tokens is None or self.max_new_tokens >= 1, "max-new-tokens must be ≥ 1"),
             (self.max_profile is None or self.max_profile >= 2, "max-profile must be ≥ 2"),
+            (self.selection_min_items >= 3, "selection-min-items must be ≥ 3 (two held out, one to train on)"),
             (self.lora.r >= 1, "lora-r must be ≥ 1"),
         ]
         for ok, message in checks:

@@ -1,17 +1,26 @@
 """Turning (x, y) pairs into token ids with completion-only masks (METHOD.md §2, §7).
 
 A prompt x is rendered with the tokenizer's chat template when it has one (instruction
-models) and as ``x + "\\n"`` otherwise (base models). The completion is y followed by
-the end-of-sequence token. When a pair is too long, the *content* of x is shortened,
-never the template around it nor the completion, so the model always sees a
-well-formed prompt.
+models) and as ``x + "\\n"`` otherwise (base models). Budgets (:class:`Budgets`) bound
+both sides. A prompt is never cut: one over its budget raises :class:`BudgetError` (a
+training item over budget is left out by :func:`within_budget` instead). A completion is
+y followed by the end-of-sequence token; a y longer than its budget is cut to it *without*
+the end-of-sequence token, so a cut target never teaches the model to stop early.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+
+from cbpo_orch.method.config import ConfigError
+from cbpo_orch.method.tasks import Budgets
+
+
+class BudgetError(ConfigError):
+    """A prompt that does not fit its token budget, or budgets that do not fit the model."""
 
 
 def render_prompt(tokenizer, x: str) -> str:
@@ -27,14 +36,53 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 
 def prompt_ids(tokenizer, x: str, budget: int) -> list[int]:
-    """Token ids of the rendered prompt, at most ``budget`` long, shortening x's content."""
+    """Token ids of the rendered prompt; :class:`BudgetError` when they exceed ``budget``."""
     ids = _ids(tokenizer, render_prompt(tokenizer, x))
-    if len(ids) <= budget:
-        return ids
-    overhead = len(_ids(tokenizer, render_prompt(tokenizer, ""))) + 1
-    content = _ids(tokenizer, x)[: max(budget - overhead, 1)]
-    ids = _ids(tokenizer, render_prompt(tokenizer, tokenizer.decode(content)))
-    return ids[-budget:]
+    if len(ids) > budget:
+        raise BudgetError(
+            f"a prompt of {len(ids)} tokens exceeds the prompt budget of {budget} "
+            f"(raise --max-prompt-tokens): {x[:60]!r}…"
+        )
+    return ids
+
+
+def prompt_lengths(tokenizer, prompts: list[str]) -> list[int]:
+    """Token counts of the rendered prompts (one batched tokenizer call)."""
+    if not prompts:
+        return []
+    rendered = [render_prompt(tokenizer, x) for x in prompts]
+    return [len(ids) for ids in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
+
+
+def within_budget(tokenizer, pairs: list[tuple[str, str]], budget: int) -> list[tuple[str, str]]:
+    """The pairs whose rendered prompt fits ``budget`` tokens (training leaves the others out)."""
+    lengths = prompt_lengths(tokenizer, [x for x, _ in pairs])
+    return [pair for pair, n in zip(pairs, lengths) if n <= budget]
+
+
+def check_prompts(tokenizer, prompts: Iterable[tuple[str, str]], budgets: Budgets, model_context: int | None) -> None:
+    """Fail with one clear line unless every ``(where, prompt)`` fits the prompt budget and
+    the budgets fit the model's context (``model_context`` tokens, when known)."""
+    if model_context is not None and budgets.context > model_context:
+        raise BudgetError(
+            f"prompt budget {budgets.prompt_tokens} + new-token budget {budgets.new_tokens} = {budgets.context} "
+            f"tokens exceeds the model's context of {model_context}: lower --max-prompt-tokens or --max-new-tokens"
+        )
+    named = list(prompts)
+    lengths = prompt_lengths(tokenizer, [x for _, x in named])
+    over = [(n, where) for n, (where, _) in zip(lengths, named) if n > budgets.prompt_tokens]
+    if over:
+        longest, where = max(over)
+        raise BudgetError(
+            f"{len(over)} of {len(named)} query prompts exceed the prompt budget of {budgets.prompt_tokens} tokens "
+            f"(longest: {longest} tokens, {where}); raise --max-prompt-tokens to at least {longest}"
+        )
+
+
+def completion_ids(tokenizer, y: str, budget: int) -> list[int]:
+    """y's ids and the end-of-sequence token, or, when y does not fit, its first ``budget`` ids alone."""
+    ids = _ids(tokenizer, y)
+    return ids + [tokenizer.eos_token_id] if len(ids) < budget else ids[:budget]
 
 
 @dataclass(frozen=True)
@@ -45,10 +93,9 @@ class EncodedPair:
     prompt_len: int
 
 
-def encode_pair(tokenizer, x: str, y: str, max_length: int) -> EncodedPair:
-    completion = _ids(tokenizer, y)[: max_length // 2] + [tokenizer.eos_token_id]
-    prompt = prompt_ids(tokenizer, x, max_length - len(completion))
-    return EncodedPair(tuple(prompt + completion), len(prompt))
+def encode_pair(tokenizer, x: str, y: str, budgets: Budgets) -> EncodedPair:
+    prompt = prompt_ids(tokenizer, x, budgets.prompt_tokens)
+    return EncodedPair(tuple(prompt + completion_ids(tokenizer, y, budgets.new_tokens)), len(prompt))
 
 
 @dataclass

@@ -6,17 +6,18 @@ import torch
 from rouge_score import rouge_scorer
 
 from cbpo_orch.method.encoding import prompt_ids
+from cbpo_orch.method.tasks import Budgets
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, max_length: int, batch_size: int, device) -> list[str]:
-    """Greedy completions of ``prompts`` (left-padded batches), special tokens stripped."""
+def generate(model, tokenizer, prompts: list[str], budgets: Budgets, batch_size: int, device) -> list[str]:
+    """Greedy completions of ``prompts`` (left-padded batches) of at most ``budgets.new_tokens``
+    tokens, special tokens stripped; a prompt over its budget raises ``BudgetError``."""
     was_training = model.training
     model.eval()
     outputs: list[str] = []
-    budget = max(max_length - max_new_tokens, 16)
     for start in range(0, len(prompts), batch_size):
-        encoded = [prompt_ids(tokenizer, x, budget) for x in prompts[start : start + batch_size]]
+        encoded = [prompt_ids(tokenizer, x, budgets.prompt_tokens) for x in prompts[start : start + batch_size]]
         width = max(len(ids) for ids in encoded)
         input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
         attention = torch.zeros_like(input_ids)
@@ -26,7 +27,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, max_leng
         generated = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention.to(device),
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=budgets.new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,

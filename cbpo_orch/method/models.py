@@ -45,10 +45,18 @@ def training_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_tokenizer(path: str | Path):
+    """The model's tokenizer; it must have an end-of-sequence token (completions end with it)."""
     tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.eos_token_id is None:
+        raise ModelError(f"the tokenizer of {str(path)!r} has no end-of-sequence token (set eos_token in its tokenizer_config.json)")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def model_context(path: str | Path) -> int | None:
+    """The longest sequence the model at ``path`` takes (its config's position count), if it says."""
+    return AutoConfig.from_pretrained(str(path)).to_dict().get("max_position_embeddings")
 
 
 def load_model(path: str | Path, device: str = "auto") -> LoadedModel:

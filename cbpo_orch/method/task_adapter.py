@@ -12,6 +12,7 @@ from peft import PeftModel
 
 from cbpo_orch.method.config import TASK_ADAPTER_LORA, TrainConfig
 from cbpo_orch.method.data import Dataset
+from cbpo_orch.method.encoding import within_budget
 from cbpo_orch.method.models import LoadedModel
 from cbpo_orch.method.trainer import StepCallback, TrainResult, adapter_files, attached_adapter, encode_samples, train_adapter
 
@@ -26,7 +27,9 @@ def train_task_adapter(
 ) -> tuple[dict[str, bytes], TrainResult]:
     """SFT a task LoRA on every profile pair of ``dataset``; returns its files and the run."""
     pairs = [(e.x, e.y) for e in dataset.profile_examples(config.max_profile)]
-    samples = encode_samples(loaded.tokenizer, pairs, True, config.max_length)
+    budgets = dataset.task.budgets(config.max_prompt_tokens, config.max_new_tokens)
+    pairs = within_budget(loaded.tokenizer, pairs, budgets.prompt_tokens)
+    samples = encode_samples(loaded.tokenizer, pairs, True, budgets)
     gammas = torch.zeros(1, device=loaded.device)
     with attached_adapter(loaded.model, config.lora, config.seed) as peft_model:
         result = train_adapter(peft_model, loaded.tokenizer, samples, gammas, replace(config, method="sft"), loaded.device, on_step=on_step)

@@ -4,6 +4,11 @@ A task is declarative: ``str.format`` templates over a profile item's fields, an
 ``{input}`` for queries. Built-in tasks are in ``BUILTIN_TASKS``; a user brings another as a
 JSON file with the same field names as ``Task`` (``load_task``). Item prompts follow the
 phrasing of the tasks' query inputs, so that training pairs and queries look alike.
+
+Every task carries its token budgets (METHOD.md §6): the rendered prompt's tokens and the
+completion's (= the generation budget); the context is their sum. Short tasks (LaMP):
+prompts up to 512 tokens, ~100 new tokens. Long tasks (LongLaMP): prompts up to 1,536
+tokens, 512 new tokens, a 2,048-token context. A job may override either (``Budgets``).
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ from cbpo_orch.method.data import DataError
 if TYPE_CHECKING:
     from cbpo_orch.method.data import ProfileItem, Query
 
-SHORT_OUTPUT_TOKENS = 64
-LONG_OUTPUT_TOKENS = 600
+SHORT_PROMPT_TOKENS = 512
+SHORT_OUTPUT_TOKENS = 100
+LONG_PROMPT_TOKENS = 1536
+LONG_OUTPUT_TOKENS = 512
 
 
 def _template_fields(template: str, where: str) -> tuple[str, ...]:
@@ -41,6 +48,21 @@ def _template_fields(template: str, where: str) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
+class Budgets:
+    """Token budgets of a job: the rendered prompt, and the completion (training targets are
+    cut to it, generation stops at it). Nothing of a prompt is ever cut: a prompt over its
+    budget is an error (:func:`cbpo_orch.method.encoding.prompt_ids`)."""
+
+    prompt_tokens: int
+    new_tokens: int
+
+    @property
+    def context(self) -> int:
+        """The longest sequence a model sees: prompt plus completion."""
+        return self.prompt_tokens + self.new_tokens
+
+
+@dataclass(frozen=True)
 class Task:
     """A generation task: templates giving (x, y) from a profile item and a query's prompt."""
 
@@ -48,6 +70,7 @@ class Task:
     item_prompt: str
     item_target: str
     query_prompt: str = "{input}"
+    max_prompt_tokens: int = SHORT_PROMPT_TOKENS
     max_new_tokens: int = SHORT_OUTPUT_TOKENS
     description: str = ""
 
@@ -61,8 +84,10 @@ class Task:
         extra = set(_template_fields(self.query_prompt, f"{where}: query_prompt")) - {"input"}
         if extra:
             raise DataError(f"{where}: query_prompt may use only {{input}}, not {{{sorted(extra)[0]}}}")
-        if type(self.max_new_tokens) is not int or self.max_new_tokens <= 0:
-            raise DataError(f"{where}: max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        for attribute in ("max_prompt_tokens", "max_new_tokens"):
+            value = getattr(self, attribute)
+            if type(value) is not int or value <= 0:
+                raise DataError(f"{where}: {attribute} must be a positive integer, got {value!r}")
 
     def item_fields(self) -> tuple[str, ...]:
         """The profile item fields the item templates use, in order of first use."""
@@ -76,6 +101,10 @@ class Task:
     def prompt(self, query: Query) -> str:
         """The prompt for a query."""
         return self.query_prompt.format(input=query.input)
+
+    def budgets(self, prompt_tokens: int | None = None, new_tokens: int | None = None) -> Budgets:
+        """The task's token budgets, each overridden where a value is given."""
+        return Budgets(prompt_tokens or self.max_prompt_tokens, new_tokens or self.max_new_tokens)
 
 
 BUILTIN_TASKS: dict[str, Task] = {
@@ -97,6 +126,7 @@ BUILTIN_TASKS: dict[str, Task] = {
             name="longlamp2",
             item_prompt='Generate an abstract for the title "{title}".',
             item_target="{abstract}",
+            max_prompt_tokens=LONG_PROMPT_TOKENS,
             max_new_tokens=LONG_OUTPUT_TOKENS,
             description="LongLaMP-2 personalized abstract generation (title -> abstract).",
         ),
@@ -108,6 +138,7 @@ BUILTIN_TASKS: dict[str, Task] = {
                 'The summary of the review text is "{summary}".'
             ),
             item_target="{reviewText}",
+            max_prompt_tokens=LONG_PROMPT_TOKENS,
             max_new_tokens=LONG_OUTPUT_TOKENS,
             description="LongLaMP-3 personalized product review writing (rating, product, summary -> review).",
         ),
@@ -115,6 +146,7 @@ BUILTIN_TASKS: dict[str, Task] = {
             name="longlamp4",
             item_prompt="Generate the content for a reddit post {summary}",
             item_target="{content}",
+            max_prompt_tokens=LONG_PROMPT_TOKENS,
             max_new_tokens=LONG_OUTPUT_TOKENS,
             description="LongLaMP-4 personalized topic writing (Reddit post summary -> post content).",
         ),
@@ -122,7 +154,12 @@ BUILTIN_TASKS: dict[str, Task] = {
             name="commit-subject",
             item_prompt="Generate a commit subject line for the following change description: {text}",
             item_target="{title}",
-            description="Commit subject generation (message body -> subject line), e.g. numpy-commit-subject.",
+            max_prompt_tokens=960,
+            max_new_tokens=64,
+            description=(
+                "Commit subject generation (message body -> subject line), e.g. numpy-commit-subject; "
+                "bodies run to ~950 tokens, so prompt and completion fill a 1,024-token context."
+            ),
         ),
     )
 }
@@ -160,7 +197,7 @@ def _task_from_file(path: Path) -> Task:
         if name not in definition:
             raise DataError(f"{path}: lacks field {name!r}")
     for name, value in definition.items():
-        expected = int if name == "max_new_tokens" else str
+        expected = int if name in ("max_prompt_tokens", "max_new_tokens") else str
         if type(value) is not expected:
             raise DataError(f"{path}: field {name!r} must be {'an integer' if expected is int else 'a string'}")
     try:

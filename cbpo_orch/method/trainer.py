@@ -2,7 +2,8 @@
 
 Read top to bottom: attach a LoRA adapter → encode the pairs → reference log-probs once
 per sample (adapter disabled = π_ref) → epochs of mixed batches (every batch holds
-positive and auxiliary items) → the method's loss → AdamW with linear warm-up/decay.
+positive and auxiliary items) → the method's loss → AdamW with linear warm-up/decay →
+with a ``validate`` score, keep the best epoch, the starting model included (``selection.py``).
 
 The inner step carries no single-user assumption: each sample has a user index and
 every piece of per-user state (γ, reference point) is a tensor over users, so training
@@ -30,6 +31,8 @@ from cbpo_orch.method import objectives
 from cbpo_orch.method.config import LoraSettings, TrainConfig
 from cbpo_orch.method.encoding import EncodedPair, collate, completion_logps, encode_pair
 from cbpo_orch.method.reference import kto_reference, make_reference
+from cbpo_orch.method.selection import best_epoch
+from cbpo_orch.method.tasks import Budgets
 
 StepCallback = Callable[[int, int, float], None]
 
@@ -50,6 +53,8 @@ class TrainResult:
     steps: int = 0
     seconds: float = 0.0
     reference_state: dict | None = None
+    validation_scores: list[float] = field(default_factory=list)
+    selected_epoch: int | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -77,14 +82,14 @@ def attached_adapter(model, lora: LoraSettings, seed: int):
         peft_model.unload()
 
 
-def encode_samples(tokenizer, pairs: list[tuple[str, str]], positive: bool, max_length: int, user: int = 0) -> list[Sample]:
-    return [Sample(encode_pair(tokenizer, x, y, max_length), positive, user) for x, y in pairs]
+def encode_samples(tokenizer, pairs: list[tuple[str, str]], positive: bool, budgets: Budgets, user: int = 0) -> list[Sample]:
+    return [Sample(encode_pair(tokenizer, x, y, budgets), positive, user) for x, y in pairs]
 
 
-def mismatched_pairs(tokenizer, pairs: list[tuple[str, str]], max_length: int) -> list[EncodedPair]:
+def mismatched_pairs(tokenizer, pairs: list[tuple[str, str]], budgets: Budgets) -> list[EncodedPair]:
     """KTO's (x, y′) pairs: each prompt with the next item's completion (cyclic)."""
     n = len(pairs)
-    return [encode_pair(tokenizer, pairs[i][0], pairs[(i + 1) % n][1], max_length) for i in range(n)]
+    return [encode_pair(tokenizer, pairs[i][0], pairs[(i + 1) % n][1], budgets) for i in range(n)]
 
 
 @torch.no_grad()
@@ -122,6 +127,30 @@ def mixed_batches(positive: list[int], aux: list[int], batch_size: int, rng: ran
 def _stream(items: list[int], rng: random.Random) -> Iterator[int]:
     while True:
         yield from rng.sample(items, len(items))
+
+
+class _BestEpoch:
+    """The adapter weights and reference-point state of the best-scoring epoch so far."""
+
+    def __init__(self, trainable: list[torch.Tensor], reference, validate: Callable[[], float]):
+        self.trainable, self.reference, self.validate = trainable, reference, validate
+        self.scores: list[float] = []
+        self.best: tuple[list[torch.Tensor], dict] | None = None
+
+    def score(self) -> None:
+        """Score the adapter as it is now; keep a copy when it is the best so far."""
+        self.scores.append(float(self.validate()))
+        if best_epoch(self.scores) == len(self.scores) - 1:
+            self.best = ([p.detach().clone() for p in self.trainable], self.reference.state_dict())
+
+    @torch.no_grad()
+    def restore(self) -> int:
+        """Put the best epoch's weights and reference state back; returns that epoch."""
+        weights, state = self.best
+        for param, saved in zip(self.trainable, weights):
+            param.copy_(saved)
+        self.reference.load_state_dict(state)
+        return best_epoch(self.scores)
 
 
 class MethodLoss:
@@ -163,8 +192,12 @@ def train_adapter(
     device: torch.device,
     kl_pairs: list[EncodedPair] | None = None,
     on_step: StepCallback | None = None,
+    validate: Callable[[], float] | None = None,
 ) -> TrainResult:
-    """Train the attached adapter of ``peft_model`` on ``samples`` with ``config.method``."""
+    """Train the attached adapter of ``peft_model`` on ``samples`` with ``config.method``.
+
+    With ``validate`` (a score of the model as it is, higher is better) the starting
+    model and every epoch are scored, and the adapter ends at the best of them."""
     seed_everything(config.seed)
     rng = random.Random(config.seed)
     pad_id = tokenizer.pad_token_id
@@ -188,6 +221,9 @@ def train_adapter(
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
     loss_fn = MethodLoss(config, gammas)
     result = TrainResult()
+    selection = _BestEpoch(trainable, loss_fn.reference, validate) if validate is not None else None
+    if selection is not None:
+        selection.score()
 
     peft_model.train()
     for batches in plan:
@@ -211,6 +247,12 @@ def train_adapter(
             if on_step is not None:
                 on_step(result.steps, total_steps, loss.item())
         result.epoch_losses.append(float(np.mean(epoch_losses)))
+        if selection is not None:
+            selection.score()
+            peft_model.train()
+    if selection is not None:
+        result.selected_epoch = selection.restore()
+        result.validation_scores = selection.scores
     peft_model.eval()
     loss_fn.reference.eval()
     result.reference_state = loss_fn.reference.state_dict()

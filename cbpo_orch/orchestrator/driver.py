@@ -153,7 +153,7 @@ def _fan_out(
         run = runs[unit.key]
         retry: list[scheduler.Work] = []
         if isinstance(result, scheduler.Failure):
-            final = attempts[unit.key] > resources.max_retries
+            final = result.permanent or attempts[unit.key] > resources.max_retries
             registry.record_failure(unit.key, result.error, final=final)
             if not final:
                 retry.append(unit)
@@ -192,7 +192,7 @@ def _record(space: Workspace, job_id: str, run, attempt: int, outcome: UserOutco
         "n_aux": m["n_aux"],
         "seconds": m["seconds"],
         "phase_seconds": m["phase_seconds"],
-        "extra": {"losses": m["losses"], "predictions": outcome.predictions},
+        "extra": {"losses": m["losses"], "selection": m["selection"], "predictions": outcome.predictions},
     }
     space.registry.record_success(run.run_id, metrics, adapter)
 

@@ -4,6 +4,10 @@ One :class:`PersonalizeWorker` actor per worker slot loads the model, data and h
 once and then personalizes user after user; the driver keeps at most one call in
 flight per actor (never thousands of pending futures), replaces an actor that dies,
 and receives every result to write it itself.
+
+A failure is permanent when the job's own input is at fault (:data:`PERMANENT_ERRORS`):
+a retry would fail the same way. Anything else — a dead worker, out of memory, any
+other exception — is transient and may be retried.
 """
 
 from __future__ import annotations
@@ -13,11 +17,20 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
+from ray.exceptions import OutOfMemoryError, RayActorError, RayTaskError, WorkerCrashedError
 
-from cbpo_orch.method.config import TrainConfig
+from cbpo_orch.method.config import ConfigError, TrainConfig
+from cbpo_orch.method.data import DataError
+from cbpo_orch.method.methods import UnknownMethod
+from cbpo_orch.method.model_dirs import ModelError
 
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}
+
+PERMANENT_ERRORS: tuple[type[Exception], ...] = (DataError, ConfigError, ModelError, UnknownMethod)
+"""Errors of the job's own input (data, config, model, method): never retried."""
+
+WORKER_DEATHS = (RayActorError, WorkerCrashedError, OutOfMemoryError)
+"""How Ray reports a worker process that died: the actor is replaced."""
 
 
 def connect(address: str | None) -> str | None:
@@ -43,9 +56,19 @@ def cluster_slots(cpus_per_user: float, gpus_per_user: float) -> int:
     return max(1, int(total.get("CPU", 1) / cpus_per_user))
 
 
+class WorkerCannotStart(Exception):
+    """Raised by every call to a worker whose context failed to load with a permanent
+    error: no worker of the pool can start, so the job sends it nothing more."""
+
+
 @ray.remote
 class PersonalizeWorker:
-    """Holds one loaded :class:`UserContext` and personalizes users with it."""
+    """Holds one loaded :class:`UserContext` and personalizes users with it.
+
+    A permanent error while loading is kept and raised by each call as
+    :class:`WorkerCannotStart`: raised from ``__init__`` it would reach the driver as
+    a bare actor death, its class lost, and the actor would be recreated in vain.
+    """
 
     def __init__(self, context_args: dict, history, threads: int, worker_fn: Callable):
         import torch
@@ -55,14 +78,20 @@ class PersonalizeWorker:
         from cbpo_orch.workers.context import load_user_context
 
         torch.set_num_threads(max(1, threads))
-        task = load_task(context_args["task"])
-        dataset = load_split(context_args["data"], context_args["split"], task)
-        self.context = load_user_context(
-            task, dataset, history, context_args["model"], context_args["task_adapter"], "auto"
-        )
         self.worker_fn = worker_fn
+        self.start_error: str | None = None
+        try:
+            task = load_task(context_args["task"])
+            dataset = load_split(context_args["data"], context_args["split"], task)
+            self.context = load_user_context(
+                task, dataset, history, context_args["model"], context_args["task_adapter"], "auto"
+            )
+        except PERMANENT_ERRORS as error:
+            self.start_error = _first_line(error)
 
     def personalize(self, user_id: str, config: TrainConfig):
+        if self.start_error is not None:
+            raise WorkerCannotStart(self.start_error)
         return self.worker_fn(self.context, user_id, config)
 
 
@@ -77,9 +106,11 @@ class Work:
 
 @dataclass(frozen=True)
 class Failure:
-    """A unit that raised, or whose worker died; ``error`` is its one-line reason."""
+    """A unit that raised, or whose worker died; ``error`` is its one-line reason and
+    ``permanent`` says a retry would fail the same way."""
 
     error: str
+    permanent: bool
 
 
 def run_remote(fn: Callable, *args, num_cpus: float = 1, num_gpus: float = 0):
@@ -104,6 +135,8 @@ def fan_out(
     ``start(w)`` is asked before a unit is sent (False skips it, e.g. cancelled);
     ``finish(w, result_or_failure)`` receives each result or :class:`Failure` and
     returns units to schedule again (retries). ``tick`` runs about once a second.
+    When the workers cannot start, every unit not yet sent is finished, unstarted,
+    with that permanent failure.
     """
     queue = deque(work)
     if not queue:
@@ -130,12 +163,17 @@ def fan_out(
             unit, actor = in_flight.pop(ref)
             try:
                 result = ray.get(ref)
-            except (RayActorError, WorkerCrashedError) as error:
-                result = Failure(f"worker died: {_first_line(error)}")
+            except WORKER_DEATHS as error:
+                result = Failure(f"worker died: {_first_line(error)}", permanent=False)
                 ray.kill(actor, no_restart=True)
                 actor = new_actor()
             except RayTaskError as error:
-                result = Failure(_first_line(error.cause if error.cause is not None else error))
+                cause = error.cause if error.cause is not None else error
+                cannot_start = isinstance(cause, WorkerCannotStart)
+                result = Failure(_first_line(cause), permanent=cannot_start or isinstance(cause, PERMANENT_ERRORS))
+                if cannot_start:  # no worker of this pool can start: send it nothing more
+                    while queue:
+                        finish(queue.popleft(), result)
             idle.append(actor)
             queue.extend(finish(unit, result))
         tick()

@@ -14,6 +14,7 @@ from cbpo_orch.method.config import ConfigError, TrainConfig
 from cbpo_orch.method.data import DataError, Dataset
 from cbpo_orch.method.methods import method_spec
 from cbpo_orch.method.model_dirs import ModelError, check_adapter_dir, check_model_dir
+from cbpo_orch.method.tasks import Task
 
 TASK_ADAPTER_MODES = ("none", "auto")
 
@@ -110,6 +111,17 @@ def check_task_adapter(value: str) -> str:
         return str(check_adapter_dir(value))
     except ModelError as error:
         raise ModelError(f"--task-adapter must be none, auto or an adapter folder: {error}") from None
+
+
+def check_budgets(task: Task, dataset: Dataset, users: tuple[str, ...], model: str, train: TrainConfig) -> None:
+    """Fail before anything runs unless every query prompt of ``users`` fits the job's prompt
+    budget and the budgets fit the model (its tokenizer must also have an EOS token)."""
+    from cbpo_orch.method.encoding import check_prompts
+    from cbpo_orch.method.models import load_tokenizer, model_context
+
+    budgets = task.budgets(train.max_prompt_tokens, train.max_new_tokens)
+    prompts = [(f"user {u}, query {q.id}", task.prompt(q)) for u in users for q in dataset.user(u).queries]
+    check_prompts(load_tokenizer(model), prompts, budgets, model_context(model))
 
 
 def check_paths(data: Path, model: Path) -> tuple[str, str]:

@@ -11,6 +11,7 @@ Run state machine::
     running --record_failure(final=False)-----> pending   (retried; error kept)
     running --record_failure(final=True)------> failed    (final; error kept)
     pending --cancel--------------------------> cancelled (final)
+    pending --record_failure(final=True)------> failed    (final; never started: its workers cannot start)
 
 A run left ``running`` by a dead driver may be restarted directly with
 :meth:`Registry.mark_running` or sent back to ``pending`` with
@@ -379,6 +380,21 @@ class Registry:
                 .order_by(UserRun.user_id, UserRun.method)
             )
             return [dict(row._mapping) for row in session.execute(query)]
+
+        return transact(self._engine, work)
+
+    def extras(self, job_id: str) -> dict[tuple[str, str], dict[str, Any]]:
+        """The ``extra`` metrics (losses, selection, predictions) of each succeeded
+        (user, method) of a job."""
+
+        def work(session: Session) -> dict[tuple[str, str], dict[str, Any]]:
+            _get_job(session, job_id)
+            query = (
+                select(UserRun.user_id, UserRun.method, Metric.extra)
+                .join(Metric, Metric.run_id == UserRun.id)
+                .where(UserRun.job_id == job_id, UserRun.state == "succeeded")
+            )
+            return {(user, method): extra or {} for user, method, extra in session.execute(query)}
 
         return transact(self._engine, work)
 

@@ -1,4 +1,5 @@
-"""Personalize one user with one method: select aux → estimate γ → train → generate → score.
+"""Personalize one user with one method: hold out → select aux → estimate γ → train (keeping
+the best epoch on the held-out items) → generate → score.
 
 A plain function over a loaded :class:`UserContext`: callable from the CLI, a test or
 a Ray worker alike. It writes nothing; it returns the metrics and the adapter's files,
@@ -16,12 +17,14 @@ import torch
 
 from cbpo_orch.method.config import TrainConfig
 from cbpo_orch.method.data import Dataset
+from cbpo_orch.method.encoding import BudgetError, within_budget
 from cbpo_orch.method.evaluation import generate, rouge
 from cbpo_orch.method.history import HistoryIndex
 from cbpo_orch.method.methods import method_spec
 from cbpo_orch.method.models import LoadedModel
 from cbpo_orch.method.prior import PriorConfig, estimate_gamma
-from cbpo_orch.method.tasks import Task
+from cbpo_orch.method.selection import split_holdout
+from cbpo_orch.method.tasks import Budgets, Task
 from cbpo_orch.method.trainer import StepCallback, adapter_files, attached_adapter, encode_samples, mismatched_pairs, train_adapter
 
 CBPO_METHODS = ("cbpo", "cbpo-raw", "cbpo-nnpu")
@@ -63,10 +66,13 @@ def personalize_user(context: UserContext, user_id: str, config: TrainConfig, on
     spec = method_spec(config.method)
     loaded, tokenizer = context.loaded, context.loaded.tokenizer
     user = context.dataset.user(user_id)
+    budgets = context.task.budgets(config.max_prompt_tokens, config.max_new_tokens)
     phases: dict[str, float] = {}
 
     with _phase(phases, "aux"):
-        positives = context.dataset.examples(user_id, config.max_profile)
+        history = context.dataset.examples(user_id, config.max_profile)
+        selects = config.selection and spec.trains
+        positives, held_out = split_holdout(history, config.selection_min_items) if selects else (history, [])
         own_rows = context.history.rows(positives)
         n_aux = max(1, round(config.aux_ratio * len(positives)))
         aux_rows = context.history.auxiliary(user_id, own_rows, n_aux, config.aux_strategy, config.seed)
@@ -76,27 +82,33 @@ def personalize_user(context: UserContext, user_id: str, config: TrainConfig, on
         gamma, gamma_reason = _gamma(context.history, own_rows, aux_rows, config)
 
     losses: list[float] = []
+    selection: dict = {}
     files = None
     prompts = [context.task.prompt(q) for q in user.queries]
-    max_new = config.max_new_tokens or context.task.max_new_tokens
     if spec.trains:
         with attached_adapter(loaded.model, config.lora, config.seed) as peft_model:
             with _phase(phases, "train"):
-                pos_pairs = [(e.x, e.y) for e in positives]
-                aux_pairs = [(e.x, e.y) for e in auxiliary]
-                samples = encode_samples(tokenizer, pos_pairs, True, config.max_length) + encode_samples(
-                    tokenizer, aux_pairs, False, config.max_length
-                )
-                kl_pairs = mismatched_pairs(tokenizer, pos_pairs + aux_pairs, config.max_length) if config.method == "kto" else None
+                pos_pairs = _fitting(tokenizer, positives, budgets, user_id, required=True)
+                aux_pairs = _fitting(tokenizer, auxiliary, budgets, user_id)
+                samples = encode_samples(tokenizer, pos_pairs, True, budgets) + encode_samples(tokenizer, aux_pairs, False, budgets)
+                kl_pairs = mismatched_pairs(tokenizer, pos_pairs + aux_pairs, budgets) if config.method == "kto" else None
                 gammas = torch.tensor([gamma or 0.0], device=loaded.device)
-                result = train_adapter(peft_model, tokenizer, samples, gammas, config, loaded.device, kl_pairs, on_step)
+                held_pairs = _fitting(tokenizer, held_out, budgets, user_id)
+                validate = _held_out_rouge(peft_model, tokenizer, held_pairs, budgets, config, loaded.device) if held_pairs else None
+                result = train_adapter(peft_model, tokenizer, samples, gammas, config, loaded.device, kl_pairs, on_step, validate)
                 losses = result.losses
+                selection = {
+                    "n_held_out": len(held_pairs),
+                    "selected_epoch": result.selected_epoch,
+                    "validation_rouge1": result.validation_scores,
+                    "n_over_budget": len(positives) + len(auxiliary) + len(held_out) - len(pos_pairs) - len(aux_pairs) - len(held_pairs),
+                }
             with _phase(phases, "generate"):
-                outputs = generate(peft_model, tokenizer, prompts, max_new, config.max_length, config.eval_batch_size, loaded.device)
-            files = adapter_files(peft_model, {"reference_state": result.reference_state, "losses": losses})
+                outputs = generate(peft_model, tokenizer, prompts, budgets, config.eval_batch_size, loaded.device)
+            files = adapter_files(peft_model, {"reference_state": result.reference_state, "losses": losses, **selection})
     else:
         with _phase(phases, "generate"):
-            outputs = generate(loaded.model, tokenizer, prompts, max_new, config.max_length, config.eval_batch_size, loaded.device)
+            outputs = generate(loaded.model, tokenizer, prompts, budgets, config.eval_batch_size, loaded.device)
 
     with _phase(phases, "score"):
         golds = [q.gold for q in user.queries]
@@ -110,6 +122,7 @@ def personalize_user(context: UserContext, user_id: str, config: TrainConfig, on
         "gamma_reason": gamma_reason,
         "n_pos": len(positives),
         "n_aux": len(auxiliary),
+        "selection": selection,
         "train_seconds": phases.get("train", 0.0),
         "seconds": round(sum(phases.values()), 3),
         "phase_seconds": phases,
@@ -118,6 +131,23 @@ def personalize_user(context: UserContext, user_id: str, config: TrainConfig, on
     }
     predictions = [{"id": q.id, "prediction": out, "gold": q.gold} for q, out in zip(user.queries, outputs)]
     return UserOutcome(user_id, config.method, metrics, files, predictions)
+
+
+def _fitting(tokenizer, examples: list, budgets: Budgets, user_id: str, required: bool = False) -> list[tuple[str, str]]:
+    """The examples' (x, y) pairs whose prompts fit the budget; ``required``: at least one must."""
+    pairs = within_budget(tokenizer, [(e.x, e.y) for e in examples], budgets.prompt_tokens)
+    if required and not pairs:
+        raise BudgetError(
+            f"user {user_id!r}: none of the {len(examples)} history items fits the prompt budget of "
+            f"{budgets.prompt_tokens} tokens (raise --max-prompt-tokens)"
+        )
+    return pairs
+
+
+def _held_out_rouge(model, tokenizer, pairs: list[tuple[str, str]], budgets: Budgets, config: TrainConfig, device):
+    """The selection score: ROUGE-1 of ``model``'s greedy outputs on the held-out items."""
+    prompts, targets = [x for x, _ in pairs], [y for _, y in pairs]
+    return lambda: rouge(generate(model, tokenizer, prompts, budgets, config.eval_batch_size, device), targets)["rouge1"]
 
 
 def _gamma(history: HistoryIndex, own_rows: list[int], aux_rows: list[int], config: TrainConfig) -> tuple[float | None, str | None]:

@@ -16,7 +16,7 @@ def task_adapter_config(spec) -> TrainConfig:
     """The task adapter's training config for a job: TAM defaults (METHOD.md §6) with the
     job's lr, epochs, profile cap and length budget."""
     train = spec.train
-    return replace(TASK_ADAPTER_CONFIG, lr=spec.task_adapter_lr, epochs=spec.task_adapter_epochs, max_profile=train.max_profile, max_length=train.max_length, seed=train.seed)
+    return replace(TASK_ADAPTER_CONFIG, lr=spec.task_adapter_lr, epochs=spec.task_adapter_epochs, max_profile=train.max_profile, max_prompt_tokens=train.max_prompt_tokens, max_new_tokens=train.max_new_tokens, seed=train.seed)
 
 
 def build_task_adapter(task: str, data: str, model: str, config: TrainConfig, device: str = "auto") -> dict:
