@@ -145,9 +145,15 @@ def _fitting(tokenizer, examples: list, budgets: Budgets, user_id: str, required
 
 
 def _held_out_rouge(model, tokenizer, pairs: list[tuple[str, str]], budgets: Budgets, config: TrainConfig, device):
-    """The selection score: ROUGE-1 of ``model``'s greedy outputs on the held-out items."""
+    """The selection score: ROUGE-1 of ``model``'s greedy outputs on the held-out items.
+
+    Outputs stop at twice the longest held-out target's tokens (within the budget): past
+    that an output only rambles, which lowers its score the same way at every epoch, and
+    generating it is most of what selection costs."""
     prompts, targets = [x for x, _ in pairs], [y for _, y in pairs]
-    return lambda: rouge(generate(model, tokenizer, prompts, budgets, config.eval_batch_size, device), targets)["rouge1"]
+    longest = max(len(ids) for ids in tokenizer(targets, add_special_tokens=False)["input_ids"])
+    scoring = Budgets(budgets.prompt_tokens, min(budgets.new_tokens, 2 * longest + 1))
+    return lambda: rouge(generate(model, tokenizer, prompts, scoring, config.eval_batch_size, device), targets)["rouge1"]
 
 
 def _gamma(history: HistoryIndex, own_rows: list[int], aux_rows: list[int], config: TrainConfig) -> tuple[float | None, str | None]:
