@@ -19,16 +19,16 @@ class-balanced log-loss −½(mean log g over label 1 + mean log(1−g) over lab
 proper score of the balanced objective, summed over inner folds (ties: the smaller C),
 then refitted on the outer training fold. The outer test fold takes no part in it, so
 every score stays held out. ``PriorConfig.C`` fixes C instead (C = 1 with min_items =
-10 is the estimator before this calibration). What remains: a classifier that cannot tell the sides apart
-(few items, alike users) still reads as overlap, so at small n γ errs upward.
+10 is the estimator before this calibration). What remains: a classifier that cannot
+tell the sides apart (few items, alike users) still reads as overlap, so at small n γ
+errs upward.
 
 The clamp g ≤ c (ours, departs from §4's w = ((1−c)/c)·g/(1−g)). Under Elkan–Noto's
 assumption p(s=1|x) = c · p(y=1|x) ≤ c, so w(x) ≤ 1. A logistic link cannot saturate
 at c: on target-like aux items its g runs past c toward 1 and g/(1−g) explodes, so
 "elkan-noto" averages w(min(g, c)) = min(w, 1) (with noisy g this errs slightly low on
-target-like items). Class balancing changes only the
-effective labeled:unlabeled ratio, not the composition of H_aux, so the estimate
-stays consistent.
+target-like items). Class balancing changes only the effective labeled:unlabeled ratio,
+not the composition of H_aux, so the estimate stays consistent.
 
 γ is clipped to [0, gamma_max]. With fewer than ``min_items`` pairs on either side no
 classifier is fitted: γ = ``fallback_gamma`` and the reason is recorded.
