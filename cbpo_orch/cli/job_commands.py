@@ -43,8 +43,9 @@ def _print_examples(extras: dict, users, methods) -> None:
         runs = {m: extras[(user, m)]["predictions"][0] for m in methods if extras.get((user, m), {}).get("predictions")}
         if not runs:
             continue
-        OUT.print(f"\n[bold]{user}[/bold] · query {next(iter(runs.values()))['id']}", highlight=False)
-        OUT.print(f"  {'gold':>8}: {next(iter(runs.values()))['gold']}", highlight=False, markup=False)
+        first = next(iter(runs.values()))
+        OUT.print(f"\n[bold]{user}[/bold] · query {first['id']}", highlight=False)
+        OUT.print(f"  {'gold':>8}: {first['gold']}", highlight=False, markup=False)
         for method, run in runs.items():
             OUT.print(f"  {method:>8}: {run['prediction']}", highlight=False, markup=False)
 
