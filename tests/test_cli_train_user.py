@@ -42,7 +42,7 @@ def test_train_user_writes_adapter_and_metrics(tiny_model_dir, tmp_path, monkeyp
     for key in ("rouge1", "rougeL", "gamma", "n_pos", "n_aux", "train_seconds", "method", "config"):
         assert key in metrics
     assert metrics["method"] == "cbpo" and metrics["n_pos"] == 6 and metrics["n_aux"] == 6  # 2 of 8 held out for selection
-    assert metrics["selection"]["n_held_out"] == 2 and len(metrics["selection"]["validation_rouge1"]) == 2
+    assert metrics["selection"]["n_held_out"] == 2 and len(metrics["selection"]["validation_logp"]) == 2
     assert 0 <= metrics["gamma"] <= 0.9
     PeftModel.from_pretrained(load_model(tiny_model_dir, "cpu").model, str(out))
     assert "ROUGE-1" in stdout

@@ -110,7 +110,7 @@ def test_selection_holds_out_the_most_recent_items_and_keeps_the_best_epoch(cont
     outcome = personalize_user(context, user_id, TrainConfig(method="sft", lr=_lr(context), **{**FAST, "selection": True}))
     selection = outcome.metrics["selection"]
     assert outcome.metrics["n_pos"] == 12 and selection["n_held_out"] == 4
-    scores = selection["validation_rouge1"]
+    scores = selection["validation_logp"]
     assert len(scores) == 1 + FAST["epochs"]
     assert selection["selected_epoch"] == max(range(len(scores)), key=lambda i: (scores[i], -i))
     state = json.loads(outcome.adapter_files["trainer_state.json"])
@@ -123,7 +123,7 @@ def test_selection_falls_back_to_the_starting_model_when_no_epoch_beats_it(conte
     from cbpo_orch.workers import personalize as module
 
     scores = iter([1.0, 0.5, 0.25, 0.125])
-    monkeypatch.setattr(module, "_held_out_rouge", lambda *args: lambda: next(scores))
+    monkeypatch.setattr(module, "_held_out_score", lambda *args: lambda: next(scores))
     user_id = next(iter(context.dataset.users))
     base = personalize_user(context, user_id, TrainConfig(method="base", **FAST))
     trained = personalize_user(context, user_id, TrainConfig(method="cbpo", lr=_lr(context), **{**FAST, "selection": True}))

@@ -10,7 +10,8 @@ from cbpo_orch.method.config import TrainConfig
 from cbpo_orch.method.models import load_model
 from cbpo_orch.method.selection import best_epoch, holdout_size, split_holdout
 from cbpo_orch.method.tasks import Budgets
-from cbpo_orch.method.trainer import attached_adapter, encode_samples, train_adapter
+from cbpo_orch.method.encoding import encode_pair
+from cbpo_orch.method.trainer import attached_adapter, encode_samples, held_out_logp, train_adapter
 
 
 @pytest.mark.parametrize("n, expected", [(5, 0), (6, 2), (10, 2), (11, 3), (16, 4), (40, 8), (300, 8)])
@@ -47,3 +48,39 @@ def test_trainer_ends_at_the_best_epochs_weights(tiny_model_dir):
         assert result.selected_epoch == 2 and result.validation_scores == [0.1, 0.2, 0.5, 0.3]
         assert all(torch.equal(p, kept) for p, kept in zip(trainable, seen[2]))
         assert not all(torch.equal(p, last) for p, last in zip(trainable, seen[3]))
+
+
+def test_the_selection_score_is_the_mean_log_probability_per_completion_token(tiny_model_dir):
+    """held_out_logp = Σ log p(completion tokens) / number of completion tokens, computed
+    here by hand from the model's logits, one item at a time."""
+    loaded = load_model(tiny_model_dir, "cpu")
+    budgets = Budgets(64, 16)
+    pairs = [encode_pair(loaded.tokenizer, f"Generate a headline for: story {i}", "A" * (i + 1), budgets) for i in range(3)]
+    total, n_tokens = 0.0, 0
+    with torch.no_grad():
+        for pair in pairs:
+            ids = torch.tensor([pair.input_ids])
+            logprobs = torch.log_softmax(loaded.model(ids).logits[0].double(), -1)
+            for t in range(pair.prompt_len, len(pair.input_ids)):
+                total += float(logprobs[t - 1, pair.input_ids[t]])
+                n_tokens += 1
+    score = held_out_logp(loaded.model, pairs, loaded.tokenizer.pad_token_id, 2, "cpu")
+    assert score == pytest.approx(total / n_tokens, rel=1e-4)
+
+
+def test_selection_keeps_an_epoch_that_fits_the_users_held_out_texts_better(tiny_model_dir):
+    """Training on a user's texts makes their unseen texts of the same kind more likely:
+    the held-out score rises and a trained epoch, not the starting model, is kept."""
+    loaded = load_model(tiny_model_dir, "cpu")
+    budgets = Budgets(64, 16)
+    pairs = [(f"Generate a headline for the following article: story {i}", "Breaking News Today") for i in range(10)]
+    samples = encode_samples(loaded.tokenizer, pairs[:8], True, budgets)
+    held = [encode_pair(loaded.tokenizer, x, y, budgets) for x, y in pairs[8:]]
+    config = TrainConfig(method="sft", epochs=3, lr=5e-3, batch_size=4)
+    with attached_adapter(loaded.model, config.lora, config.seed) as peft_model:
+        result = train_adapter(
+            peft_model, loaded.tokenizer, samples, torch.tensor([0.0]), config, loaded.device,
+            validate=lambda: held_out_logp(peft_model, held, loaded.tokenizer.pad_token_id, 4, "cpu"),
+        )
+    scores = result.validation_scores
+    assert scores[-1] > scores[0] and result.selected_epoch == best_epoch(scores) > 0

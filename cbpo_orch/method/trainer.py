@@ -105,6 +105,13 @@ def sequence_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: int
     return torch.cat(out) if out else torch.zeros(0, device=device)
 
 
+def held_out_logp(model, pairs: list[EncodedPair], pad_id: int, batch_size: int, device) -> float:
+    """Mean log-probability per completion token of ``pairs`` under ``model``: the
+    selection score (higher is better), one forward pass over the held-out items."""
+    n_tokens = sum(len(p.input_ids) - p.prompt_len for p in pairs)
+    return float(sequence_logps(model, pairs, pad_id, batch_size, device).sum()) / n_tokens
+
+
 def mixed_batches(positive: list[int], aux: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
     """One epoch of batches, each holding both positive and aux items when aux exist.
 

@@ -17,7 +17,7 @@ import torch
 
 from cbpo_orch.method.config import TrainConfig
 from cbpo_orch.method.data import Dataset
-from cbpo_orch.method.encoding import BudgetError, within_budget
+from cbpo_orch.method.encoding import BudgetError, encode_pair, within_budget
 from cbpo_orch.method.evaluation import generate, rouge
 from cbpo_orch.method.history import HistoryIndex
 from cbpo_orch.method.methods import method_spec
@@ -25,7 +25,15 @@ from cbpo_orch.method.models import LoadedModel
 from cbpo_orch.method.prior import PriorConfig, estimate_gamma
 from cbpo_orch.method.selection import split_holdout
 from cbpo_orch.method.tasks import Budgets, Task
-from cbpo_orch.method.trainer import StepCallback, adapter_files, attached_adapter, encode_samples, mismatched_pairs, train_adapter
+from cbpo_orch.method.trainer import (
+    StepCallback,
+    adapter_files,
+    attached_adapter,
+    encode_samples,
+    held_out_logp,
+    mismatched_pairs,
+    train_adapter,
+)
 
 CBPO_METHODS = ("cbpo", "cbpo-raw", "cbpo-nnpu")
 
@@ -94,13 +102,13 @@ def personalize_user(context: UserContext, user_id: str, config: TrainConfig, on
                 kl_pairs = mismatched_pairs(tokenizer, pos_pairs + aux_pairs, budgets) if config.method == "kto" else None
                 gammas = torch.tensor([gamma or 0.0], device=loaded.device)
                 held_pairs = _fitting(tokenizer, held_out, budgets, user_id)
-                validate = _held_out_rouge(peft_model, tokenizer, held_pairs, budgets, config, loaded.device) if held_pairs else None
+                validate = _held_out_score(peft_model, tokenizer, held_pairs, budgets, config, loaded.device) if held_pairs else None
                 result = train_adapter(peft_model, tokenizer, samples, gammas, config, loaded.device, kl_pairs, on_step, validate)
                 losses = result.losses
                 selection = {
                     "n_held_out": len(held_pairs),
                     "selected_epoch": result.selected_epoch,
-                    "validation_rouge1": result.validation_scores,
+                    "validation_logp": result.validation_scores,
                     "n_over_budget": len(positives) + len(auxiliary) + len(held_out) - len(pos_pairs) - len(aux_pairs) - len(held_pairs),
                 }
             with _phase(phases, "generate"):
@@ -144,16 +152,11 @@ def _fitting(tokenizer, examples: list, budgets: Budgets, user_id: str, required
     return pairs
 
 
-def _held_out_rouge(model, tokenizer, pairs: list[tuple[str, str]], budgets: Budgets, config: TrainConfig, device):
-    """The selection score: ROUGE-1 of ``model``'s greedy outputs on the held-out items.
-
-    Outputs stop at twice the longest held-out target's tokens (within the budget): past
-    that an output only rambles, which lowers its score the same way at every epoch, and
-    generating it is most of what selection costs."""
-    prompts, targets = [x for x, _ in pairs], [y for _, y in pairs]
-    longest = max(len(ids) for ids in tokenizer(targets, add_special_tokens=False)["input_ids"])
-    scoring = Budgets(budgets.prompt_tokens, min(budgets.new_tokens, 2 * longest + 1))
-    return lambda: rouge(generate(model, tokenizer, prompts, scoring, config.eval_batch_size, device), targets)["rouge1"]
+def _held_out_score(model, tokenizer, pairs: list[tuple[str, str]], budgets: Budgets, config: TrainConfig, device):
+    """The selection score: the held-out items' mean log-probability per completion token
+    under ``model`` as it is when called (see ``selection.py`` for why not ROUGE)."""
+    encoded = [encode_pair(tokenizer, x, y, budgets) for x, y in pairs]
+    return lambda: held_out_logp(model, encoded, tokenizer.pad_token_id, config.eval_batch_size, device)
 
 
 def _gamma(history: HistoryIndex, own_rows: list[int], aux_rows: list[int], config: TrainConfig) -> tuple[float | None, str | None]:
