@@ -10,12 +10,15 @@ within 1e-6 relative; whole training runs within 1e-5 relative (1e-6 absolute).
 from __future__ import annotations
 
 import json
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
 import math
 import random
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
@@ -23,9 +26,10 @@ from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
 from cbpo_orch.method.config import LoraSettings
 from cbpo_orch.method.encoding import EncodedPair, collate, completion_logps
 from cbpo_orch.method.multi_lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MultiLora, attached_multi_lora
-from cbpo_orch.method.multi_optim import SlotAdamW, linear_warmup_decay, slots_present
+from cbpo_orch.method.multi_optim import SlotAdamW, linear_warmup_decay
 from cbpo_orch.method.objectives import sft_loss
-from cbpo_orch.method.trainer import adapter_files, attached_adapter, mixed_batches
+from cbpo_orch.method.config import TrainConfig
+from cbpo_orch.method.trainer import Sample, UserTraining, mixed_batches, train_adapters
 
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
 LR, WEIGHT_DECAY, MAX_GRAD_NORM, WARMUP_RATIO = 1e-2, 0.01, 0.3, 0.1
@@ -47,6 +51,25 @@ def random_pairs(n: int, seed: int, vocab: int) -> list[EncodedPair]:
         ids = torch.randint(0, vocab, (prompt_len + completion_len,), generator=g)
         pairs.append(EncodedPair(tuple(ids.tolist()), prompt_len))
     return pairs
+
+
+@contextmanager
+def attached_adapter(model, lora: LoraSettings, seed: int):
+    """The stock single-user path this layer must match: one peft adapter on ``model``."""
+    torch.manual_seed(seed)
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    try:
+        yield peft_model
+    finally:
+        peft_model.unload()
+
+
+def adapter_files(peft_model) -> dict[str, bytes]:
+    """What peft's ``save_pretrained`` writes for ``peft_model``'s adapter."""
+    with tempfile.TemporaryDirectory() as tmp:
+        peft_model.save_pretrained(tmp)
+        return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
 
 
 def write_folder(files: dict[str, bytes], folder):
@@ -151,6 +174,19 @@ def test_routed_rows_give_the_logits_of_peft_with_their_slots_export(random_mult
         with torch.no_grad():
             expected = peft_model(input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows]).logits
         torch.testing.assert_close(logits[rows], expected, rtol=0, atol=1e-5)
+
+
+def test_one_slot_for_every_row_equals_routing_each_row_to_it(random_multi, pad_id):
+    """``only(k)`` (generation, held-out scoring: any batch size) is ``routed`` with every row on k."""
+    batch = collate(random_pairs(5, seed=3, vocab=random_multi.model.config.vocab_size), pad_id)
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    with torch.no_grad():
+        with random_multi.routed(torch.full((5,), 2, dtype=torch.long)) as model:
+            expected = model(**inputs).logits
+        with random_multi.only(2) as model:
+            torch.testing.assert_close(model(**inputs).logits, expected, rtol=0, atol=1e-6)
+        with random_multi.only(1) as model:
+            assert not torch.allclose(model(**inputs).logits, expected)
 
 
 def test_disabled_and_unloaded_give_the_base_model(random_multi, tiny_model_dir, pad_id):
@@ -264,62 +300,34 @@ def train_alone(base, pairs, plan, seed, pad_id):
         return losses, {k: v.clone() for k, v in get_peft_model_state_dict(peft_model).items()}
 
 
-def train_packed(base, users, plans, n_slots, pad_id):
-    """All users through ``n_slots`` slots: every step packs the next batch of each user in a
-    slot into one shuffled batch; a finished user's slot is refilled with the next user."""
-    multi = MultiLora(base, LORA, n_slots)
-    optimizer = SlotAdamW(multi.parameters(), n_slots, lr=LR, max_grad_norm=MAX_GRAD_NORM, weight_decay=WEIGHT_DECAY)
-    queue, occupant, done = list(range(len(users))), [None] * n_slots, {}
-    losses = {user: [] for user in range(len(users))}
-    shuffle = torch.Generator().manual_seed(0)
-
-    def admit(slot, refill):
-        user = queue.pop(0)
-        (multi.reset_slot if refill else multi.init_slot)(slot, USER_SEEDS[user])
-        optimizer.reset_slot(slot, len(plans[user]), warmup_steps(len(plans[user])))
-        occupant[slot] = user
-
-    for slot in range(min(n_slots, len(queue))):
-        admit(slot, refill=False)
-    while any(user is not None for user in occupant):
-        rows = [
-            (slot, users[user][i])
-            for slot, user in enumerate(occupant)
-            if user is not None
-            for i in plans[user][len(losses[user])]
-        ]
-        rows = [rows[i] for i in torch.randperm(len(rows), generator=shuffle)]
-        slots = torch.tensor([slot for slot, _ in rows])
-        with multi.routed(slots) as model:
-            logp, n_tokens = completion_logps(model, collate([pair for _, pair in rows], pad_id))
-        per_slot = sft_loss(logp, n_tokens, torch.ones_like(slots, dtype=torch.bool), slots, n_slots)
-        per_slot.sum().backward()
-        optimizer.step(slots_present(slots, n_slots))
-        optimizer.zero_grad()
-        for slot, user in enumerate(occupant):
-            if user is None:
-                continue
-            losses[user].append(per_slot[slot].item())
-            if len(losses[user]) == len(plans[user]):
-                done[user], occupant[slot] = multi.slot_state(slot), None
-                if queue:
-                    admit(slot, refill=True)
-    return losses, done
-
-
-@pytest.mark.parametrize("n_slots", [4, 2], ids=["all-at-once", "refilled-slots"])
-def test_packed_training_equals_each_user_trained_alone(tiny_model_dir, pad_id, n_slots):
+def test_packed_training_equals_each_user_trained_alone(tiny_model_dir, pad_id):
+    """train_adapters with 4 users of unequal sizes in one pass gives each user the losses
+    and weights of the stock single-user recipe (peft + torch AdamW) run for it alone."""
     base = load_base(tiny_model_dir)
     vocab = base.config.vocab_size
     users = [random_pairs(n, seed=100 + u, vocab=vocab) for u, n in enumerate(USER_ITEMS)]
-    plans = [batch_plan(n, seed=200 + u) for u, n in enumerate(USER_ITEMS)]
+    plans = [batch_plan(n, seed=USER_SEEDS[u]) for u, n in enumerate(USER_ITEMS)]
     assert len({len(plan) for plan in plans}) == len(plans)
 
-    packed_losses, packed_weights = train_packed(load_base(tiny_model_dir), users, plans, n_slots, pad_id)
+    config = TrainConfig(
+        method="sft", epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR, weight_decay=WEIGHT_DECAY,
+        max_grad_norm=MAX_GRAD_NORM, warmup_ratio=WARMUP_RATIO, lora=LORA,
+    )
+    work = [UserTraining([Sample(pair, True) for pair in pairs], seed=USER_SEEDS[u]) for u, pairs in enumerate(users)]
+    with attached_multi_lora(load_base(tiny_model_dir), LORA, len(users)) as multi:
+        results = train_adapters(multi, _Tokenizer(pad_id), work, config, "cpu")
+        packed_weights = [multi.slot_state(slot) for slot in range(len(users))]
     for user, (pairs, plan) in enumerate(zip(users, plans)):
         losses, weights = train_alone(base, pairs, plan, USER_SEEDS[user], pad_id)
-        assert packed_losses[user] == pytest.approx(losses, rel=1e-5)
+        assert results[user].losses == pytest.approx(losses, rel=1e-5)
         assert packed_weights[user].keys() == weights.keys()
         for key, value in weights.items():
             torch.testing.assert_close(packed_weights[user][key], value, rtol=1e-5, atol=1e-6)
         assert max(value.abs().max() for key, value in weights.items() if "lora_B" in key) > LR / 2
+
+
+class _Tokenizer:
+    """All train_adapters needs of a tokenizer here: the pad id."""
+
+    def __init__(self, pad_id: int):
+        self.pad_token_id = pad_id

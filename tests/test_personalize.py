@@ -82,10 +82,10 @@ def test_methods_share_aux_samples(context, monkeypatch):
     seen = {}
     original = module.encode_samples
 
-    def spy(tokenizer, pairs, positive, budgets, user=0):
+    def spy(tokenizer, pairs, positive, budgets):
         if not positive:
             seen.setdefault(method, pairs)
-        return original(tokenizer, pairs, positive, budgets, user)
+        return original(tokenizer, pairs, positive, budgets)
 
     monkeypatch.setattr(module, "encode_samples", spy)
     user_id = next(iter(context.dataset.users))

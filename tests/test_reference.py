@@ -119,3 +119,18 @@ def test_kto_reference_is_clamped_per_user_and_detached():
     # user 0: mean 1.0 → 0.1; user 1: mean −0.5 → clamped to 0; user 2: no pair → 0
     assert delta.tolist() == pytest.approx([0.1, 0.0, 0.0])
     assert not delta.requires_grad
+
+
+@pytest.mark.parametrize("kind", ["ema", "joint"])
+def test_one_users_state_is_that_of_a_reference_fed_only_its_batches(kind):
+    """user_state(u) equals the state of a one-user reference given u's rewards alone, and
+    load_user_state puts it back into slot u without touching the others."""
+    many, alone = make_reference(kind, 3, 0.9), make_reference(kind, 1, 0.9)
+    for pos, aux in (([1.0, 3.0], [-2.0]), ([0.5], [0.25, -1.0])):
+        feed(many, pos, aux, user=1)
+        feed(many, [9.0], [9.0], user=2)
+        feed(alone, pos, aux)
+    assert many.user_state(1) == alone.state_dict()
+    other = many.user_state(2)
+    many.load_user_state(1, make_reference(kind, 1, 0.9).state_dict())
+    assert many.user_state(1) == make_reference(kind, 1, 0.9).state_dict() and many.user_state(2) == other

@@ -11,7 +11,8 @@ from cbpo_orch.method.models import load_model
 from cbpo_orch.method.selection import best_epoch, holdout_size, split_holdout
 from cbpo_orch.method.tasks import Budgets
 from cbpo_orch.method.encoding import encode_pair
-from cbpo_orch.method.trainer import attached_adapter, encode_samples, held_out_logp, train_adapter
+from cbpo_orch.method.multi_lora import attached_multi_lora
+from cbpo_orch.method.trainer import UserTraining, encode_samples, held_out_logp, train_adapters
 
 
 @pytest.mark.parametrize("n, expected", [(5, 0), (6, 2), (10, 2), (11, 3), (16, 4), (40, 8), (300, 8)])
@@ -36,15 +37,15 @@ def test_trainer_ends_at_the_best_epochs_weights(tiny_model_dir):
     budgets = Budgets(64, 16)
     samples = encode_samples(loaded.tokenizer, pairs, True, budgets) + encode_samples(loaded.tokenizer, aux, False, budgets)
     config = TrainConfig(method="cbpo", epochs=3, lr=5e-3)
-    with attached_adapter(loaded.model, config.lora, config.seed) as peft_model:
-        trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    with attached_multi_lora(loaded.model, config.lora, n_slots=1) as multi:
+        trainable = multi.parameters()
         seen, scores = [], iter([0.1, 0.2, 0.5, 0.3])
 
         def validate():
             seen.append([p.detach().clone() for p in trainable])
             return next(scores)
 
-        result = train_adapter(peft_model, loaded.tokenizer, samples, torch.tensor([0.3]), config, loaded.device, validate=validate)
+        [result] = train_adapters(multi, loaded.tokenizer, [UserTraining(samples, 0.3, validate=validate)], config, loaded.device)
         assert result.selected_epoch == 2 and result.validation_scores == [0.1, 0.2, 0.5, 0.3]
         assert all(torch.equal(p, kept) for p, kept in zip(trainable, seen[2]))
         assert not all(torch.equal(p, last) for p, last in zip(trainable, seen[3]))
@@ -77,10 +78,8 @@ def test_selection_keeps_an_epoch_that_fits_the_users_held_out_texts_better(tiny
     samples = encode_samples(loaded.tokenizer, pairs[:8], True, budgets)
     held = [encode_pair(loaded.tokenizer, x, y, budgets) for x, y in pairs[8:]]
     config = TrainConfig(method="sft", epochs=3, lr=5e-3, batch_size=4)
-    with attached_adapter(loaded.model, config.lora, config.seed) as peft_model:
-        result = train_adapter(
-            peft_model, loaded.tokenizer, samples, torch.tensor([0.0]), config, loaded.device,
-            validate=lambda: held_out_logp(peft_model, held, loaded.tokenizer.pad_token_id, 4, "cpu"),
-        )
+    with attached_multi_lora(loaded.model, config.lora, n_slots=1) as multi:
+        score = lambda: held_out_logp(loaded.model, held, loaded.tokenizer.pad_token_id, 4, "cpu")  # noqa: E731
+        [result] = train_adapters(multi, loaded.tokenizer, [UserTraining(samples, validate=score)], config, loaded.device)
     scores = result.validation_scores
     assert scores[-1] > scores[0] and result.selected_epoch == best_epoch(scores) > 0

@@ -14,8 +14,8 @@ Conventions (all as peft's ``LoraConfig`` + ``get_peft_model`` for one adapter d
   and in the base dtype otherwise; the layer input is cast to that dtype, dropout is
   applied to the LoRA input path only, the delta ``B(A(x)) · alpha / r`` is added to the
   base output and the sum cast back to the base output's dtype;
-- a fresh slot gets the A that ``attached_adapter(model, lora, seed)`` would draw, and
-  B = 0 (:func:`peft_initial_a`);
+- a fresh slot gets the A that peft draws for one adapter right after
+  ``torch.manual_seed(seed)``, and B = 0 (:func:`peft_initial_a`);
 - a slot exports as a stock peft adapter folder (:meth:`MultiLora.export_slot`).
 
 Dropout masks are drawn from torch's global RNG over the packed batch, so with dropout > 0
@@ -74,10 +74,11 @@ def peft_initial_a(shapes: list[tuple[int, int, int]], seed: int) -> list[Tensor
 
 
 class _Routing:
-    """What every wrapped layer reads at forward time: each row's slot, and whether LoRA is on."""
+    """What every wrapped layer reads at forward time: each row's slot (or one slot for
+    every row), and whether LoRA is on."""
 
     def __init__(self) -> None:
-        self.slots: Tensor | None = None
+        self.slots: Tensor | int | None = None
         self.enabled = True
 
 
@@ -101,7 +102,11 @@ class MultiLoraLinear(nn.Module):
             return result
         slots = self.routing.slots
         if slots is None:
-            raise RuntimeError("no row routing set: run the forward inside MultiLora.routed(slots)")
+            raise RuntimeError("no row routing set: run the forward inside MultiLora.routed(slots) or .only(slot)")
+        if isinstance(slots, int):
+            h = self.dropout(x.to(self.lora_A.dtype))
+            delta = (h @ self.lora_A[slots].T) @ self.lora_B[slots].T * self.scaling
+            return (result + delta).to(result.dtype)
         if slots.shape[0] != x.shape[0]:
             raise ValueError(f"routing holds {slots.shape[0]} rows but the batch has {x.shape[0]}")
         h = self.dropout(x.to(self.lora_A.dtype)).reshape(x.shape[0], -1, x.shape[-1])
@@ -159,6 +164,18 @@ class MultiLora:
             self._routing.slots = previous
 
     @contextmanager
+    def only(self, slot: int) -> Iterator[nn.Module]:
+        """Forwards of the model in this block use ``slot`` for every row, whatever the batch
+        size (one user's generation or held-out scoring)."""
+        if not 0 <= slot < self.n_slots:
+            raise ValueError(f"slot must lie in 0..{self.n_slots - 1}")
+        previous, self._routing.slots = self._routing.slots, int(slot)
+        try:
+            yield self.model
+        finally:
+            self._routing.slots = previous
+
+    @contextmanager
     def disabled(self) -> Iterator[nn.Module]:
         """Forwards of the model in this block use the base weights alone (like peft's ``disable_adapter``)."""
         previous, self._routing.enabled = self._routing.enabled, False
@@ -169,7 +186,7 @@ class MultiLora:
 
     @torch.no_grad()
     def init_slot(self, slot: int, seed: int) -> None:
-        """Give ``slot`` the fresh adapter that ``attached_adapter(model, lora, seed)`` creates:
+        """Give ``slot`` the fresh adapter peft creates after ``torch.manual_seed(seed)``:
         peft's A (rounded through the base dtype, as peft's cast to it and back does), B = 0."""
         shapes = [(self.lora.r, layer.base_layer.in_features, layer.base_layer.out_features) for layer in self.layers.values()]
         for layer, a in zip(self.layers.values(), peft_initial_a(shapes, seed)):
@@ -227,8 +244,8 @@ class MultiLora:
 
 @contextmanager
 def attached_multi_lora(model: nn.Module, lora: LoraSettings, n_slots: int) -> Iterator[MultiLora]:
-    """``n_slots`` adapters on ``model`` for the duration of the block (the multi-user
-    ``attached_adapter``); the base model comes back untouched afterwards."""
+    """``n_slots`` adapters on ``model`` for the duration of the block; the base model comes
+    back untouched afterwards, so one loaded model serves user after user."""
     multi = MultiLora(model, lora, n_slots)
     try:
         yield multi

@@ -89,6 +89,19 @@ class _RunningReference:
         for name in self._STATE:
             setattr(self, name, torch.tensor(state[name], dtype=torch.float64))
 
+    def user_state(self, u: int) -> dict:
+        """User ``u``'s state alone, as the ``state_dict`` of a one-user reference."""
+        single = self.state_dict()
+        single.update({"n_users": 1, **{name: [single[name][u]] for name in self._STATE}})
+        return single
+
+    def load_user_state(self, u: int, state: dict) -> None:
+        """Set user ``u``'s state from a one-user ``state_dict`` (``user_state``'s output)."""
+        if state["kind"] != self.kind or state["n_users"] != 1:
+            raise ValueError(f"state is for kind={state['kind']!r}, n_users={state['n_users']}; expected {self.kind!r}, 1")
+        for name in self._STATE:
+            getattr(self, name)[u] = float(state[name][0])
+
 
 class EmaReference(_RunningReference):
     """C-BPO's δ = (m₊ + m_U)/2 from two independent EMAs per user (METHOD.md §2).

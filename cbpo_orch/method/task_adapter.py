@@ -7,14 +7,14 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 from peft import PeftModel
 
 from cbpo_orch.method.config import TASK_ADAPTER_LORA, TrainConfig
 from cbpo_orch.method.data import Dataset
 from cbpo_orch.method.encoding import within_budget
 from cbpo_orch.method.models import LoadedModel
-from cbpo_orch.method.trainer import StepCallback, TrainResult, adapter_files, attached_adapter, encode_samples, train_adapter
+from cbpo_orch.method.multi_lora import attached_multi_lora
+from cbpo_orch.method.trainer import StepCallback, TrainResult, UserTraining, adapter_files, encode_samples, train_adapters
 
 TASK_ADAPTER_CONFIG = TrainConfig(method="sft", epochs=3, lr=1e-4, lora=TASK_ADAPTER_LORA)
 
@@ -29,11 +29,10 @@ def train_task_adapter(
     pairs = [(e.x, e.y) for e in dataset.profile_examples(config.max_profile)]
     budgets = dataset.task.budgets(config.max_prompt_tokens, config.max_new_tokens)
     pairs = within_budget(loaded.tokenizer, pairs, budgets.prompt_tokens)
-    samples = encode_samples(loaded.tokenizer, pairs, True, budgets)
-    gammas = torch.zeros(1, device=loaded.device)
-    with attached_adapter(loaded.model, config.lora, config.seed) as peft_model:
-        result = train_adapter(peft_model, loaded.tokenizer, samples, gammas, replace(config, method="sft"), loaded.device, on_step=on_step)
-        files = adapter_files(peft_model)
+    work = UserTraining(samples=encode_samples(loaded.tokenizer, pairs, True, budgets), seed=config.seed)
+    with attached_multi_lora(loaded.model, config.lora, n_slots=1) as multi:
+        [result] = train_adapters(multi, loaded.tokenizer, [work], replace(config, method="sft"), loaded.device, on_step)
+        files = adapter_files(multi, 0)
     return files, result
 
 

@@ -1,13 +1,16 @@
-"""Training one adapter: the recipe (METHOD.md §2, §3, §7).
+"""Training adapters: the recipe (METHOD.md §2, §3, §7), for one user or many at once.
 
-Read top to bottom: attach a LoRA adapter → encode the pairs → reference log-probs once
-per sample (adapter disabled = π_ref) → epochs of mixed batches (every batch holds
-positive and auxiliary items) → the method's loss → AdamW with linear warm-up/decay →
-with a ``validate`` score, keep the best epoch, the starting model included (``selection.py``).
+Read top to bottom: fresh LoRA slots on the frozen base (``multi_lora.py``) → reference
+log-probs once per sample (LoRA disabled = π_ref) → each user's epochs of mixed batches
+(every batch holds positive and auxiliary items) → every step packs the next batch of
+each user still training into one forward/backward, each row routed to its user's slot →
+the method's per-user losses, summed (a row's gradient reaches only its own slot) → AdamW
+per user (``multi_optim.py``: own step count, schedule and clipping) → with a
+``validate`` score, each user keeps its best epoch, the starting model included
+(``selection.py``).
 
-The inner step carries no single-user assumption: each sample has a user index and
-every piece of per-user state (γ, reference point) is a tensor over users, so training
-many users' adapters in one pass is a change of scheduling, not a rewrite.
+One user is the same loop with one slot, so the single-user and multi-user paths share
+every line, and packing never changes a user's result (tests/test_trainer_packing.py).
 """
 
 from __future__ import annotations
@@ -15,21 +18,18 @@ from __future__ import annotations
 import json
 import math
 import random
-import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import get_linear_schedule_with_warmup
 
 from cbpo_orch.method import objectives
-from cbpo_orch.method.config import LoraSettings, TrainConfig
+from cbpo_orch.method.config import TrainConfig
 from cbpo_orch.method.encoding import EncodedPair, collate, completion_logps, encode_pair
+from cbpo_orch.method.multi_lora import MultiLora
+from cbpo_orch.method.multi_optim import SlotAdamW, slots_present
 from cbpo_orch.method.reference import kto_reference, make_reference
 from cbpo_orch.method.selection import best_epoch
 from cbpo_orch.method.tasks import Budgets
@@ -39,11 +39,23 @@ StepCallback = Callable[[int, int, float], None]
 
 @dataclass(frozen=True)
 class Sample:
-    """One training item: its encoded pair, whose it is, and which side it is on."""
+    """One training item: its encoded pair and which side it is on."""
 
     pair: EncodedPair
     positive: bool
-    user: int = 0
+
+
+@dataclass
+class UserTraining:
+    """One user's work for :func:`train_adapters`: samples, γ, the seed of its adapter's
+    init and batch order, KTO's mismatched pairs, and an optional selection score (called
+    with the model routed to the user's slot; higher is better)."""
+
+    samples: list[Sample]
+    gamma: float = 0.0
+    seed: int = 0
+    kl_pairs: list[EncodedPair] | None = None
+    validate: Callable[[], float] | None = None
 
 
 @dataclass
@@ -63,27 +75,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@contextmanager
-def attached_adapter(model, lora: LoraSettings, seed: int):
-    """A fresh LoRA adapter on ``model`` for the duration of the block; the base model
-    comes back untouched afterwards, so one loaded model serves user after user."""
-    torch.manual_seed(seed)
-    config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
-        task_type="CAUSAL_LM",
-    )
-    peft_model = get_peft_model(model, config)
-    try:
-        yield peft_model
-    finally:
-        peft_model.unload()
-
-
-def encode_samples(tokenizer, pairs: list[tuple[str, str]], positive: bool, budgets: Budgets, user: int = 0) -> list[Sample]:
-    return [Sample(encode_pair(tokenizer, x, y, budgets), positive, user) for x, y in pairs]
+def encode_samples(tokenizer, pairs: list[tuple[str, str]], positive: bool, budgets: Budgets) -> list[Sample]:
+    return [Sample(encode_pair(tokenizer, x, y, budgets), positive) for x, y in pairs]
 
 
 def mismatched_pairs(tokenizer, pairs: list[tuple[str, str]], budgets: Budgets) -> list[EncodedPair]:
@@ -137,31 +130,32 @@ def _stream(items: list[int], rng: random.Random) -> Iterator[int]:
 
 
 class _BestEpoch:
-    """The adapter weights and reference-point state of the best-scoring epoch so far."""
+    """One slot's adapter weights and reference-point state at its best-scoring epoch so far."""
 
-    def __init__(self, trainable: list[torch.Tensor], reference, validate: Callable[[], float]):
-        self.trainable, self.reference, self.validate = trainable, reference, validate
+    def __init__(self, multi: MultiLora, slot: int, reference, validate: Callable[[], float]):
+        self.multi, self.slot, self.reference, self.validate = multi, slot, reference, validate
         self.scores: list[float] = []
         self.best: tuple[list[torch.Tensor], dict] | None = None
 
     def score(self) -> None:
-        """Score the adapter as it is now; keep a copy when it is the best so far."""
-        self.scores.append(float(self.validate()))
+        """Score the slot's adapter as it is now; keep a copy when it is the best so far."""
+        with self.multi.only(self.slot):
+            self.scores.append(float(self.validate()))
         if best_epoch(self.scores) == len(self.scores) - 1:
-            self.best = ([p.detach().clone() for p in self.trainable], self.reference.state_dict())
+            self.best = ([p[self.slot].detach().clone() for p in self.multi.parameters()], self.reference.user_state(self.slot))
 
     @torch.no_grad()
     def restore(self) -> int:
         """Put the best epoch's weights and reference state back; returns that epoch."""
         weights, state = self.best
-        for param, saved in zip(self.trainable, weights):
-            param.copy_(saved)
-        self.reference.load_state_dict(state)
+        for param, saved in zip(self.multi.parameters(), weights):
+            param[self.slot].copy_(saved)
+        self.reference.load_user_state(self.slot, state)
         return best_epoch(self.scores)
 
 
 class MethodLoss:
-    """The method's loss for one batch, with its per-user state (γ, reference point)."""
+    """The method's per-user losses [U] for one batch, with the per-user state (γ, reference point)."""
 
     def __init__(self, config: TrainConfig, gammas: torch.Tensor):
         self.config = config
@@ -175,104 +169,126 @@ class MethodLoss:
         method, n = self.method, self.n_users
         if method in ("sft", "sft-aux"):
             include = positive if method == "sft" else torch.ones_like(positive)
-            return objectives.sft_loss(logp, n_tokens, include, user, n).sum()
+            return objectives.sft_loss(logp, n_tokens, include, user, n)
         rewards = self.config.beta * (logp - ref_logp)
         if method == "kto":
             delta = kto_reference(kl_logratio, user, n, self.config.beta)
-            return objectives.kto_loss(
-                rewards, positive, user, delta, n, self.config.kto_lambda_d, self.config.kto_lambda_u
-            ).sum()
+            return objectives.kto_loss(rewards, positive, user, delta, n, self.config.kto_lambda_d, self.config.kto_lambda_u)
         self.reference.update(rewards.detach(), positive, user)
         delta = self.reference.delta()
         if method == "bco":
-            return objectives.bco_loss(rewards, positive, user, delta, n).sum()
+            return objectives.bco_loss(rewards, positive, user, delta, n)
         variant = {"cbpo": "nonneg", "cbpo-raw": "raw", "cbpo-nnpu": "nnpu"}[method]
-        return objectives.cbpo_loss(rewards, positive, user, delta, self.gammas, n, variant).sum()
+        return objectives.cbpo_loss(rewards, positive, user, delta, self.gammas, n, variant)
 
 
-def train_adapter(
-    peft_model,
+@dataclass
+class _Plan:
+    """One user's steps: (batch of sample indices, whether it ends an epoch), in order."""
+
+    steps: list[tuple[list[int], bool]]
+
+    @classmethod
+    def of(cls, user: UserTraining, config: TrainConfig) -> "_Plan":
+        rng = random.Random(user.seed)
+        positive = [i for i, s in enumerate(user.samples) if s.positive]
+        aux = [i for i, s in enumerate(user.samples) if not s.positive]
+        steps = []
+        for _ in range(config.resolved_epochs):
+            batches = mixed_batches(positive, aux, config.batch_size, rng)
+            steps += [(batch, k == len(batches) - 1) for k, batch in enumerate(batches)]
+        return cls(steps)
+
+
+def train_adapters(
+    multi: MultiLora,
     tokenizer,
-    samples: list[Sample],
-    gammas: torch.Tensor,
+    users: list[UserTraining],
     config: TrainConfig,
     device: torch.device,
-    kl_pairs: list[EncodedPair] | None = None,
     on_step: StepCallback | None = None,
-    validate: Callable[[], float] | None = None,
-) -> TrainResult:
-    """Train the attached adapter of ``peft_model`` on ``samples`` with ``config.method``.
+) -> list[TrainResult]:
+    """Train slot ``u`` of ``multi`` on ``users[u]`` with ``config.method``, every user in the
+    same forward/backward passes; each slot starts from a fresh adapter (its user's seed).
 
-    With ``validate`` (a score of the model as it is, higher is better) the starting
-    model and every epoch are scored, and the adapter ends at the best of them."""
+    A user with ``validate`` is scored at the start and after every epoch, and its slot ends
+    at the best of them. Results come back in the order of ``users``."""
+    if len(users) > multi.n_slots:
+        raise ValueError(f"{len(users)} users for {multi.n_slots} adapter slots")
     seed_everything(config.seed)
-    rng = random.Random(config.seed)
-    pad_id = tokenizer.pad_token_id
     started = time.perf_counter()
+    model, pad_id, n = multi.model, tokenizer.pad_token_id, len(users)
+    for slot, user in enumerate(users):
+        multi.init_slot(slot, user.seed)
 
-    pairs = [s.pair for s in samples]
-    with peft_model.disable_adapter():
-        ref_logps = sequence_logps(peft_model, pairs, pad_id, config.eval_batch_size, device)
-        ref_kl = sequence_logps(peft_model, kl_pairs, pad_id, config.eval_batch_size, device) if kl_pairs else None
-    positive_flags = torch.tensor([s.positive for s in samples], device=device)
-    users = torch.tensor([s.user for s in samples], device=device)
-
-    positive_idx = [i for i, s in enumerate(samples) if s.positive]
-    aux_idx = [i for i, s in enumerate(samples) if not s.positive]
-    epochs = config.resolved_epochs
-    plan = [mixed_batches(positive_idx, aux_idx, config.batch_size, rng) for _ in range(epochs)]
-    total_steps = sum(len(batches) for batches in plan)
-
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps), total_steps)
-    loss_fn = MethodLoss(config, gammas)
-    result = TrainResult()
-    selection = _BestEpoch(trainable, loss_fn.reference, validate) if validate is not None else None
-    if selection is not None:
+    with multi.disabled():
+        ref_logps = [sequence_logps(model, [s.pair for s in u.samples], pad_id, config.eval_batch_size, device) for u in users]
+        ref_kl = [sequence_logps(model, u.kl_pairs, pad_id, config.eval_batch_size, device) if u.kl_pairs else None for u in users]
+    plans = [_Plan.of(user, config) for user in users]
+    optimizer = SlotAdamW(multi.parameters(), multi.n_slots, config.lr, config.max_grad_norm, config.weight_decay)
+    for slot, plan in enumerate(plans):
+        optimizer.reset_slot(slot, len(plan.steps), math.ceil(config.warmup_ratio * len(plan.steps)))
+    loss_fn = MethodLoss(config, torch.tensor([u.gamma for u in users], dtype=torch.float32, device=device))
+    results = [TrainResult() for _ in users]
+    epoch_losses: list[list[float]] = [[] for _ in users]
+    selections = {
+        slot: _BestEpoch(multi, slot, loss_fn.reference, user.validate) for slot, user in enumerate(users) if user.validate is not None
+    }
+    for selection in selections.values():
         selection.score()
 
-    peft_model.train()
-    for batches in plan:
-        epoch_losses = []
-        for idx in batches:
-            index = torch.tensor(idx, device=device)
-            batch = collate([pairs[i] for i in idx], pad_id).to(device)
-            logp, n_tokens = completion_logps(peft_model, batch)
+    total_steps = max(len(plan.steps) for plan in plans)
+    model.train()
+    for t in range(total_steps):
+        active = [u for u in range(n) if t < len(plans[u].steps)]
+        rows = [(u, i) for u in active for i in plans[u].steps[t][0]]
+        slots = torch.tensor([u for u, _ in rows], device=device)
+        index = [torch.tensor([i for v, i in rows if v == u], device=device) for u in range(n)]
+        batch = collate([users[u].samples[i].pair for u, i in rows], pad_id).to(device)
+        positive = torch.tensor([users[u].samples[i].positive for u, i in rows], device=device)
+        ref = torch.cat([ref_logps[u][index[u]] for u in active])
+        with multi.routed(slots):
+            logp, n_tokens = completion_logps(model, batch)
             kl_logratio = None
             if config.method == "kto":
-                kl_logratio = sequence_logps(peft_model, [kl_pairs[i] for i in idx], pad_id, len(idx), device) - ref_kl[index]
-            loss = loss_fn(logp, n_tokens, ref_logps[index], positive_flags[index], users[index], kl_logratio)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            result.steps += 1
-            result.losses.append(loss.item())
-            epoch_losses.append(loss.item())
-            if on_step is not None:
-                on_step(result.steps, total_steps, loss.item())
-        result.epoch_losses.append(float(np.mean(epoch_losses)))
-        if selection is not None:
-            selection.score()
-            peft_model.train()
-    if selection is not None:
-        result.selected_epoch = selection.restore()
-        result.validation_scores = selection.scores
-    peft_model.eval()
+                kl_batch = [users[u].kl_pairs[i] for u, i in rows]
+                kl_logratio = sequence_logps(model, kl_batch, pad_id, len(rows), device) - torch.cat([ref_kl[u][index[u]] for u in active])
+            losses = loss_fn(logp, n_tokens, ref, positive, slots, kl_logratio)
+            optimizer.zero_grad()
+            losses.sum().backward()
+        optimizer.step(slots_present(slots, multi.n_slots))
+        values = losses.detach().tolist()
+        for u in active:
+            value = values[u]
+            results[u].steps += 1
+            results[u].losses.append(value)
+            epoch_losses[u].append(value)
+            if plans[u].steps[t][1]:
+                results[u].epoch_losses.append(float(np.mean(epoch_losses[u])))
+                epoch_losses[u] = []
+                if u in selections:
+                    selections[u].score()
+                    model.train()
+        if on_step is not None:
+            on_step(t + 1, total_steps, float(np.mean([values[u] for u in active])))
+
+    for slot, selection in selections.items():
+        results[slot].selected_epoch = selection.restore()
+        results[slot].validation_scores = selection.scores
+    model.eval()
     loss_fn.reference.eval()
-    result.reference_state = loss_fn.reference.state_dict()
-    result.seconds = time.perf_counter() - started
-    return result
+    seconds = time.perf_counter() - started
+    for slot, result in enumerate(results):
+        result.reference_state = loss_fn.reference.user_state(slot)
+        result.seconds = seconds
+    return results
 
 
-def adapter_files(peft_model, trainer_state: dict | None = None) -> dict[str, bytes]:
-    """The attached adapter in stock peft format (``adapter_config.json`` +
+def adapter_files(multi: MultiLora, slot: int, trainer_state: dict | None = None) -> dict[str, bytes]:
+    """Slot ``slot``'s adapter in stock peft format (``adapter_config.json`` +
     ``adapter_model.safetensors``), plus ``trainer_state.json`` when given (the
     reference-point state and the loss curve, so a checkpoint can be resumed)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        peft_model.save_pretrained(tmp)
-        if trainer_state is not None:
-            (Path(tmp) / "trainer_state.json").write_text(json.dumps(trainer_state))
-        return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+    files = multi.export_slot(slot)
+    if trainer_state is not None:
+        files["trainer_state.json"] = json.dumps(trainer_state).encode()
+    return files

@@ -13,7 +13,6 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import torch
 
 from cbpo_orch.method.config import TrainConfig
 from cbpo_orch.method.data import Dataset
@@ -25,14 +24,15 @@ from cbpo_orch.method.models import LoadedModel
 from cbpo_orch.method.prior import PriorConfig, estimate_gamma
 from cbpo_orch.method.selection import split_holdout
 from cbpo_orch.method.tasks import Budgets, Task
+from cbpo_orch.method.multi_lora import attached_multi_lora
 from cbpo_orch.method.trainer import (
     StepCallback,
+    UserTraining,
     adapter_files,
-    attached_adapter,
     encode_samples,
     held_out_logp,
     mismatched_pairs,
-    train_adapter,
+    train_adapters,
 )
 
 CBPO_METHODS = ("cbpo", "cbpo-raw", "cbpo-nnpu")
@@ -94,16 +94,19 @@ def personalize_user(context: UserContext, user_id: str, config: TrainConfig, on
     files = None
     prompts = [context.task.prompt(q) for q in user.queries]
     if spec.trains:
-        with attached_adapter(loaded.model, config.lora, config.seed) as peft_model:
+        with attached_multi_lora(loaded.model, config.lora, n_slots=1) as multi:
             with _phase(phases, "train"):
                 pos_pairs = _fitting(tokenizer, positives, budgets, user_id, required=True)
                 aux_pairs = _fitting(tokenizer, auxiliary, budgets, user_id)
-                samples = encode_samples(tokenizer, pos_pairs, True, budgets) + encode_samples(tokenizer, aux_pairs, False, budgets)
-                kl_pairs = mismatched_pairs(tokenizer, pos_pairs + aux_pairs, budgets) if config.method == "kto" else None
-                gammas = torch.tensor([gamma or 0.0], device=loaded.device)
                 held_pairs = _fitting(tokenizer, held_out, budgets, user_id)
-                validate = _held_out_score(peft_model, tokenizer, held_pairs, budgets, config, loaded.device) if held_pairs else None
-                result = train_adapter(peft_model, tokenizer, samples, gammas, config, loaded.device, kl_pairs, on_step, validate)
+                work = UserTraining(
+                    samples=encode_samples(tokenizer, pos_pairs, True, budgets) + encode_samples(tokenizer, aux_pairs, False, budgets),
+                    gamma=gamma or 0.0,
+                    seed=config.seed,
+                    kl_pairs=mismatched_pairs(tokenizer, pos_pairs + aux_pairs, budgets) if config.method == "kto" else None,
+                    validate=_held_out_score(loaded.model, tokenizer, held_pairs, budgets, config, loaded.device) if held_pairs else None,
+                )
+                [result] = train_adapters(multi, tokenizer, [work], config, loaded.device, on_step)
                 losses = result.losses
                 selection = {
                     "n_held_out": len(held_pairs),
@@ -111,9 +114,9 @@ def personalize_user(context: UserContext, user_id: str, config: TrainConfig, on
                     "validation_logp": result.validation_scores,
                     "n_over_budget": len(positives) + len(auxiliary) + len(held_out) - len(pos_pairs) - len(aux_pairs) - len(held_pairs),
                 }
-            with _phase(phases, "generate"):
-                outputs = generate(peft_model, tokenizer, prompts, budgets, config.eval_batch_size, loaded.device)
-            files = adapter_files(peft_model, {"reference_state": result.reference_state, "losses": losses, **selection})
+            with _phase(phases, "generate"), multi.only(0):
+                outputs = generate(loaded.model, tokenizer, prompts, budgets, config.eval_batch_size, loaded.device)
+            files = adapter_files(multi, 0, {"reference_state": result.reference_state, "losses": losses, **selection})
     else:
         with _phase(phases, "generate"):
             outputs = generate(loaded.model, tokenizer, prompts, budgets, config.eval_batch_size, loaded.device)

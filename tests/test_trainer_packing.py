@@ -1,0 +1,73 @@
+"""Packing users never changes a user's result: train_adapters with 4 users of unequal
+sizes in one pass gives each the losses, weights, reference state and chosen epoch it
+gets trained alone (one slot), for every method (tiny random-weight model, fp32, dropout 0)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cbpo_orch.method.config import LoraSettings, TrainConfig
+from cbpo_orch.method.models import load_model
+from cbpo_orch.method.multi_lora import attached_multi_lora
+from cbpo_orch.method.tasks import Budgets
+from cbpo_orch.method.trainer import UserTraining, encode_samples, held_out_logp, mismatched_pairs, train_adapters
+
+LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
+BUDGETS = Budgets(48, 12)
+SIZES = ((3, 4), (5, 5), (8, 3), (11, 9))  # (own items, aux items) per user
+RTOL, ATOL = 1e-5, 1e-6
+STATE_ATOL = 1e-5  # reference states are sums of ~24 fp32 rewards that partly cancel
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    return load_model(tiny_model_dir, "cpu")
+
+
+def user_work(tokenizer, u: int, n_own: int, n_aux: int, method: str, pad_id: int, model) -> UserTraining:
+    own = [(f"Generate a headline for the following article: user {u} story {i}", f"User {u} headline {i}") for i in range(n_own)]
+    aux = [(f"Generate a headline for the following article: other {u}.{i}", f"Other news {i} of {u}") for i in range(n_aux)]
+    held = encode_samples(tokenizer, [(f"Generate a headline for the following article: user {u} later", f"User {u} headline")], True, BUDGETS)
+    return UserTraining(
+        samples=encode_samples(tokenizer, own, True, BUDGETS) + encode_samples(tokenizer, aux, False, BUDGETS),
+        gamma=0.1 * (u + 1),
+        seed=10 + u,
+        kl_pairs=mismatched_pairs(tokenizer, own + aux, BUDGETS) if method == "kto" else None,
+        validate=lambda: held_out_logp(model, [s.pair for s in held], pad_id, 4, "cpu"),
+    )
+
+
+def same_state(a: dict, b: dict) -> bool:
+    """Equal reference-point states: equal keys and strings, numbers within STATE_ATOL."""
+    return a.keys() == b.keys() and all(
+        a[k] == pytest.approx(b[k], rel=RTOL, abs=STATE_ATOL) if isinstance(a[k], list) else a[k] == b[k] for k in a
+    )
+
+
+@pytest.mark.parametrize("method", ["sft", "kto", "bco", "cbpo"])
+def test_users_trained_together_get_what_each_gets_alone(loaded, method):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tokenizer, pad_id = loaded.tokenizer, loaded.tokenizer.pad_token_id
+        config = TrainConfig(method=method, epochs=2, lr=1e-2, batch_size=4, lora=LORA)
+        work = [user_work(tokenizer, u, n_own, n_aux, method, pad_id, loaded.model) for u, (n_own, n_aux) in enumerate(SIZES)]
+        with attached_multi_lora(loaded.model, LORA, len(work)) as multi:
+            together = train_adapters(multi, tokenizer, work, config, "cpu")
+            packed = [multi.slot_state(slot) for slot in range(len(work))]
+        for u, user in enumerate(work):
+            with attached_multi_lora(loaded.model, LORA, 1) as multi:
+                [alone] = train_adapters(multi, tokenizer, [user], config, "cpu")
+                weights = multi.slot_state(0)
+            assert together[u].steps == alone.steps
+            assert together[u].losses == pytest.approx(alone.losses, rel=RTOL, abs=ATOL)
+            assert together[u].validation_scores == pytest.approx(alone.validation_scores, rel=RTOL)
+            assert together[u].selected_epoch == alone.selected_epoch
+            assert same_state(together[u].reference_state, alone.reference_state)
+            for key, value in weights.items():
+                torch.testing.assert_close(packed[u][key], value, rtol=RTOL, atol=ATOL)
+        assert len({r.steps for r in together}) > 1, "the users must have unequal numbers of steps"
+        assert any(float(v.abs().max()) > 0 for state in packed for k, v in state.items() if "lora_B" in k), "some adapter must move"
+    finally:
+        torch.set_num_threads(threads)
