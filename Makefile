@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/cbpo-orch
 
-.PHONY: setup model demo test
+.PHONY: setup model demo test gpu-check
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -21,3 +21,8 @@ demo: model
 
 test: setup
 	$(PY) -m pytest -q
+
+# On a CUDA machine with torch, transformers and peft (no network, no install): packed = alone
+# in bf16, then the single- vs multi-user training throughput of the Qwen2-0.5B shape.
+gpu-check:
+	PYTHONPATH=. python3 bench/throughput.py --shape qwen2-0.5b --device cuda --users 32 --check
