@@ -129,3 +129,20 @@ def test_selection_falls_back_to_the_starting_model_when_no_epoch_beats_it(conte
     trained = personalize_user(context, user_id, TrainConfig(method="cbpo", lr=_lr(context), **{**FAST, "selection": True}))
     assert trained.metrics["selection"]["selected_epoch"] == 0
     assert [p["prediction"] for p in trained.predictions] == [p["prediction"] for p in base.predictions]
+
+
+def test_users_personalized_together_get_what_each_gets_alone(context):
+    """personalize_users trains several users' adapters in the same passes; each user's
+    γ, losses, chosen epoch and outputs are the ones it gets alone (LoRA dropout 0)."""
+    from cbpo_orch.method.config import LoraSettings
+    from cbpo_orch.workers.personalize import personalize_users
+
+    user_ids = list(context.dataset.users)[:3]
+    config = TrainConfig(method="cbpo", lr=_lr(context), lora=LoraSettings(dropout=0.0), **{**FAST, "epochs": 2, "selection": True})
+    together = personalize_users(context, user_ids, config)
+    for user_id, packed in zip(user_ids, together):
+        alone = personalize_user(context, user_id, config)
+        assert packed.user_id == user_id and packed.metrics["gamma"] == alone.metrics["gamma"]
+        assert packed.metrics["losses"] == pytest.approx(alone.metrics["losses"], rel=1e-4, abs=1e-6)
+        assert packed.metrics["selection"]["selected_epoch"] == alone.metrics["selection"]["selected_epoch"]
+        assert [p["prediction"] for p in packed.predictions] == [p["prediction"] for p in alone.predictions]

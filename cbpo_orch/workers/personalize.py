@@ -1,5 +1,5 @@
-"""Personalize one user with one method: hold out → select aux → estimate γ → train (keeping
-the best epoch on the held-out items) → generate → score.
+"""Personalize users with one method: hold out → select aux → estimate γ → train (keeping
+the best epoch on the held-out items; several users in the same passes) → generate → score.
 
 A plain function over a loaded :class:`UserContext`: callable from the CLI, a test or
 a Ray worker alike. It writes nothing; it returns the metrics and the adapter's files,
@@ -21,10 +21,10 @@ from cbpo_orch.method.evaluation import generate, rouge
 from cbpo_orch.method.history import HistoryIndex
 from cbpo_orch.method.methods import method_spec
 from cbpo_orch.method.models import LoadedModel
+from cbpo_orch.method.multi_lora import attached_multi_lora
 from cbpo_orch.method.prior import PriorConfig, estimate_gamma
 from cbpo_orch.method.selection import split_holdout
 from cbpo_orch.method.tasks import Budgets, Task
-from cbpo_orch.method.multi_lora import attached_multi_lora
 from cbpo_orch.method.trainer import (
     StepCallback,
     UserTraining,
@@ -32,6 +32,7 @@ from cbpo_orch.method.trainer import (
     encode_samples,
     held_out_logp,
     mismatched_pairs,
+    TrainResult,
     train_adapters,
 )
 
@@ -70,13 +71,66 @@ def _phase(phases: dict[str, float], name: str):
     phases[name] = round(time.perf_counter() - started, 3)
 
 
+@dataclass
+class _Prepared:
+    """One user made ready to train: the held-out split, aux items, γ and the training work."""
+
+    user_id: str
+    phases: dict[str, float]
+    positives: list
+    held_out: list
+    auxiliary: list
+    gamma: float | None
+    gamma_reason: str | None
+    work: UserTraining | None = None
+    held_pairs: list[tuple[str, str]] = field(default_factory=list)
+    n_fitting: int = 0
+
+
 def personalize_user(context: UserContext, user_id: str, config: TrainConfig, on_step: StepCallback | None = None) -> UserOutcome:
+    """One user: :func:`personalize_users` with a one-user pack."""
+    [outcome] = personalize_users(context, [user_id], config, on_step)
+    return outcome
+
+
+def personalize_users(
+    context: UserContext, user_ids: list[str], config: TrainConfig, on_step: StepCallback | None = None
+) -> list[UserOutcome]:
+    """Personalize ``user_ids`` with one method, their adapters trained in the same passes
+    (``train_adapters``: each user's result is the one it gets alone). Each user's aux, γ,
+    generation and scores are its own; the train phase's seconds are the shared pass's."""
     spec = method_spec(config.method)
     loaded, tokenizer = context.loaded, context.loaded.tokenizer
-    user = context.dataset.user(user_id)
     budgets = context.task.budgets(config.max_prompt_tokens, config.max_new_tokens)
-    phases: dict[str, float] = {}
+    prepared = [_prepare(context, user_id, config, spec) for user_id in user_ids]
+    if not spec.trains:
+        outcomes = []
+        for item in prepared:
+            with _phase(item.phases, "generate"):
+                outputs = generate(loaded.model, tokenizer, _prompts(context, item.user_id), budgets, config.eval_batch_size, loaded.device)
+            outcomes.append(_outcome(context, item, config, outputs, None, None))
+        return outcomes
 
+    with attached_multi_lora(loaded.model, config.lora, n_slots=len(prepared)) as multi:
+        started = time.perf_counter()
+        for item in prepared:
+            _add_work(item, tokenizer, budgets, config, loaded)
+        results = train_adapters(multi, tokenizer, [item.work for item in prepared], config, loaded.device, on_step)
+        train_seconds = round(time.perf_counter() - started, 3)
+        outcomes = []
+        for slot, (item, result) in enumerate(zip(prepared, results)):
+            item.phases["train"] = train_seconds
+            with _phase(item.phases, "generate"), multi.only(slot):
+                outputs = generate(loaded.model, tokenizer, _prompts(context, item.user_id), budgets, config.eval_batch_size, loaded.device)
+            selection = _selection(item, result)
+            files = adapter_files(multi, slot, {"reference_state": result.reference_state, "losses": result.losses, **selection})
+            outcomes.append(_outcome(context, item, config, outputs, result, files, selection))
+    return outcomes
+
+
+def _prepare(context: UserContext, user_id: str, config: TrainConfig, spec) -> _Prepared:
+    """Hold out → select aux → estimate γ, for one user."""
+    phases: dict[str, float] = {}
     with _phase(phases, "aux"):
         history = context.dataset.examples(user_id, config.max_profile)
         selects = config.selection and spec.trains
@@ -85,63 +139,74 @@ def personalize_user(context: UserContext, user_id: str, config: TrainConfig, on
         n_aux = max(1, round(config.aux_ratio * len(positives)))
         aux_rows = context.history.auxiliary(user_id, own_rows, n_aux, config.aux_strategy, config.seed)
         auxiliary = [context.history.examples[row] for row in aux_rows] if spec.uses_aux else []
-
     with _phase(phases, "gamma"):
         gamma, gamma_reason = _gamma(context.history, own_rows, aux_rows, config)
+    return _Prepared(user_id, phases, positives, held_out, auxiliary, gamma, gamma_reason)
 
-    losses: list[float] = []
-    selection: dict = {}
-    files = None
-    prompts = [context.task.prompt(q) for q in user.queries]
-    if spec.trains:
-        with attached_multi_lora(loaded.model, config.lora, n_slots=1) as multi:
-            with _phase(phases, "train"):
-                pos_pairs = _fitting(tokenizer, positives, budgets, user_id, required=True)
-                aux_pairs = _fitting(tokenizer, auxiliary, budgets, user_id)
-                held_pairs = _fitting(tokenizer, held_out, budgets, user_id)
-                work = UserTraining(
-                    samples=encode_samples(tokenizer, pos_pairs, True, budgets) + encode_samples(tokenizer, aux_pairs, False, budgets),
-                    gamma=gamma or 0.0,
-                    seed=config.seed,
-                    kl_pairs=mismatched_pairs(tokenizer, pos_pairs + aux_pairs, budgets) if config.method == "kto" else None,
-                    validate=_held_out_score(loaded.model, tokenizer, held_pairs, budgets, config, loaded.device) if held_pairs else None,
-                )
-                [result] = train_adapters(multi, tokenizer, [work], config, loaded.device, on_step)
-                losses = result.losses
-                selection = {
-                    "n_held_out": len(held_pairs),
-                    "selected_epoch": result.selected_epoch,
-                    "validation_logp": result.validation_scores,
-                    "n_over_budget": len(positives) + len(auxiliary) + len(held_out) - len(pos_pairs) - len(aux_pairs) - len(held_pairs),
-                }
-            with _phase(phases, "generate"), multi.only(0):
-                outputs = generate(loaded.model, tokenizer, prompts, budgets, config.eval_batch_size, loaded.device)
-            files = adapter_files(multi, 0, {"reference_state": result.reference_state, "losses": losses, **selection})
-    else:
-        with _phase(phases, "generate"):
-            outputs = generate(loaded.model, tokenizer, prompts, budgets, config.eval_batch_size, loaded.device)
 
-    with _phase(phases, "score"):
-        golds = [q.gold for q in user.queries]
+def _add_work(item: _Prepared, tokenizer, budgets: Budgets, config: TrainConfig, loaded) -> None:
+    """The user's training work: the items within budget, encoded; KTO's mismatched pairs;
+    the held-out score."""
+    pos_pairs = _fitting(tokenizer, item.positives, budgets, item.user_id, required=True)
+    aux_pairs = _fitting(tokenizer, item.auxiliary, budgets, item.user_id)
+    held_pairs = _fitting(tokenizer, item.held_out, budgets, item.user_id)
+    item.held_pairs = held_pairs
+    item.n_fitting = len(pos_pairs) + len(aux_pairs) + len(held_pairs)
+    item.work = UserTraining(
+        samples=encode_samples(tokenizer, pos_pairs, True, budgets) + encode_samples(tokenizer, aux_pairs, False, budgets),
+        gamma=item.gamma or 0.0,
+        seed=config.seed,
+        kl_pairs=mismatched_pairs(tokenizer, pos_pairs + aux_pairs, budgets) if config.method == "kto" else None,
+        validate=_held_out_score(loaded.model, tokenizer, held_pairs, budgets, config, loaded.device) if held_pairs else None,
+    )
+
+
+def _selection(item: _Prepared, result: TrainResult) -> dict:
+    """What selection did for the user, and how many of its items were over the budget."""
+    n_items = len(item.positives) + len(item.auxiliary) + len(item.held_out)
+    return {
+        "n_held_out": len(item.held_pairs),
+        "selected_epoch": result.selected_epoch,
+        "validation_logp": result.validation_scores,
+        "n_over_budget": n_items - item.n_fitting,
+    }
+
+
+def _prompts(context: UserContext, user_id: str) -> list[str]:
+    return [context.task.prompt(q) for q in context.dataset.user(user_id).queries]
+
+
+def _outcome(
+    context: UserContext,
+    item: _Prepared,
+    config: TrainConfig,
+    outputs: list[str],
+    result: TrainResult | None,
+    files: dict[str, bytes] | None,
+    selection: dict | None = None,
+) -> UserOutcome:
+    """Score the user's outputs and gather its metrics and predictions."""
+    queries = context.dataset.user(item.user_id).queries
+    with _phase(item.phases, "score"):
+        golds = [q.gold for q in queries]
         scores = rouge(outputs, golds) if all(g is not None for g in golds) else {"rouge1": None, "rougeL": None}
-
     metrics = {
-        "user_id": user_id,
+        "user_id": item.user_id,
         "method": config.method,
         **scores,
-        "gamma": gamma,
-        "gamma_reason": gamma_reason,
-        "n_pos": len(positives),
-        "n_aux": len(auxiliary),
-        "selection": selection,
-        "train_seconds": phases.get("train", 0.0),
-        "seconds": round(sum(phases.values()), 3),
-        "phase_seconds": phases,
-        "losses": losses,
+        "gamma": item.gamma,
+        "gamma_reason": item.gamma_reason,
+        "n_pos": len(item.positives),
+        "n_aux": len(item.auxiliary),
+        "selection": selection or {},
+        "train_seconds": item.phases.get("train", 0.0),
+        "seconds": round(sum(item.phases.values()), 3),
+        "phase_seconds": item.phases,
+        "losses": result.losses if result else [],
         "config": config.to_dict(),
     }
-    predictions = [{"id": q.id, "prediction": out, "gold": q.gold} for q, out in zip(user.queries, outputs)]
-    return UserOutcome(user_id, config.method, metrics, files, predictions)
+    predictions = [{"id": q.id, "prediction": out, "gold": q.gold} for q, out in zip(queries, outputs)]
+    return UserOutcome(item.user_id, config.method, metrics, files, predictions)
 
 
 def _fitting(tokenizer, examples: list, budgets: Budgets, user_id: str, required: bool = False) -> list[tuple[str, str]]:
