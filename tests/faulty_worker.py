@@ -1,8 +1,8 @@
 """Worker functions for the orchestrator tests, importable by Ray workers as
 ``tests.faulty_worker`` (the test puts the repository root on ``PYTHONPATH``).
 
-Each has the signature of :func:`cbpo_orch.workers.personalize.personalize_user`
-as the driver calls it: ``worker_fn(context, user_id, config)``.
+Each has the signature of :func:`cbpo_orch.workers.personalize.personalize_users`
+as the driver calls it: ``worker_fn(context, user_ids, config)`` → one outcome per user.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from cbpo_orch.method.data import DataError
-from cbpo_orch.workers.personalize import personalize_user
+from cbpo_orch.workers.personalize import personalize_users
 
 FAILING_USER = "a24e7d657a9"
 """The dev user of the shipped HuffPost sample that :func:`fail_one_user` fails."""
@@ -28,32 +28,32 @@ def injected_error(user_id: str) -> str:
     return f"injected failure for user {user_id}"
 
 
-def fail_one_user(context, user_id: str, config):
-    """Raise for :data:`FAILING_USER`, personalize every other user as usual."""
-    if user_id == FAILING_USER:
-        raise RuntimeError(injected_error(user_id))
-    return personalize_user(context, user_id, config)
+def fail_one_user(context, user_ids: list[str], config):
+    """Raise for a call that holds :data:`FAILING_USER`, personalize every other call as usual."""
+    if FAILING_USER in user_ids:
+        raise RuntimeError(injected_error(FAILING_USER))
+    return personalize_users(context, user_ids, config)
 
 
-def bad_record_for_one_user(context, user_id: str, config):
+def bad_record_for_one_user(context, user_ids: list[str], config):
     """Raise a :class:`DataError` (the input's fault: a retry fails alike) for
     :data:`FAILING_USER`, personalize every other user as usual."""
-    if user_id == FAILING_USER:
-        raise DataError(injected_error(user_id))
-    return personalize_user(context, user_id, config)
+    if FAILING_USER in user_ids:
+        raise DataError(injected_error(FAILING_USER))
+    return personalize_users(context, user_ids, config)
 
 
-def die_once_for_one_user(context, user_id: str, config):
+def die_once_for_one_user(context, user_ids: list[str], config):
     """Kill this worker process the first time :data:`FAILING_USER` is personalized
     with a method, then personalize as usual."""
-    marker = Path(os.environ[DEATHS_DIR_ENV]) / f"{user_id}-{config.method}"
-    if user_id == FAILING_USER and not marker.exists():
+    marker = Path(os.environ[DEATHS_DIR_ENV]) / f"{FAILING_USER}-{config.method}"
+    if FAILING_USER in user_ids and not marker.exists():
         marker.touch()
         os._exit(1)
-    return personalize_user(context, user_id, config)
+    return personalize_users(context, user_ids, config)
 
 
-def cancel_job_then_personalize(context, user_id: str, config):
+def cancel_job_then_personalize(context, user_ids: list[str], config):
     """Cancel the job named in ``$CBPO_TEST_CANCEL_FILE`` (as ``cbpo-orch cancel`` would,
     from another process), then personalize this user: a run already started finishes."""
     from cbpo_orch.storage.registry import Registry
@@ -61,8 +61,8 @@ def cancel_job_then_personalize(context, user_id: str, config):
     target = json.loads(open(os.environ[CANCEL_FILE_ENV], encoding="utf-8").read())
     with Registry(target["db"]) as registry:
         registry.cancel(target["job_id"])
-    return personalize_user(context, user_id, config)
+    return personalize_users(context, user_ids, config)
 
 
-def must_not_run(context, user_id: str, config):
-    raise AssertionError(f"a run of user {user_id} was started")
+def must_not_run(context, user_ids: list[str], config):
+    raise AssertionError(f"a run of users {user_ids} was started")

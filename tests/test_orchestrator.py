@@ -475,6 +475,35 @@ def test_input_error_fails_its_run_at_once_others_succeed(local_ray, home, tiny_
             assert run.state == "succeeded"
 
 
+def test_packed_users_succeed_together_and_a_failing_pack_is_retried_user_by_user(local_ray, home, tiny_model_dir, dev_users):
+    """--users-per-step 3: the three users of a method go to the worker in one call. When that
+    call fails for one user's bad record, no one is failed for it: each user is sent again
+    alone, the others succeed on that attempt (one adapter each, written once), and the bad
+    record fails its user at once."""
+    from cbpo_orch.orchestrator.driver import run_job
+    from cbpo_orch.orchestrator.workspace import Workspace
+    from cbpo_orch.orchestrator.spec import Resources
+
+    users = [dev_users[0], faulty_worker.FAILING_USER, dev_users[2]]
+    job = _create_job(home, tiny_model_dir, users)
+    space = Workspace.open(home)
+
+    state = run_job(space, job, Resources(max_retries=0, workers=1, users_per_step=3), worker_fn=faulty_worker.bad_record_for_one_user)
+
+    assert state == "failed"
+    assert space.registry.job(job).counts == {"pending": 0, "running": 0, "succeeded": 2, "failed": 1}
+    for run in space.registry.runs(job):
+        assert run.attempts == 2, "one attempt in the failed pack, one alone"
+        if run.user_id == faulty_worker.FAILING_USER:
+            assert run.state == "failed" and run.error == f"DataError: {faulty_worker.injected_error(run.user_id)}"
+        else:
+            assert run.state == "succeeded" and _attempt_dirs(home, job, run.user_id, "sft") == ["attempt-2"]
+
+    packed = _create_job(home, tiny_model_dir, [dev_users[0], dev_users[2]])
+    assert run_job(space, packed, Resources(max_retries=0, workers=1, users_per_step=3)) == "succeeded"
+    assert all(run.attempts == 1 for run in space.registry.runs(packed))
+
+
 def test_dead_worker_is_replaced_and_its_run_retried(local_ray, home, tiny_model_dir, dev_users):
     from cbpo_orch.orchestrator.driver import run_job
     from cbpo_orch.orchestrator.workspace import Workspace

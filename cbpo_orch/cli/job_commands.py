@@ -7,6 +7,7 @@ import io
 import json
 import sys
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -93,6 +94,7 @@ def submit(
     gpus_per_user: Annotated[float, typer.Option(help="GPUs per user's worker; fractional packs several users on one GPU.", rich_help_panel=PANEL)] = 0.0,
     workers: Annotated[Optional[int], typer.Option(help="Worker processes (each loads the model once). Default: as many as the cluster fits.", rich_help_panel=PANEL)] = None,
     max_retries: Annotated[int, typer.Option(help="Retries of a failed user before it is marked failed.", rich_help_panel=PANEL)] = 2,
+    users_per_step: Annotated[int, typer.Option(help="Users of one method a worker trains together, in the same forward/backward passes (each user's result is the one it gets alone); pays on a GPU, not on a CPU.", rich_help_panel=PANEL)] = 1,
     examples: Annotated[int, typer.Option(help="At the end, show one query of the first N users: the gold and each method's output.")] = 3,
     options: Optional[dict] = None,
 ) -> None:
@@ -102,7 +104,7 @@ def submit(
 
     methods = parse_methods(method)
     train = build_config(methods[0], options)
-    resources = Resources(address, cpus_per_user, gpus_per_user, workers, max_retries)
+    resources = Resources(address, cpus_per_user, gpus_per_user, workers, max_retries, users_per_step)
     task_def = load_task(task)
     data_path, model_path = check_paths(data or SAMPLE_DATA, resolve_model(model, home))
     dataset = load_split(data_path, split, task_def)
@@ -137,7 +139,7 @@ def resume(
     if info.state == "cancelled":
         raise UsageError(f"job {job} was cancelled; submit it again instead")
     _, stored = JobSpec.from_config(info.config)
-    resources = Resources(address or stored.address, stored.cpus_per_user, stored.gpus_per_user, workers or stored.workers, stored.max_retries)
+    resources = replace(stored, address=address or stored.address, workers=workers or stored.workers)
     _run(space, job, resources)
 
 

@@ -22,7 +22,7 @@ from cbpo_orch.orchestrator.spec import JobSpec, Resources
 from cbpo_orch.orchestrator.workspace import Workspace
 from cbpo_orch.storage.registry import InvalidTransition, Registry
 from cbpo_orch.workers.context import cached_history, history_datasets
-from cbpo_orch.workers.personalize import UserOutcome, personalize_user
+from cbpo_orch.workers.personalize import UserOutcome, personalize_users
 from cbpo_orch.workers.task_adapter import build_task_adapter, task_adapter_config
 
 
@@ -46,7 +46,7 @@ def run_job(
     job_id: str,
     resources: Resources | None = None,
     progress: Progress | None = None,
-    worker_fn: Callable = personalize_user,
+    worker_fn: Callable = personalize_users,
 ) -> str:
     """Run (or resume) every unfinished (user, method) of ``job_id``; returns its final state."""
     progress = progress or Progress()
@@ -153,7 +153,7 @@ def _fan_out(
         run = runs[unit.key]
         retry: list[scheduler.Work] = []
         if isinstance(result, scheduler.Failure):
-            final = result.permanent or attempts[unit.key] > resources.max_retries
+            final = not result.shared and (result.permanent or attempts[unit.key] > resources.max_retries)
             registry.record_failure(unit.key, result.error, final=final)
             if not final:
                 retry.append(unit)
@@ -173,7 +173,10 @@ def _fan_out(
     }
     slots = resources.workers or scheduler.cluster_slots(resources.cpus_per_user, resources.gpus_per_user)
     report()
-    scheduler.fan_out(work, context_args, history, worker_fn, slots, resources.cpus_per_user, resources.gpus_per_user, start, finish, report)
+    scheduler.fan_out(
+        work, context_args, history, worker_fn, slots, resources.cpus_per_user, resources.gpus_per_user, start, finish, report,
+        resources.users_per_step,
+    )
 
 
 def _record(space: Workspace, job_id: str, run, attempt: int, outcome: UserOutcome) -> None:

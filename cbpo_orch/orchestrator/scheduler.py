@@ -89,10 +89,11 @@ class PersonalizeWorker:
         except PERMANENT_ERRORS as error:
             self.start_error = _first_line(error)
 
-    def personalize(self, user_id: str, config: TrainConfig):
+    def personalize(self, user_ids: list[str], config: TrainConfig):
+        """The outcomes of ``user_ids``, trained together (``worker_fn(context, user_ids, config)``)."""
         if self.start_error is not None:
             raise WorkerCannotStart(self.start_error)
-        return self.worker_fn(self.context, user_id, config)
+        return self.worker_fn(self.context, user_ids, config)
 
 
 @dataclass(frozen=True)
@@ -107,10 +108,13 @@ class Work:
 @dataclass(frozen=True)
 class Failure:
     """A unit that raised, or whose worker died; ``error`` is its one-line reason and
-    ``permanent`` says a retry would fail the same way."""
+    ``permanent`` says a retry would fail the same way. ``shared``: the unit was in a pack
+    of several users that failed as a whole, so the cause may be another user's; it is
+    sent again alone."""
 
     error: str
     permanent: bool
+    shared: bool = False
 
 
 def run_remote(fn: Callable, *args, num_cpus: float = 1, num_gpus: float = 0):
@@ -129,14 +133,17 @@ def fan_out(
     start: Callable[[Work], bool],
     finish: Callable[[Work, object], list[Work]],
     tick: Callable[[], None] = lambda: None,
+    users_per_step: int = 1,
 ) -> None:
-    """Run every unit of ``work`` on a pool of at most ``slots`` actors.
+    """Run every unit of ``work`` on a pool of at most ``slots`` actors, each call a pack of
+    up to ``users_per_step`` units of the same config (trained in the same passes).
 
     ``start(w)`` is asked before a unit is sent (False skips it, e.g. cancelled);
     ``finish(w, result_or_failure)`` receives each result or :class:`Failure` and
     returns units to schedule again (retries). ``tick`` runs about once a second.
     When the workers cannot start, every unit not yet sent is finished, unstarted,
-    with that permanent failure.
+    with that permanent failure. When a pack of several units fails, each unit is
+    finished with a ``shared`` failure and its retry goes alone.
     """
     queue = deque(work)
     if not queue:
@@ -150,35 +157,52 @@ def fan_out(
 
     idle = [new_actor() for _ in range(min(max(1, slots), len(queue)))]
     in_flight: dict = {}
+    alone: set = set()
     while queue or in_flight:
         while queue and idle:
-            unit = queue.popleft()
-            if start(unit):
+            pack = [unit for unit in _next_pack(queue, 1 if queue[0].key in alone else users_per_step, alone) if start(unit)]
+            if pack:
                 actor = idle.pop()
-                in_flight[actor.personalize.remote(unit.user_id, unit.config)] = (unit, actor)
+                in_flight[actor.personalize.remote([unit.user_id for unit in pack], pack[0].config)] = (pack, actor)
         if not in_flight:
             continue
         done, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
         for ref in done:
-            unit, actor = in_flight.pop(ref)
+            pack, actor = in_flight.pop(ref)
+            cannot_start = False
             try:
-                result = ray.get(ref)
+                results = ray.get(ref)
             except WORKER_DEATHS as error:
-                result = Failure(f"worker died: {_first_line(error)}", permanent=False)
+                results = [Failure(f"worker died: {_first_line(error)}", permanent=False)] * len(pack)
                 ray.kill(actor, no_restart=True)
                 actor = new_actor()
             except RayTaskError as error:
                 cause = error.cause if error.cause is not None else error
                 cannot_start = isinstance(cause, WorkerCannotStart)
-                result = Failure(_first_line(cause), permanent=cannot_start or isinstance(cause, PERMANENT_ERRORS))
+                results = [Failure(_first_line(cause), permanent=cannot_start or isinstance(cause, PERMANENT_ERRORS))] * len(pack)
                 if cannot_start:  # no worker of this pool can start: send it nothing more
                     while queue:
-                        finish(queue.popleft(), result)
+                        finish(queue.popleft(), results[0])
             idle.append(actor)
-            queue.extend(finish(unit, result))
+            for unit, result in zip(pack, results):
+                if isinstance(result, Failure) and len(pack) > 1 and not cannot_start:
+                    result = Failure(result.error, result.permanent, shared=True)
+                    alone.add(unit.key)
+                queue.extend(finish(unit, result))
         tick()
     for actor in idle:
         ray.kill(actor, no_restart=True)
+
+
+def _next_pack(queue: deque, size: int, alone: set) -> list[Work]:
+    """Take the queue's first unit and up to ``size − 1`` later ones of the same config that
+    may share a pack (none that must go alone), keeping the rest in order."""
+    pack, rest = [queue.popleft()], []
+    while queue and len(pack) < size:
+        unit = queue.popleft()
+        (pack if unit.config == pack[0].config and unit.key not in alone else rest).append(unit)
+    queue.extendleft(reversed(rest))
+    return pack
 
 
 def _first_line(error: BaseException) -> str:

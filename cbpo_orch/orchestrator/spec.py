@@ -28,6 +28,7 @@ class Resources:
     gpus_per_user: float = 0.0
     workers: int | None = None
     max_retries: int = 2
+    users_per_step: int = 1
 
     def __post_init__(self) -> None:
         if self.cpus_per_user <= 0 or self.gpus_per_user < 0:
@@ -36,6 +37,8 @@ class Resources:
             raise ConfigError("workers must be ≥ 1")
         if self.max_retries < 0:
             raise ConfigError("max-retries must be ≥ 0")
+        if self.users_per_step < 1:
+            raise ConfigError("users-per-step must be ≥ 1")
 
 
 @dataclass(frozen=True)
