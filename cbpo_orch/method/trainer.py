@@ -240,10 +240,11 @@ def train_adapters(
     total_steps = max(len(plan.steps) for plan in plans)
     model.train()
     for t in range(total_steps):
-        active = [u for u in range(n) if t < len(plans[u].steps)]
-        rows = [(u, i) for u in active for i in plans[u].steps[t][0]]
+        batches = {u: plans[u].steps[t][0] for u in range(n) if t < len(plans[u].steps)}
+        active = list(batches)
+        rows = [(u, i) for u, batch in batches.items() for i in batch]
         slots = torch.tensor([u for u, _ in rows], device=device)
-        index = [torch.tensor([i for v, i in rows if v == u], device=device) for u in range(n)]
+        index = {u: torch.tensor(batch, device=device) for u, batch in batches.items()}
         batch = collate([users[u].samples[i].pair for u, i in rows], pad_id).to(device)
         positive = torch.tensor([users[u].samples[i].positive for u, i in rows], device=device)
         ref = torch.cat([ref_logps[u][index[u]] for u in active])

@@ -13,7 +13,6 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-
 from cbpo_orch.method.config import TrainConfig
 from cbpo_orch.method.data import Dataset
 from cbpo_orch.method.encoding import BudgetError, encode_pair, within_budget
@@ -27,12 +26,12 @@ from cbpo_orch.method.selection import split_holdout
 from cbpo_orch.method.tasks import Budgets, Task
 from cbpo_orch.method.trainer import (
     StepCallback,
+    TrainResult,
     UserTraining,
     adapter_files,
     encode_samples,
     held_out_logp,
     mismatched_pairs,
-    TrainResult,
     train_adapters,
 )
 
@@ -84,7 +83,6 @@ class _Prepared:
     gamma_reason: str | None
     work: UserTraining | None = None
     held_pairs: list[tuple[str, str]] = field(default_factory=list)
-    n_fitting: int = 0
 
 
 def personalize_user(context: UserContext, user_id: str, config: TrainConfig, on_step: StepCallback | None = None) -> UserOutcome:
@@ -151,7 +149,6 @@ def _add_work(item: _Prepared, tokenizer, budgets: Budgets, config: TrainConfig,
     aux_pairs = _fitting(tokenizer, item.auxiliary, budgets, item.user_id)
     held_pairs = _fitting(tokenizer, item.held_out, budgets, item.user_id)
     item.held_pairs = held_pairs
-    item.n_fitting = len(pos_pairs) + len(aux_pairs) + len(held_pairs)
     item.work = UserTraining(
         samples=encode_samples(tokenizer, pos_pairs, True, budgets) + encode_samples(tokenizer, aux_pairs, False, budgets),
         gamma=item.gamma or 0.0,
@@ -168,7 +165,7 @@ def _selection(item: _Prepared, result: TrainResult) -> dict:
         "n_held_out": len(item.held_pairs),
         "selected_epoch": result.selected_epoch,
         "validation_logp": result.validation_scores,
-        "n_over_budget": n_items - item.n_fitting,
+        "n_over_budget": n_items - len(item.work.samples) - len(item.held_pairs),
     }
 
 
