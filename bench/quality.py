@@ -12,6 +12,9 @@ and reports that share runs (another --name, more --seeds) train them once.
     # 2. report every arm on the remaining users with the chosen options
     python bench/quality.py run --task commit-subject --data ../shared/data/numpy-commit-subject \
         --model ../shared/models/commit-lm-17m --validation 5 --set lr=1e-3 --set beta=0.1
+    # 3. the same tables from the runs finished so far (while 2 runs, or after it was
+    #    stopped): the same arguments with `report`; it starts and resumes nothing
+    python bench/quality.py report --task commit-subject ...
 
 Outputs under bench/results/: NAME.json (per-user ROUGE and γ per arm, means, paired
 bootstrap 95% CIs of arm − sft), NAME.md (the table) and NAME.png (bars with CIs; γ vs gain).
@@ -101,9 +104,17 @@ class Jobs:
         self.state_file = state_file
         self.state = json.loads(state_file.read_text()) if state_file.exists() else {}
 
+    def key(self, options: dict[str, str], seed: int) -> str:
+        return json.dumps({"options": options, "seed": seed, "split": self.args.split, "task_adapter": self.args.task_adapter}, sort_keys=True)
+
+    def recorded(self, methods: list[str], users: list[str], options: dict[str, str], seed: int) -> list[str]:
+        """The jobs already submitted for these options and seed, as they stand: nothing is
+        resumed or submitted (``report`` mode reads what finished so far)."""
+        return [entry["job"] for entry in self.state.get(self.key(options, seed), [])]
+
     def run(self, methods: list[str], users: list[str], options: dict[str, str], seed: int) -> list[str]:
         common = ["--home", str(self.args.home), "--workers", str(self.args.workers)]
-        key = json.dumps({"options": options, "seed": seed, "split": self.args.split, "task_adapter": self.args.task_adapter}, sort_keys=True)
+        key = self.key(options, seed)
         entries = self.state.setdefault(key, [])
         for entry in entries:
             status = json.loads(subprocess.run(CLI + ["status", entry["job"], "--json", "--home", str(self.args.home)], capture_output=True, text=True, check=True).stdout)[0]
@@ -135,8 +146,9 @@ class Jobs:
         return rows
 
 
-def run_arms(jobs: Jobs, arms: dict[str, tuple[str, dict[str, str]]], users: list[str], shared: dict[str, str], seed: int) -> dict[str, dict[str, dict]]:
-    """Per arm, per user: {rouge1, rougeL, gamma, …} of one seed."""
+def run_arms(jobs: Jobs, arms: dict[str, tuple[str, dict[str, str]]], users: list[str], shared: dict[str, str], seed: int, submit: bool = True) -> dict[str, dict[str, dict]]:
+    """Per arm, per user: {rouge1, rougeL, gamma, …} of one seed; with ``submit`` off, only
+    the runs that have finished so far (nothing is started)."""
     groups: dict[str, list[tuple[str, str]]] = defaultdict(list)
     options_of: dict[str, dict[str, str]] = {}
     for arm, (method, extra) in arms.items():
@@ -146,7 +158,8 @@ def run_arms(jobs: Jobs, arms: dict[str, tuple[str, dict[str, str]]], users: lis
         options_of[key] = options
     per_arm: dict[str, dict[str, dict]] = {}
     for key, members in groups.items():
-        rows = jobs.results(jobs.run([method for _, method in members], users, options_of[key], seed))
+        find = jobs.run if submit else jobs.recorded
+        rows = jobs.results(find([method for _, method in members], users, options_of[key], seed))
         for arm, method in members:
             per_arm[arm] = {r["user_id"]: {"rouge1": r["rouge1"], "rougeL": r["rougeL"], "gamma": r["gamma"], **trainer_state(r["adapter_path"])} for r in rows if r["method"] == method and r["user_id"] in users}
     return per_arm
@@ -287,7 +300,7 @@ def plot(summary: dict, title: str, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["tune", "run"])
+    parser.add_argument("mode", choices=["tune", "run", "report"], help="report: run's tables from the runs finished so far, starting nothing")
     parser.add_argument("--task", required=True)
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--model", type=Path, required=True)
@@ -311,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     shared = parse_pairs(args.set)
     validation, report = split_users(args)
-    jobs = Jobs(args, out / f"{args.data.name}-{args.model.name}.{args.mode}.jobs.json")
+    jobs = Jobs(args, out / f"{args.data.name}-{args.model.name}.{'tune' if args.mode == 'tune' else 'run'}.jobs.json")
 
     if args.mode == "tune":
         grid = {k: v.split(",") for k, v in parse_pairs(args.grid).items()}
@@ -335,14 +348,21 @@ def main(argv: list[str] | None = None) -> None:
     arms = {a: ARMS[a] for a in args.arms.split(",")}
     if "sft" not in arms:
         raise SystemExit("the arms must include sft: every arm is compared with it")
-    summary = summarize({seed: run_arms(jobs, arms, report, shared, seed) for seed in args.seeds}, report)
+    per_seed = {seed: run_arms(jobs, arms, report, shared, seed, submit=args.mode == "run") for seed in args.seeds}
+    per_seed = {seed: runs for seed, runs in per_seed.items() if all(runs.get(arm) for arm in arms)}
+    summary = summarize(per_seed, report) if per_seed else {"users": []}
+    if not summary["users"]:
+        raise SystemExit("no user has finished every arm yet: nothing to report")
+    partial = len(summary["users"]) < len(report) or len(per_seed) < len(args.seeds)
     config = {"options": shared, "task_adapter": args.task_adapter, "split": args.split, "validation_users": validation,
               "arms": {a: {"method": m, "options": o} for a, (m, o) in arms.items()}}
     result = {"task": args.task, "model": str(args.model), "data": str(args.data), "users": summary["users"],
               "seeds": args.seeds, "config": config, "arms": summary["arms"],
-              "gamma_vs_gain_spearman": summary.get("gamma_vs_gain")}
+              "gamma_vs_gain_spearman": summary.get("gamma_vs_gain"), "partial": partial}
     (out / f"{name}.json").write_text(json.dumps(result, indent=2))
     title = f"{args.task} · {args.model.name}"
+    if partial:
+        title += f" (partial: {len(summary['users'])} of {len(report)} users, seeds {', '.join(map(str, per_seed))} of {', '.join(map(str, args.seeds))})"
     (out / f"{name}.md").write_text(markdown(summary, title))
     plot(summary, title, out / f"{name}.png")
     print(markdown(summary, title))

@@ -62,3 +62,28 @@ def test_summarize_counts_users_below_base_and_kept_starting_models():
     assert [arms[a]["users_below_base"] for a in ("base", "sft", "cbpo")] == [0, 0, 2]
     assert arms["sft"]["selected_start_share"] == 0.5 and arms["cbpo"]["selected_start_share"] == 0.0
     assert "selected_start_share" not in arms["base"]
+
+
+def test_report_mode_reads_the_recorded_jobs_and_starts_nothing(tmp_path):
+    args = type("Args", (), {"split": "dev", "task_adapter": "auto"})()
+    state_file = tmp_path / "state.json"
+    jobs = quality.Jobs(args, state_file)
+    key = jobs.key({"lr": "3e-3"}, 0)
+    state_file.write_text(quality.json.dumps({key: [{"job": "j1", "users": ["a", "b"], "methods": ["sft", "cbpo"]}]}))
+    jobs = quality.Jobs(args, state_file)
+
+    def never(*_):
+        raise AssertionError("report mode must not submit or resume")
+
+    asked = []
+    jobs.run = never
+    rows = {"j1": [
+        {"user_id": "a", "method": "sft", "rouge1": 0.2, "rougeL": 0.1, "gamma": None, "adapter_path": None},
+        {"user_id": "a", "method": "cbpo", "rouge1": 0.3, "rougeL": 0.2, "gamma": 0.4, "adapter_path": None},
+    ]}
+    jobs.results = lambda ids: asked.append(ids) or [row for job in ids for row in rows[job]]
+    arms = {"sft": ("sft", {}), "cbpo": ("cbpo", {})}
+    per_arm = quality.run_arms(jobs, arms, ["a", "b"], {"lr": "3e-3"}, 0, submit=False)
+    assert asked == [["j1"]]  # both arms share one options group, so one job
+    assert per_arm["cbpo"] == {"a": {"rouge1": 0.3, "rougeL": 0.2, "gamma": 0.4}} and list(per_arm["sft"]) == ["a"]
+    assert quality.run_arms(jobs, arms, ["a", "b"], {"lr": "1e-3"}, 0, submit=False) == {"sft": {}, "cbpo": {}}
