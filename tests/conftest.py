@@ -7,6 +7,8 @@ import pytest
 SHARED = Path(__file__).parents[1] / ".." / "shared"
 FIXTURES = Path(__file__).parent / "fixtures"
 
+pytest_plugins = ["tests.postgres_server"]
+
 
 @pytest.fixture
 def shared_dir() -> Path:

@@ -6,6 +6,7 @@ import multiprocessing
 import sqlite3
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -40,8 +41,14 @@ ADAPTER = {"path": "/artifacts/u1/cbpo", "sha256": "ab" * 32, "bytes": 1234}
 
 
 @pytest.fixture
-def db_url(tmp_path: Path) -> str:
+def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'nested' / 'registry.sqlite'}"
+
+
+@pytest.fixture(params=["sqlite_url", "postgres_url"], ids=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """An empty registry database on each backend (PostgreSQL: see tests/postgres_server.py)."""
+    return request.getfixturevalue(request.param)
 
 
 @pytest.fixture
@@ -76,6 +83,9 @@ def test_create_job_makes_one_pending_run_per_user_and_method(registry: Registry
         {"seed": 3},
     )
     assert job.state == "pending" and job.finished_at is None
+    created = datetime.fromisoformat(job.created_at)
+    assert created.utcoffset() == timedelta(0)
+    assert abs(datetime.now(timezone.utc) - created) < timedelta(minutes=1)
     assert job.counts == {"pending": 6, "running": 0, "succeeded": 0, "failed": 0}
     assert sorted((r.user_id, r.method) for r in runs) == [
         (u, m) for u in ("u1", "u2", "u3") for m in ("cbpo", "sft")
@@ -337,33 +347,51 @@ def test_older_schema_version_is_migrated(
     assert applied == [1]
 
 
-def test_sqlite_uses_wal_and_a_busy_timeout(registry: Registry, db_url: str) -> None:
-    path = db_url.removeprefix("sqlite:///")
-    with sqlite3.connect(path) as raw:
+def test_sqlite_uses_wal_and_a_busy_timeout(sqlite_url: str) -> None:
+    Registry(sqlite_url).close()
+    with sqlite3.connect(sqlite_url.removeprefix("sqlite:///")) as raw:
         assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-    engine = make_engine(db_url)
+    engine = make_engine(sqlite_url)
     with engine.connect() as connection:
         assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
         assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
     engine.dispose()
 
 
-def test_a_write_waits_for_another_writer(registry: Registry, db_url: str) -> None:
-    raw = sqlite3.connect(
-        db_url.removeprefix("sqlite:///"), isolation_level=None, check_same_thread=False
-    )
-    raw.execute("BEGIN IMMEDIATE")
-    releaser = threading.Timer(0.5, raw.execute, args=("COMMIT",))
-    releaser.start()
-    started = time.monotonic()
-    job_id = registry.create_job("t", ["cbpo"], ["u1"], {})
-    releaser.join()
-    raw.close()
-    assert time.monotonic() - started >= 0.4
-    assert registry.job(job_id).counts["pending"] == 1
+def test_a_write_waits_for_another_writer(sqlite_url: str) -> None:
+    with Registry(sqlite_url) as registry:
+        raw = sqlite3.connect(
+            sqlite_url.removeprefix("sqlite:///"), isolation_level=None, check_same_thread=False
+        )
+        raw.execute("BEGIN IMMEDIATE")
+        releaser = threading.Timer(0.5, raw.execute, args=("COMMIT",))
+        releaser.start()
+        started = time.monotonic()
+        job_id = registry.create_job("t", ["cbpo"], ["u1"], {})
+        releaser.join()
+        raw.close()
+        assert time.monotonic() - started >= 0.4
+        assert registry.job(job_id).counts["pending"] == 1
 
 
-def _submit_and_finish(url: str, barrier, results, n_users: int) -> None:
+def _in_two_processes(target, *args) -> list:
+    """Run ``target(*args, barrier, results)`` in two spawned processes; return what each put."""
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(2)
+    results = context.Queue()
+    workers = [
+        context.Process(target=target, args=(*args, barrier, results), daemon=True)
+        for _ in range(2)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    return [results.get(timeout=5) for _ in workers]
+
+
+def _submit_and_finish(url: str, n_users: int, barrier, results) -> None:
     barrier.wait()
     with Registry(url) as registry:
         job_id = registry.create_job("t", ["cbpo"], [f"u{i}" for i in range(n_users)], {})
@@ -373,20 +401,8 @@ def _submit_and_finish(url: str, barrier, results, n_users: int) -> None:
         results.put(job_id)
 
 
-def test_two_processes_share_one_sqlite_file(db_url: str) -> None:
-    context = multiprocessing.get_context("spawn")
-    barrier = context.Barrier(2)
-    results = context.Queue()
-    workers = [
-        context.Process(target=_submit_and_finish, args=(db_url, barrier, results, 20))
-        for _ in range(2)
-    ]
-    for worker in workers:
-        worker.start()
-    job_ids = [results.get(timeout=60) for _ in workers]
-    for worker in workers:
-        worker.join(timeout=60)
-        assert worker.exitcode == 0
+def test_two_processes_share_one_registry(db_url: str) -> None:
+    job_ids = _in_two_processes(_submit_and_finish, db_url, 20)
     with Registry(db_url) as registry:
         assert sorted(job.job_id for job in registry.jobs()) == sorted(job_ids)
         for job_id in job_ids:
@@ -401,12 +417,57 @@ def test_two_processes_share_one_sqlite_file(db_url: str) -> None:
     assert _count(db_url, Adapter) == 40
 
 
-def test_writer_transactions_take_the_write_lock_at_begin(db_url: str) -> None:
-    engine = make_engine(db_url)
+def _race_through_job(url: str, job_id: str, barrier, results) -> None:
+    """Start and finish every run of ``job_id``: cbpo runs succeed, sft runs fail for good.
+
+    Puts how many runs this process recorded (calls that returned True).
+    """
+    barrier.wait()
+    recorded = 0
+    with Registry(url) as registry:
+        for run in registry.runs(job_id):
+            try:
+                registry.mark_running(run.run_id)
+            except InvalidTransition:
+                continue
+            if run.method == "cbpo":
+                adapter = {**ADAPTER, "path": f"/a/{run.run_id}"}
+                recorded += registry.record_success(run.run_id, METRICS, adapter)
+            else:
+                recorded += registry.record_failure(run.run_id, "diverged", final=True)
+    results.put(recorded)
+
+
+def test_two_processes_racing_through_one_job_record_each_run_once(db_url: str) -> None:
+    users = [f"u{i}" for i in range(6)]
+    with Registry(db_url) as registry:
+        job_id = registry.create_job("t", ["cbpo", "sft"], users, {})
+    recorded = _in_two_processes(_race_through_job, db_url, job_id)
+    assert sum(recorded) == 12
+    with Registry(db_url) as registry:
+        job = registry.job(job_id)
+        runs = registry.runs(job_id)
+        results = registry.results(job_id)
+    assert job.counts == {"pending": 0, "running": 0, "succeeded": 6, "failed": 6}
+    assert {(r.method, r.state, r.error) for r in runs} == {
+        ("cbpo", "succeeded", None),
+        ("sft", "failed", "diverged"),
+    }
+    assert {r.attempts for r in runs} <= {1, 2}
+    assert [row["user_id"] for row in results] == users
+    assert {row["adapter_path"] for row in results} == {
+        f"/a/{r.run_id}" for r in runs if r.method == "cbpo"
+    }
+    assert _count(db_url, Metric) == 6
+    assert _count(db_url, Adapter) == 6
+
+
+def test_writer_transactions_take_the_write_lock_at_begin(sqlite_url: str) -> None:
+    engine = make_engine(sqlite_url)
     try:
         with writer(engine).begin() as connection:
             connection.exec_driver_sql("SELECT 1")
-            other = sqlite3.connect(db_url.removeprefix("sqlite:///"), timeout=0)
+            other = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), timeout=0)
             with pytest.raises(sqlite3.OperationalError, match="locked"):
                 other.execute("BEGIN IMMEDIATE")
             other.close()
@@ -414,8 +475,8 @@ def test_writer_transactions_take_the_write_lock_at_begin(db_url: str) -> None:
         engine.dispose()
 
 
-def test_transact_retries_when_the_database_is_locked(db_url: str) -> None:
-    engine = make_engine(db_url)
+def test_transact_retries_when_the_database_is_locked(sqlite_url: str) -> None:
+    engine = make_engine(sqlite_url)
     calls: list[int] = []
 
     def work(session: Session) -> str:
@@ -446,3 +507,4 @@ def test_numpy_values_are_stored_as_plain_numbers(registry: Registry) -> None:
     (row,) = registry.results(job_id)
     assert (row["rouge1"], row["n_pos"]) == (0.25, 3)
     assert registry.job(job_id).config == {"lr": 0.5}
+    assert registry.extras(job_id) == {("u1", "cbpo"): {"loss": [1.0, 0.5]}}

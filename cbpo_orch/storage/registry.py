@@ -519,10 +519,13 @@ def _task_adapter_dict(entry: TaskAdapter) -> dict[str, Any]:
 
 
 def _iso(moment: datetime) -> str:
-    """Format a stored timestamp as ISO 8601 in UTC (SQLite returns it naive)."""
+    """Format a stored timestamp as ISO 8601 in UTC.
+
+    SQLite returns it naive (in UTC), PostgreSQL in the session's time zone.
+    """
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
-    return moment.isoformat()
+    return moment.astimezone(timezone.utc).isoformat()
 
 
 def _distinct_names(field: str, values: Sequence[str]) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sqlalchemy import Connection, insert, inspect, select, update
+from sqlalchemy import Connection, func, insert, inspect, select, update
 
 from .models import SCHEMA_VERSION, Base, SchemaVersion
 
@@ -12,6 +12,9 @@ Migration = Callable[[Connection], None]
 
 MIGRATIONS: dict[int, Migration] = {}
 """``MIGRATIONS[v]`` upgrades a database from schema version ``v`` to ``v + 1``."""
+
+SCHEMA_LOCK_KEY = 0x6362706F
+"""PostgreSQL advisory lock key that serializes schema preparation (SQLite locks at BEGIN)."""
 
 
 class SchemaVersionError(RuntimeError):
@@ -26,6 +29,8 @@ def prepare_schema(connection: Connection) -> None:
     :class:`SchemaVersionError` before anything is changed.  Run this inside a
     transaction so that a failed migration leaves the database untouched.
     """
+    if connection.dialect.name == "postgresql":
+        connection.execute(select(func.pg_advisory_xact_lock(SCHEMA_LOCK_KEY)))
     found = _stored_version(connection)
     if found is not None and found > SCHEMA_VERSION:
         raise SchemaVersionError(
