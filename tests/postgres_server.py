@@ -1,4 +1,6 @@
-"""A throwaway PostgreSQL server for the tests: one per session, one fresh database per test.
+"""A throwaway PostgreSQL server for the tests: one per session, one fresh database per test;
+and ``db_url``, an empty registry database on SQLite and on that server, for the tests
+that must hold on both.
 
 The server runs from the installed Debian binaries (``/usr/lib/postgresql/*/bin``) on a
 free loopback port, with trust authentication and fsync off.  ``initdb`` refuses to run
@@ -88,6 +90,18 @@ def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
         yield postgres_server.url(name)
     finally:
         postgres_server.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """The URL of a fresh SQLite registry file (in a folder that does not exist yet)."""
+    return f"sqlite:///{tmp_path / 'nested' / 'registry.sqlite'}"
+
+
+@pytest.fixture(params=["sqlite_url", "postgres_url"], ids=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """An empty registry database on each backend."""
+    return request.getfixturevalue(request.param)
 
 
 def _as_postgres_user() -> list[str]:

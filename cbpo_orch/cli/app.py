@@ -18,7 +18,7 @@ from cbpo_orch.method.config import ConfigError
 from cbpo_orch.method.data import DataError
 from cbpo_orch.method.methods import UnknownMethod
 from cbpo_orch.method.model_dirs import ModelError, check_model_dir
-from cbpo_orch.storage.registry import UnknownJob
+from cbpo_orch.storage.registry import LeaseHeld, UnknownJob
 from cbpo_orch.storage.schema import SchemaVersionError
 
 app = typer.Typer(
@@ -33,7 +33,7 @@ class UsageError(ValueError):
     """A command-line mistake that is not about data, models or config values."""
 
 
-USER_ERRORS: tuple[type[Exception], ...] = (DataError, ModelError, ConfigError, UnknownMethod, UnknownJob, SchemaVersionError, UsageError)
+USER_ERRORS: tuple[type[Exception], ...] = (DataError, ModelError, ConfigError, UnknownMethod, UnknownJob, SchemaVersionError, UsageError, LeaseHeld)
 
 TaskOpt = Annotated[str, typer.Option(help="Built-in task (lamp4 lamp5 longlamp2 longlamp3 longlamp4 commit-subject) or a task definition JSON file.")]
 DataOpt = Annotated[Path, typer.Option(help="Data folder in LaMP or LongLaMP format.")]

@@ -53,6 +53,7 @@ def _print_examples(extras: dict, users, methods) -> None:
 
 def _run(space, job_id: str, resources: Resources | None, examples: int = 0) -> None:
     from cbpo_orch.orchestrator.driver import run_job
+    from cbpo_orch.orchestrator.lease import LeaseLost
 
     job = space.registry.job(job_id)
     total = len(job.users) * len(job.methods)
@@ -63,6 +64,9 @@ def _run(space, job_id: str, resources: Resources | None, examples: int = 0) -> 
     except KeyboardInterrupt:
         typer.echo(f"interrupted: finish it with `cbpo-orch resume {job_id}`", err=True)
         sys.exit(130)
+    except LeaseLost as lost:
+        typer.echo(f"error: {lost}", err=True)
+        sys.exit(1)
     _print_results(space.registry.results(job_id), "table", aggregate=True)
     _print_examples(space.registry.extras(job_id), job.users[:examples], job.methods)
     failed = space.registry.runs(job_id, states=("failed",))

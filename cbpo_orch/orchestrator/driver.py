@@ -18,6 +18,7 @@ from pathlib import Path
 
 from cbpo_orch.method.tasks import load_task
 from cbpo_orch.orchestrator import scheduler
+from cbpo_orch.orchestrator.lease import LEASE_TTL_S, JobLease, LeaseLost
 from cbpo_orch.orchestrator.spec import JobSpec, Resources
 from cbpo_orch.orchestrator.workspace import Workspace
 from cbpo_orch.storage.registry import InvalidTransition, Registry
@@ -47,15 +48,23 @@ def run_job(
     resources: Resources | None = None,
     progress: Progress | None = None,
     worker_fn: Callable = personalize_users,
+    lease_ttl_s: float = LEASE_TTL_S,
 ) -> str:
-    """Run (or resume) every unfinished (user, method) of ``job_id``; returns its final state."""
+    """Run (or resume) every unfinished (user, method) of ``job_id``; returns its final state.
+
+    The job's lease is held throughout (``LeaseHeld`` when another live driver runs it)."""
     progress = progress or Progress()
     registry = space.registry
     job = registry.job(job_id)
     if job.state == "cancelled":
         return job.state  # its runs were cancelled: start none, and keep the job cancelled
     spec, stored_resources = JobSpec.from_config(job.config)
-    resources = resources or stored_resources
+    with JobLease(registry, job_id, lease_ttl_s) as lease:
+        return _drive(space, job_id, spec, resources or stored_resources, progress, worker_fn, lease)
+
+
+def _drive(space: Workspace, job_id: str, spec: JobSpec, resources: Resources, progress: Progress, worker_fn: Callable, lease: JobLease) -> str:
+    registry = space.registry
     registry.reset_interrupted(job_id)
     registry.set_job_state(job_id, "running")
     try:
@@ -69,13 +78,16 @@ def run_job(
             progress.notice(f"Ray dashboard: http://{dashboard}")
         tam_path = _task_adapter(space, spec, resources, progress)
         progress.stage("personalizing users")
-        _fan_out(space, job_id, spec, resources, history, tam_path, progress, worker_fn)
+        _fan_out(space, job_id, spec, resources, history, tam_path, progress, worker_fn, lease)
+    except LeaseLost:
+        raise  # the job is the other driver's now: leave its state alone
     except KeyboardInterrupt:
         registry.set_job_state(job_id, "interrupted", "interrupted by the user; `cbpo-orch resume` finishes it")
         raise
     except Exception as error:
         registry.set_job_state(job_id, "failed", f"{type(error).__name__}: {error}")
         raise
+    lease.check()
     return _finish(registry, job_id)
 
 
@@ -128,6 +140,7 @@ def _fan_out(
     tam_path: str | None,
     progress: Progress,
     worker_fn: Callable,
+    lease: JobLease,
 ) -> None:
     registry = space.registry
     pending = registry.runs(job_id, states=("pending",))
@@ -142,6 +155,7 @@ def _fan_out(
         progress.runs(counts, tally.finished / hours if tally.finished and hours > 0 else None)
 
     def start(unit: scheduler.Work) -> bool:
+        lease.check()
         try:
             attempts[unit.key] = registry.mark_running(unit.key).attempts
         except InvalidTransition:
@@ -150,6 +164,7 @@ def _fan_out(
         return True
 
     def finish(unit: scheduler.Work, result) -> list[scheduler.Work]:
+        lease.check()
         run = runs[unit.key]
         retry: list[scheduler.Work] = []
         if isinstance(result, scheduler.Failure):

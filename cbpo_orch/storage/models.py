@@ -22,8 +22,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Version of the schema these models describe; bump it with a migration."""
+
+FREE_LEASE = datetime(1970, 1, 1, tzinfo=timezone.utc)
+"""``DriverLease.expires_at`` of a lease no driver holds."""
 
 JOB_STATES = ("pending", "running", "succeeded", "failed", "cancelled", "interrupted")
 RUN_STATES = ("pending", "running", "succeeded", "failed", "cancelled")
@@ -76,6 +79,18 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     finished_at: Mapped[datetime | None]
     error: Mapped[str | None] = mapped_column(Text)
+
+
+class DriverLease(Base):
+    """Which driver runs a job: the one whose lease has not expired (it renews it while
+    it lives). One row per job, made with the job; a free lease has no owner."""
+
+    __tablename__ = "driver_leases"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.job_id"), primary_key=True)
+    owner: Mapped[str | None] = mapped_column(String(200))
+    expires_at: Mapped[datetime] = mapped_column(default=FREE_LEASE)
+    renewed_at: Mapped[datetime | None]
 
 
 class UserRun(Base):

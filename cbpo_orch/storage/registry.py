@@ -24,18 +24,20 @@ import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .engine import make_engine, transact, writer
 from .models import (
+    FREE_LEASE,
     JOB_STATES,
     RUN_STATES,
     Adapter,
+    DriverLease,
     Job,
     Metric,
     TaskAdapter,
@@ -95,6 +97,21 @@ class UnknownRun(KeyError):
 
 class InvalidTransition(ValueError):
     """A run cannot move to the requested state from the state it is in."""
+
+
+class LeaseHeld(RuntimeError):
+    """Another live driver holds the job's lease: this one may not run the job."""
+
+    def __init__(self, job_id: str, owner: str | None, seconds_left: float) -> None:
+        super().__init__(job_id, owner, seconds_left)
+        self.job_id, self.owner, self.seconds_left = job_id, owner, seconds_left
+
+    def __str__(self) -> str:
+        return (
+            f"job {self.job_id} is being run by another driver ({self.owner}); wait for it to finish, "
+            f"or if it has died, `cbpo-orch resume {self.job_id}` can take over once its lease expires "
+            f"(in {max(self.seconds_left, 0):.0f} s without a heartbeat)"
+        )
 
 
 @dataclass(frozen=True)
@@ -173,6 +190,7 @@ class Registry:
                 Job(job_id=job_id, task=task, methods=methods, users=users, config=dict(config))
             )
             session.flush()
+            session.add(DriverLease(job_id=job_id))
             session.add_all(
                 UserRun(job_id=job_id, user_id=user, method=method)
                 for user in users
@@ -439,6 +457,57 @@ class Registry:
                 raise
             return existing
 
+    def take_lease(self, job_id: str, owner: str, ttl_s: float, replacing: str | None = None) -> None:
+        """Make ``owner`` the job's one driver for ``ttl_s`` seconds, if the lease is free,
+        expired, already its own, or held by ``replacing`` (a driver known to be dead);
+        otherwise raise :class:`LeaseHeld`. Of several drivers racing for one lease,
+        exactly one gets it (one conditional update)."""
+        if not self._claim(job_id, owner, ttl_s, takeover=True, replacing=replacing):
+            lease = self.lease(job_id)
+            raise LeaseHeld(job_id, lease["owner"], lease["seconds_left"])
+    def renew_lease(self, job_id: str, owner: str, ttl_s: float) -> bool:
+        """Extend ``owner``'s lease by ``ttl_s`` from now (its heartbeat); False when the
+        lease is no longer its own (it expired and another driver took the job over)."""
+        return self._claim(job_id, owner, ttl_s, takeover=False)
+
+    def release_lease(self, job_id: str, owner: str) -> None:
+        """Free the job's lease if ``owner`` still holds it (a driver that ends)."""
+
+        def work(session: Session) -> None:
+            session.execute(
+                update(DriverLease)
+                .where(DriverLease.job_id == job_id, DriverLease.owner == owner)
+                .values(owner=None, expires_at=FREE_LEASE)
+            )
+
+        transact(self._writer, work)
+
+    def lease(self, job_id: str) -> dict[str, Any]:
+        """The job's lease: its ``owner`` (None when free) and ``seconds_left`` until it expires."""
+
+        def work(session: Session) -> dict[str, Any]:
+            _get_job(session, job_id)
+            lease = session.get(DriverLease, job_id)
+            return {"owner": lease.owner, "seconds_left": (_aware(lease.expires_at) - utcnow()).total_seconds()}
+
+        return transact(self._engine, work)
+
+    def _claim(self, job_id: str, owner: str, ttl_s: float, takeover: bool, replacing: str | None = None) -> bool:
+        def work(session: Session) -> bool:
+            _get_job(session, job_id)
+            now = utcnow()
+            allowed = [DriverLease.owner == owner]
+            if takeover:
+                allowed += [DriverLease.expires_at < now] + ([DriverLease.owner == replacing] if replacing else [])
+            result = session.execute(
+                update(DriverLease)
+                .where(DriverLease.job_id == job_id, or_(*allowed))
+                .values(owner=owner, expires_at=now + timedelta(seconds=ttl_s), renewed_at=now)
+            )
+            return result.rowcount == 1
+
+        return transact(self._writer, work)
+
     def _run_state(self, run_id: int) -> str:
         """Return the current state of a run."""
         return transact(self._engine, lambda session: _get_run(session, run_id).state)
@@ -518,14 +587,15 @@ def _task_adapter_dict(entry: TaskAdapter) -> dict[str, Any]:
     }
 
 
-def _iso(moment: datetime) -> str:
-    """Format a stored timestamp as ISO 8601 in UTC.
+def _aware(moment: datetime) -> datetime:
+    """A stored timestamp as an aware UTC datetime: SQLite returns it naive (in UTC),
+    PostgreSQL in the session's time zone."""
+    return (moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
 
-    SQLite returns it naive (in UTC), PostgreSQL in the session's time zone.
-    """
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc).isoformat()
+
+def _iso(moment: datetime) -> str:
+    """Format a stored timestamp as ISO 8601 in UTC."""
+    return _aware(moment).isoformat()
 
 
 def _distinct_names(field: str, values: Sequence[str]) -> list[str]:

@@ -6,11 +6,18 @@ from collections.abc import Callable
 
 from sqlalchemy import Connection, func, insert, inspect, select, update
 
-from .models import SCHEMA_VERSION, Base, SchemaVersion
+from .models import SCHEMA_VERSION, Base, DriverLease, Job, SchemaVersion
 
 Migration = Callable[[Connection], None]
 
-MIGRATIONS: dict[int, Migration] = {}
+
+def _add_driver_leases(connection: Connection) -> None:
+    """1 → 2: the driver lease table, with a free lease for every existing job."""
+    DriverLease.__table__.create(connection)
+    connection.execute(insert(DriverLease).from_select(["job_id"], select(Job.job_id)))
+
+
+MIGRATIONS: dict[int, Migration] = {1: _add_driver_leases}
 """``MIGRATIONS[v]`` upgrades a database from schema version ``v`` to ``v + 1``."""
 
 SCHEMA_LOCK_KEY = 0x6362706F

@@ -1,0 +1,173 @@
+"""One live driver per job: the registry's lease, its heartbeat, takeover and refusal."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from cbpo_orch.home import SAMPLE_DATA
+from cbpo_orch.method.config import TrainConfig
+from cbpo_orch.orchestrator.lease import JobLease, LeaseLost, dead_here
+from cbpo_orch.orchestrator.spec import JobSpec, Resources
+from cbpo_orch.storage.registry import LeaseHeld, Registry
+
+ELSEWHERE = "another-host:4242:abcdef12"
+
+
+@pytest.fixture
+def registry(db_url: str):
+    with Registry(db_url) as opened:
+        yield opened
+
+
+def _job(registry: Registry, users=("a", "b")) -> str:
+    spec = JobSpec("lamp4", str(SAMPLE_DATA.resolve()), "dev", "/no/model/needed", ("sft",), tuple(users), TrainConfig(method="sft"))
+    return registry.create_job("lamp4", ["sft"], list(users), spec.to_config(Resources(workers=1)))
+
+
+def test_a_live_lease_refuses_others_and_an_expired_one_is_taken_over(registry: Registry) -> None:
+    job = _job(registry)
+    assert registry.lease(job)["owner"] is None
+    registry.take_lease(job, "A", ttl_s=0.4)
+    registry.take_lease(job, "A", ttl_s=0.4)  # its own lease: taken again
+    with pytest.raises(LeaseHeld, match=f"job {job} is being run by another driver \\(A\\)"):
+        registry.take_lease(job, "B", ttl_s=0.4)
+    assert registry.renew_lease(job, "A", ttl_s=0.4) and not registry.renew_lease(job, "B", ttl_s=0.4)
+    time.sleep(0.5)
+    registry.take_lease(job, "B", ttl_s=30)
+    assert not registry.renew_lease(job, "A", ttl_s=30), "an expired owner's heartbeat must not win the lease back"
+    registry.release_lease(job, "A")  # not A's any more: nothing changes
+    assert registry.lease(job)["owner"] == "B" and registry.lease(job)["seconds_left"] > 29
+    registry.release_lease(job, "B")
+    assert registry.lease(job)["owner"] is None
+    registry.take_lease(job, "C", ttl_s=30)
+
+
+def test_a_dead_drivers_lease_is_replaced_only_when_named(registry: Registry) -> None:
+    job = _job(registry)
+    registry.take_lease(job, ELSEWHERE, ttl_s=30)
+    with pytest.raises(LeaseHeld):
+        registry.take_lease(job, "B", ttl_s=30, replacing="someone-else")
+    registry.take_lease(job, "B", ttl_s=30, replacing=ELSEWHERE)
+    assert registry.lease(job)["owner"] == "B"
+
+
+def test_drivers_racing_for_one_lease_exactly_one_wins(db_url: str, registry: Registry) -> None:
+    job = _job(registry)
+    contenders = 8
+    barrier = threading.Barrier(contenders)
+    won: list[str] = []
+    refused: list[str] = []
+
+    def contend(name: str) -> None:
+        with Registry(db_url) as own:
+            barrier.wait()
+            try:
+                own.take_lease(job, name, ttl_s=30)
+                won.append(name)
+            except LeaseHeld:
+                refused.append(name)
+
+    threads = [threading.Thread(target=contend, args=(f"driver-{i}",)) for i in range(contenders)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(won) == 1 and len(refused) == contenders - 1
+    assert registry.lease(job)["owner"] == won[0]
+
+
+def test_the_heartbeat_keeps_the_lease_past_its_ttl_and_exit_frees_it(registry: Registry) -> None:
+    job = _job(registry)
+    with JobLease(registry, job, ttl_s=0.3) as lease:
+        time.sleep(1.0)  # three times the TTL: only the heartbeat keeps it
+        with pytest.raises(LeaseHeld):
+            registry.take_lease(job, ELSEWHERE, ttl_s=30)
+        lease.check()
+    assert registry.lease(job)["owner"] is None
+
+
+def test_a_driver_whose_lease_was_taken_over_stops(registry: Registry) -> None:
+    job = _job(registry)
+    with JobLease(registry, job, ttl_s=0.3) as lease:
+        registry.take_lease(job, ELSEWHERE, ttl_s=30, replacing=lease.owner)  # as if it had stalled past its lease
+        time.sleep(0.3)
+        with pytest.raises(LeaseLost, match="lost job .* lease to another driver"):
+            lease.check()
+    assert registry.lease(job)["owner"] == ELSEWHERE, "the lost driver must not release the new owner's lease"
+
+
+def test_a_local_driver_that_died_is_replaced_at_once_a_live_one_is_not(registry: Registry) -> None:
+    job = _job(registry)
+    import socket
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        alive = f"{socket.gethostname()}:{child.pid}:00000000"
+        registry.take_lease(job, alive, ttl_s=30)
+        assert not dead_here(alive) and not dead_here(ELSEWHERE) and not dead_here(None)
+        with pytest.raises(LeaseHeld):
+            JobLease(registry, job).__enter__()
+    finally:
+        child.kill()
+        child.wait()
+    assert dead_here(alive)
+    with JobLease(registry, job) as lease:
+        assert registry.lease(job)["owner"] == lease.owner
+
+
+def test_run_job_refuses_a_job_another_live_driver_runs_and_changes_nothing(tmp_path: Path, registry: Registry) -> None:
+    from cbpo_orch.orchestrator.driver import run_job
+    from cbpo_orch.orchestrator.workspace import Workspace
+
+    job = _job(registry)
+    running = registry.runs(job)[0]
+    registry.mark_running(running.run_id)  # the other driver's run in flight
+    registry.take_lease(job, ELSEWHERE, ttl_s=30)
+    space = Workspace.open(tmp_path / "home", registry.url, None)
+    with pytest.raises(LeaseHeld):
+        run_job(space, job)
+    assert registry.job(job).state == "pending"
+    assert [r.state for r in registry.runs(job)] == ["running", "pending"], "a refused driver must not reset the other's runs"
+
+
+def test_resume_of_a_job_another_driver_runs_is_one_clear_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    from cbpo_orch.cli.main import main
+
+    home = tmp_path / "home"
+    with Registry(f"sqlite:///{home / 'registry.db'}") as registry:
+        job = _job(registry)
+        registry.take_lease(job, ELSEWHERE, ttl_s=30)
+    monkeypatch.delenv("CBPO_ORCH_DB", raising=False)
+    monkeypatch.setattr(sys, "argv", ["cbpo-orch", "resume", job, "--home", str(home)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert re.fullmatch(
+        f"error: job {job} is being run by another driver \\({ELSEWHERE}\\); wait for it to finish, or if it has died, "
+        f"`cbpo-orch resume {job}` can take over once its lease expires \\(in \\d+ s without a heartbeat\\)",
+        line,
+    ), line
+    assert "Traceback" not in err
+
+
+def test_a_version_1_registry_gets_a_free_lease_for_every_job(db_url: str, registry: Registry) -> None:
+    jobs = [_job(registry), _job(registry, users=("c",))]
+    engine = create_engine(db_url)
+    with engine.begin() as connection:  # the registry as version 1 left it: no lease table
+        connection.execute(text("DROP TABLE driver_leases"))
+        connection.execute(text("UPDATE schema_version SET version = 1"))
+    engine.dispose()
+    with Registry(db_url) as migrated:
+        for job in jobs:
+            assert migrated.lease(job)["owner"] is None
+            migrated.take_lease(job, "A", ttl_s=30)
