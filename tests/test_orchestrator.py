@@ -192,6 +192,13 @@ def _shutdown_ray_if_started() -> None:
         ray.shutdown()
 
 
+def _ray_version() -> tuple[int, int]:
+    import ray
+
+    major, minor = ray.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
 def _attempt_dirs(home: Path, job: str, user: str, method: str) -> list[str]:
     return sorted(p.name for p in (home / "artifacts" / "adapters" / job / user / method).glob("attempt-*"))
 
@@ -294,6 +301,9 @@ def test_two_submits_share_one_registry(cli, tiny_model_dir, dev_users):
     dashboards = [re.findall(r"Ray dashboard: (\S+)", d.stderr) for d in done]
     if all(dashboards):
         assert dashboards[0] != dashboards[1]
+        if _ray_version() >= (2, 59):  # its local clusters check a token: the line says where to get it
+            for d in done:
+                assert "sign in with the token `ray get-auth-token` prints" in d.stderr, d.stderr[-3000:]
 
     status = {j["job_id"]: j for j in cli.json("status", "--json")}
     assert set(status) == set(jobs)

@@ -59,4 +59,4 @@ def job_progress(total: int) -> Iterator:
                 logged["done"] = done
                 progress.console.print(f"{done}/{total} runs: ✓ {counts['succeeded']} ✗ {counts['failed']} ▶ {counts['running']} {rate} ETA {eta}")
 
-        yield DriverProgress(stage=stage, runs=runs, notice=lambda text: progress.console.print(text))
+        yield DriverProgress(stage=stage, runs=runs, notice=lambda text: progress.console.print(text, soft_wrap=True))

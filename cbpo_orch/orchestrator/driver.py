@@ -75,7 +75,7 @@ def _drive(space: Workspace, job_id: str, spec: JobSpec, resources: Resources, p
         progress.stage("connecting to Ray")
         dashboard = scheduler.connect(resources.address)
         if dashboard:
-            progress.notice(f"Ray dashboard: http://{dashboard}")
+            progress.notice(scheduler.dashboard_notice(dashboard))
         tam_path = _task_adapter(space, spec, resources, progress)
         progress.stage("personalizing users")
         _fan_out(space, job_id, spec, resources, history, tam_path, progress, worker_fn, lease)

@@ -49,6 +49,21 @@ def connect(address: str | None) -> str | None:
     return getattr(context, "dashboard_url", None) or None
 
 
+def dashboard_notice(dashboard: str) -> str:
+    """The line that points a person at the Ray dashboard, and, when the cluster checks
+    Ray's token, where the token to sign in with comes from."""
+    line = f"Ray dashboard: http://{dashboard}"
+    return f"{line} (token authentication: sign in with the token `ray get-auth-token` prints)" if _token_auth() else line
+
+
+def _token_auth() -> bool:
+    try:
+        from ray._private.authentication.authentication_utils import is_token_auth_enabled
+    except ImportError:  # a Ray without token authentication
+        return False
+    return is_token_auth_enabled()
+
+
 def cluster_slots(cpus_per_user: float, gpus_per_user: float) -> int:
     total = ray.cluster_resources()
     if gpus_per_user > 0:
