@@ -49,6 +49,12 @@ REQUIRED_FLAGS = {
     "submit": {"--task", "--data", "--model", "--users", "--method"},
     "generate": {"--job", "--user"},
 }
+# The Kubernetes Secret with the cluster's Ray token: created by whoever deploys
+# (`kubectl create secret generic …`), never committed.
+RAY_TOKEN_SECRET = {"name": "cbpo-ray-token", "key": "auth_token"}
+# Where the launcher config's containers read the token when RAY_AUTH_TOKEN_PATH is
+# not set: Ray's default ~/.ray/auth_token for the rayproject images' user "ray".
+RAY_DEFAULT_TOKEN_PATH = "/home/ray/.ray/auth_token"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -75,6 +81,15 @@ def strings_in(node) -> list[str]:
         return [s for v in node.values() for s in strings_in(v)]
     if isinstance(node, list):
         return [s for v in node for s in strings_in(v)]
+    return []
+
+
+def mappings_in(node) -> list[dict]:
+    """Every mapping in a parsed YAML tree, ``node`` included."""
+    if isinstance(node, dict):
+        return [node] + [m for v in node.values() for m in mappings_in(v)]
+    if isinstance(node, list):
+        return [m for v in node for m in mappings_in(v)]
     return []
 
 
@@ -208,8 +223,50 @@ def all_ray_pods() -> list[tuple[str, dict]]:
     ]
 
 
+def toolbox() -> dict:
+    return the_one(KUBERAY / "toolbox.yaml", "Pod")["spec"]
+
+
+def client_pods() -> list[tuple[str, dict]]:
+    """The pods that talk to a Ray cluster from outside it (``ray job submit``)."""
+    submitter = rayjob()["spec"].get("submitterPodTemplate")
+    assert submitter, "rayjob.yaml: no submitterPodTemplate, so KubeRay's default submitter (no Ray token) would run `ray job submit`"
+    return [("toolbox", toolbox()), ("rayjob submitter", submitter["spec"])]
+
+
 def env_of(container: dict) -> dict[str, dict]:
     return {e["name"]: e for e in container.get("env", [])}
+
+
+def secrets_created_in(snippets: list[str]) -> dict[str, set[str]]:
+    """Secret name -> keys, of the ``kubectl create secret generic NAME --from-literal=KEY=…``
+    commands among ``snippets``."""
+    found: dict[str, set[str]] = {}
+    for snippet in snippets:
+        for match in re.finditer(r"kubectl create secret generic ([\w.-]+)(.*)", snippet):
+            found.setdefault(match.group(1), set()).update(re.findall(r"--from-(?:literal|file)=([\w.-]+)=", match.group(2)))
+    return found
+
+
+def documented_secrets() -> dict[str, set[str]]:
+    """The Secrets that the manifests' comments and the README have the operator create."""
+    snippets = [s for path in sorted(KUBERAY.glob("*.yaml")) for s in shell_snippets(path.read_text(), comments_only=True)]
+    snippets += [s for block in readme_code_blocks() for s in shell_snippets(block)]
+    return secrets_created_in(snippets)
+
+
+# A token-like value: 32+ characters of hex or base64(url), not a path and not `$(…)`.
+_TOKEN_VALUE = r"[A-Za-z0-9][A-Za-z0-9+/_-]{31,}={0,2}"
+_LITERAL_TOKEN = re.compile(
+    rf"(?:RAY_AUTH_TOKEN|auth_token)[\"']?\s*[:=]\s*[\"']?{_TOKEN_VALUE}"
+    rf"|Bearer\s+{_TOKEN_VALUE}"
+    r"|(?<![0-9A-Fa-f])[0-9A-Fa-f]{32,}(?![0-9A-Fa-f])",
+    re.I,
+)
+
+
+def literal_tokens(text: str) -> list[str]:
+    return [m.group(0) for m in _LITERAL_TOKEN.finditer(text)]
 
 
 def shared_claim() -> str:
@@ -374,28 +431,24 @@ def test_manifests_reference_what_exists():
         d["metadata"]["name"]: set(d.get("stringData", {})) | set(d.get("data", {}))
         for d in load_all(KUBERAY / "postgres.yaml") if d["kind"] == "Secret"
     }
+    # ... and those the operator creates (the Ray token's): not committed, so they
+    # exist only as the documented `kubectl create secret` commands.
+    for name, keys in documented_secrets().items():
+        secrets.setdefault(name, set()).update(keys)
+    assert RAY_TOKEN_SECRET["key"] in secrets.get(RAY_TOKEN_SECRET["name"], set()), "no command creates the Ray token's Secret"
     for path in sorted(KUBERAY.glob("*.yaml")):
-
-        def walk(node):
-            if isinstance(node, dict):
-                if "claimName" in node:
-                    assert node["claimName"] == claim, f"{path.name}: unknown PVC {node['claimName']}"
-                if "secretKeyRef" in node:
-                    ref = node["secretKeyRef"]
-                    assert ref["key"] in secrets.get(ref["name"], set()), f"{path.name}: no Secret key {ref}"
-                for value in node.values():
-                    walk(value)
-            elif isinstance(node, list):
-                for value in node:
-                    walk(value)
-
-        walk(load_all(path))
+        for node in mappings_in(load_all(path)):
+            if "claimName" in node:
+                assert node["claimName"] == claim, f"{path.name}: unknown PVC {node['claimName']}"
+            if "secretKeyRef" in node:
+                ref = node["secretKeyRef"]
+                assert ref["key"] in secrets.get(ref["name"], set()), f"{path.name}: no Secret key {ref}"
 
 
 def test_one_image_and_one_ray_version_everywhere():
-    toolbox = the_one(KUBERAY / "toolbox.yaml", "Pod")["spec"]
     images = {c["image"] for _, pod in all_ray_pods() for c in pod["containers"]}
-    images |= {c["image"] for c in toolbox["containers"] + toolbox.get("initContainers", [])}
+    # The clients too: the submitter runs `ray job submit`, of the cluster's Ray version.
+    images |= {c["image"] for _, pod in client_pods() for c in pod["containers"] + pod.get("initContainers", [])}
     assert len(images) == 1, f"several cbpo-orch images: {sorted(images)}"
     docker_version = re.search(r"^ARG RAY_VERSION=(\S+)$", (DEPLOY / "Dockerfile").read_text(), re.M).group(1)
     assert rayjob()["spec"]["rayClusterSpec"]["rayVersion"] == docker_version
@@ -426,8 +479,7 @@ def test_shared_storage_holds_home_data_and_model():
             assert home.startswith(mount + "/"), f"{role}: CBPO_ORCH_HOME {home} is not on the shared PVC"
             has_db = "CBPO_ORCH_DB" in env_of(container)
             assert has_db == role.endswith("head"), f"{role}: only the head (the driver) gets CBPO_ORCH_DB"
-    toolbox = the_one(KUBERAY / "toolbox.yaml", "Pod")["spec"]
-    mounts.add(shared_mount(toolbox, toolbox["containers"][0]))
+    mounts.add(shared_mount(toolbox(), toolbox()["containers"][0]))
     assert len(mounts) == 1, f"the shared PVC is mounted at different paths: {mounts}"
     [mount] = mounts
     [call] = invocations(" ".join(rayjob()["spec"]["entrypoint"].split()), "entrypoint")
@@ -459,3 +511,89 @@ def test_readme_paths_exist():
             if not (ROOT / path).exists():
                 missing.append(path)
     assert not missing, f"deploy/README.md names paths that do not exist: {missing}"
+
+
+def test_every_ray_container_and_client_has_the_token_from_the_secret():
+    problems = []
+    for role, pod in all_ray_pods() + client_pods():
+        for container in pod["containers"]:
+            env, where = env_of(container), f"{role} ({container['name']})"
+            if env.get("RAY_AUTH_MODE", {}).get("value") != "token":
+                problems.append(f"{where}: RAY_AUTH_MODE is not 'token'")
+            token = env.get("RAY_AUTH_TOKEN", {})
+            if "value" in token or token.get("valueFrom", {}).get("secretKeyRef") != RAY_TOKEN_SECRET:
+                problems.append(f"{where}: RAY_AUTH_TOKEN must come from secretKeyRef {RAY_TOKEN_SECRET} alone, got {token}")
+    assert not problems, "\n".join(problems)
+    # The submitter is KubeRay's own `ray job submit`: KubeRay supplies the command
+    # (from `entrypoint`) only when the template has none; a Job's pod never restarts.
+    submitter = rayjob()["spec"]["submitterPodTemplate"]["spec"]
+    assert "command" not in submitter["containers"][0] and "args" not in submitter["containers"][0]
+    assert submitter["restartPolicy"] == "Never"
+    # Each manifest that uses the Secret says, at its top, how to create it.
+    for path in sorted(KUBERAY.glob("*.yaml")):
+        if RAY_TOKEN_SECRET["name"] in strings_in(load_all(path)):
+            created = secrets_created_in(shell_snippets(path.read_text(), comments_only=True))
+            assert RAY_TOKEN_SECRET["key"] in created.get(RAY_TOKEN_SECRET["name"], set()), (
+                f"{path.name}: its comments do not show the `kubectl create secret generic {RAY_TOKEN_SECRET['name']}` command"
+            )
+
+
+def test_cluster_launcher_config_gives_every_node_the_token_file():
+    config = load_all(DEPLOY / "ray-cluster.yaml")[0]
+    run_options = config["docker"]["run_options"]
+    assert "-e RAY_AUTH_MODE=token" in run_options, "the containers do not turn token authentication on"
+    # The token itself never in `docker run` (which `ray up` prints): only its file.
+    assert not [o for o in run_options if "RAY_AUTH_TOKEN=" in o], "the token in docker run_options (printed by `ray up`)"
+    targets = [dst for dst, src in config["file_mounts"].items() if src == "~/.ray/auth_token"]
+    assert len(targets) == 1, "file_mounts must copy ~/.ray/auth_token (`ray get-auth-token --generate`) to the nodes"
+    target = re.sub(r"^~/", "/home/ray/", targets[0])  # the launcher mounts it into the container there
+    paths = [m.group(1) for o in run_options if (m := re.fullmatch(r"-e RAY_AUTH_TOKEN_PATH=(\S+)", o))]
+    assert paths in ([], [target]) and (paths or target == RAY_DEFAULT_TOKEN_PATH), (
+        f"the container's Ray reads {paths or RAY_DEFAULT_TOKEN_PATH}, not the synced token file {target}"
+    )
+    # Not inside the synced (and installed) repository checkout.
+    checkouts = [dst.rstrip("/") + "/" for dst, src in config["file_mounts"].items() if src in (".", "./")]
+    assert checkouts and not any(target.startswith(c) for c in checkouts)
+    # No command touches the token: `ray up` logs the commands and their output.
+    commands = [c for key, value in config.items() if key.endswith("_commands") for c in value or []]
+    assert not [c for c in commands if re.search(r"auth_token|RAY_AUTH_TOKEN|get-auth-token", c)]
+
+
+def test_literal_token_detector():
+    hex64, b64 = "3f" * 32, "q8Zx/Lw2+Yt4NvR0mKp7sJd1HfG6bCe9aUi3oWy5=="
+    for text in (
+        f"RAY_AUTH_TOKEN={hex64}", f"export RAY_AUTH_TOKEN='{b64}'", f"--from-literal=auth_token={b64}",
+        f"- {{name: RAY_AUTH_TOKEN, value: {hex64}}}", f'curl -H "Authorization: Bearer {b64}"', f"a digest {hex64}",
+    ):
+        assert literal_tokens(text), text
+    for text in (
+        "kubectl create secret generic cbpo-ray-token --from-literal=auth_token=$(openssl rand -hex 32)",
+        "-e RAY_AUTH_TOKEN_PATH=/home/ray/.ray/auth_token", "/home/ray/.ray/auth_token: ~/.ray/auth_token",
+        'curl -H "Authorization: Bearer $(ray get-auth-token)"', "key: auth_token",
+        "--model /mnt/cbpo/home/models/SmolLM2-135M-Instruct", "TOKENIZERS_PARALLELISM=false",
+    ):
+        assert not literal_tokens(text), text
+
+
+def test_no_token_is_committed_under_deploy():
+    files = sorted(p for p in DEPLOY.rglob("*") if p.is_file())
+    found = {str(p.relative_to(ROOT)): hits for p in files if (hits := literal_tokens(p.read_text(encoding="utf-8")))}
+    assert not found, f"token-like values under deploy/: {found}"
+
+    problems = []
+    for path in yaml_files():
+        for node in mappings_in(load_all(path)):
+            if node.get("kind") == "Secret" and node.get("metadata", {}).get("name") == RAY_TOKEN_SECRET["name"]:
+                problems.append(f"{path.name}: the Ray token's Secret is committed (it is created at deploy time)")
+            if node.get("name") == "RAY_AUTH_TOKEN" and "value" in node:
+                problems.append(f"{path.name}: RAY_AUTH_TOKEN with a literal value")
+            if "RAY_AUTH_TOKEN" in node:
+                problems.append(f"{path.name}: RAY_AUTH_TOKEN set as a mapping key (a runtime_env or the like)")
+    # In the manifests the token is only ever an env var from the Secret: no command
+    # (entrypoint, command, args) reads or prints it, which would put it into a log.
+    problems += [
+        f"{path.name}: {value!r} handles the token"
+        for path in sorted(KUBERAY.glob("*.yaml")) for value in strings_in(load_all(path))
+        if value not in ("RAY_AUTH_TOKEN", RAY_TOKEN_SECRET["key"]) and re.search(r"RAY_AUTH_TOKEN|auth_token|get-auth-token", value)
+    ]
+    assert not problems, "\n".join(problems)
