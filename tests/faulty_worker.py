@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from cbpo_orch.method.data import DataError
+from cbpo_orch.method.trainer import NumericalError
 from cbpo_orch.workers.personalize import personalize_users
 
 FAILING_USER = "a24e7d657a9"
@@ -40,6 +41,14 @@ def bad_record_for_one_user(context, user_ids: list[str], config):
     :data:`FAILING_USER`, personalize every other user as usual."""
     if FAILING_USER in user_ids:
         raise DataError(injected_error(FAILING_USER))
+    return personalize_users(context, user_ids, config)
+
+
+def diverge_for_one_user(context, user_ids: list[str], config):
+    """Raise a :class:`NumericalError` (seeded training that diverged: a retry diverges
+    alike) for :data:`FAILING_USER`, personalize every other user as usual."""
+    if FAILING_USER in user_ids:
+        raise NumericalError(injected_error(FAILING_USER))
     return personalize_users(context, user_ids, config)
 
 

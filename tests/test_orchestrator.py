@@ -463,7 +463,12 @@ def test_failing_user_is_retried_then_failed_others_succeed(local_ray, home, tin
     assert all(directory_sha256(r["adapter_path"]) == r["sha256"] for r in rows)
 
 
-def test_input_error_fails_its_run_at_once_others_succeed(local_ray, home, tiny_model_dir, dev_users):
+@pytest.mark.parametrize(
+    "worker_fn, error",
+    [(faulty_worker.bad_record_for_one_user, "DataError"), (faulty_worker.diverge_for_one_user, "NumericalError")],
+    ids=["bad-record", "diverged"],
+)
+def test_input_error_fails_its_run_at_once_others_succeed(local_ray, home, tiny_model_dir, dev_users, worker_fn, error):
     from cbpo_orch.orchestrator.driver import run_job
     from cbpo_orch.orchestrator.workspace import Workspace
     from cbpo_orch.orchestrator.spec import Resources
@@ -472,7 +477,7 @@ def test_input_error_fails_its_run_at_once_others_succeed(local_ray, home, tiny_
     job = _create_job(home, tiny_model_dir, users)
     space = Workspace.open(home)
 
-    state = run_job(space, job, Resources(max_retries=2, workers=1), worker_fn=faulty_worker.bad_record_for_one_user)
+    state = run_job(space, job, Resources(max_retries=2, workers=1), worker_fn=worker_fn)
 
     assert state == "failed"
     assert space.registry.job(job).counts == {"pending": 0, "running": 0, "succeeded": 2, "failed": 1}
@@ -480,7 +485,7 @@ def test_input_error_fails_its_run_at_once_others_succeed(local_ray, home, tiny_
         assert run.attempts == 1
         if run.user_id == faulty_worker.FAILING_USER:
             assert run.state == "failed"
-            assert run.error == f"DataError: {faulty_worker.injected_error(run.user_id)}"
+            assert run.error == f"{error}: {faulty_worker.injected_error(run.user_id)}"
         else:
             assert run.state == "succeeded"
 

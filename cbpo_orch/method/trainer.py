@@ -37,6 +37,11 @@ from cbpo_orch.method.tasks import Budgets
 StepCallback = Callable[[int, int, float], None]
 
 
+class NumericalError(ArithmeticError):
+    """A user's training diverged (a loss or an adapter weight is NaN or infinite). The run
+    is seeded, so a retry would diverge the same way: its run fails with this reason."""
+
+
 @dataclass(frozen=True)
 class Sample:
     """One training item: its encoded pair and which side it is on."""
@@ -255,10 +260,11 @@ def train_adapters(
                 kl_batch = [users[u].kl_pairs[i] for u, i in rows]
                 kl_logratio = sequence_logps(model, kl_batch, pad_id, len(rows), device) - torch.cat([ref_kl[u][index[u]] for u in active])
             losses = loss_fn(logp, n_tokens, ref, positive, slots, kl_logratio)
+            values = losses.detach().tolist()
+            _check_finite(values, active, t, total_steps, config.method)
             optimizer.zero_grad()
             losses.sum().backward()
         optimizer.step(slots_present(slots, multi.n_slots))
-        values = losses.detach().tolist()
         for u in active:
             value = values[u]
             results[u].steps += 1
@@ -276,6 +282,9 @@ def train_adapters(
     for slot, selection in selections.items():
         results[slot].selected_epoch = selection.restore()
         results[slot].validation_scores = selection.scores
+    for slot in range(n):
+        if not all(bool(torch.isfinite(p[slot]).all()) for p in multi.parameters()):
+            raise NumericalError(f"the {config.method} adapter's weights are not finite after training (slot {slot} of the pack)")
     model.eval()
     loss_fn.reference.eval()
     seconds = time.perf_counter() - started
@@ -283,6 +292,14 @@ def train_adapters(
         result.reference_state = loss_fn.reference.user_state(slot)
         result.seconds = seconds
     return results
+
+
+def _check_finite(values: list[float], active: list[int], step: int, total_steps: int, method: str) -> None:
+    for u in active:
+        value = values[u]
+        if not math.isfinite(value):
+            pack = f" (slot {u} of the pack)" if len(values) > 1 else ""
+            raise NumericalError(f"the {method} loss became {value} at step {step + 1} of {total_steps}{pack}: training diverged")
 
 
 def adapter_files(multi: MultiLora, slot: int, trainer_state: dict | None = None) -> dict[str, bytes]:

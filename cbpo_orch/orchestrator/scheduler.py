@@ -5,8 +5,8 @@ once and then personalizes user after user; the driver keeps at most one call in
 flight per actor (never thousands of pending futures), replaces an actor that dies,
 and receives every result to write it itself.
 
-A failure is permanent when the job's own input is at fault (:data:`PERMANENT_ERRORS`):
-a retry would fail the same way. Anything else — a dead worker, out of memory, any
+A failure is permanent when a retry would fail the same way (:data:`PERMANENT_ERRORS`:
+the job's own input is at fault, or a seeded training diverged). Anything else — a dead worker, out of memory, any
 other exception — is transient and may be retried.
 """
 
@@ -23,11 +23,13 @@ from cbpo_orch.method.config import ConfigError, TrainConfig
 from cbpo_orch.method.data import DataError
 from cbpo_orch.method.methods import UnknownMethod
 from cbpo_orch.method.model_dirs import ModelError
+from cbpo_orch.method.trainer import NumericalError
 
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}
 
-PERMANENT_ERRORS: tuple[type[Exception], ...] = (DataError, ConfigError, ModelError, UnknownMethod)
-"""Errors of the job's own input (data, config, model, method): never retried."""
+PERMANENT_ERRORS: tuple[type[Exception], ...] = (DataError, ConfigError, ModelError, UnknownMethod, NumericalError)
+"""Errors that a retry would repeat: the job's own input (data, config, model, method), or
+a seeded training that diverged. Never retried."""
 
 WORKER_DEATHS = (RayActorError, WorkerCrashedError, OutOfMemoryError)
 """How Ray reports a worker process that died: the actor is replaced."""
