@@ -140,3 +140,27 @@ def test_a_crash_mid_write_leaves_no_partial_target(
     monkeypatch.setattr(artifacts, "_write_file", real_write)
     info = store.write_dir("job1/u1/cbpo", FILES)
     assert store.verify(info.path, files_sha256(FILES))
+
+
+def test_find_describes_a_written_folder_and_none_for_a_missing_one(store: ArtifactStore) -> None:
+    written = store.write_dir("task-adapters/k1", FILES)
+    assert store.find("task-adapters/k1") == written
+    assert store.find("task-adapters/k2") is None
+
+
+def test_remove_unregistered_deletes_what_a_crash_left_and_keeps_the_registered(store: ArtifactStore) -> None:
+    kept = store.write_dir("adapters/j1/u1/sft/attempt-1", FILES)
+    orphan = store.write_dir("adapters/j1/u1/sft/attempt-2", FILES)  # written, never recorded
+    other_user = store.write_dir("adapters/j1/u2/sft/attempt-1", FILES)
+    staging = store.root / "adapters" / "j1" / "u2" / "sft" / ".attempt-2.0123abcd.tmp"  # a crash mid-write
+    staging.mkdir()
+    (staging / "adapter_config.json").write_bytes(b"{")
+    other_job = store.write_dir("adapters/j2/u1/sft/attempt-1", FILES)
+
+    removed = store.remove_unregistered("adapters/j1", 3, [str(kept.path), other_user.path])
+
+    assert removed == sorted([orphan.path, staging])
+    assert store.verify(kept.path, kept.sha256) and store.verify(other_user.path, other_user.sha256)
+    assert not orphan.path.exists() and not staging.exists()
+    assert store.verify(other_job.path, other_job.sha256), "another job's folders are not this job's to clean"
+    assert store.remove_unregistered("adapters/j3", 3, []) == []

@@ -15,6 +15,7 @@ from sqlalchemy import create_engine, text
 from cbpo_orch.home import SAMPLE_DATA
 from cbpo_orch.method.config import TrainConfig
 from cbpo_orch.orchestrator.lease import JobLease, LeaseLost, dead_here
+from cbpo_orch.orchestrator.processes import alive, signal_group
 from cbpo_orch.orchestrator.spec import JobSpec, Resources
 from cbpo_orch.storage.registry import LeaseHeld, Registry
 
@@ -138,7 +139,7 @@ def test_run_job_refuses_a_job_another_live_driver_runs_and_changes_nothing(tmp_
     assert [r.state for r in registry.runs(job)] == ["running", "pending"], "a refused driver must not reset the other's runs"
 
 
-def test_resume_of_a_job_another_driver_runs_is_one_clear_line(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_resume_of_a_job_another_driver_runs_is_one_clear_line(tmp_path: Path, monkeypatch, capfd) -> None:
     from cbpo_orch.cli.main import main
 
     home = tmp_path / "home"
@@ -149,7 +150,7 @@ def test_resume_of_a_job_another_driver_runs_is_one_clear_line(tmp_path: Path, m
     monkeypatch.setattr(sys, "argv", ["cbpo-orch", "resume", job, "--home", str(home)])
     with pytest.raises(SystemExit) as exit_info:
         main()
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err  # the driver runs in a child process
     assert exit_info.value.code == 2
     (line,) = [line for line in err.splitlines() if line.startswith("error:")]
     assert re.fullmatch(
@@ -171,3 +172,29 @@ def test_a_version_1_registry_gets_a_free_lease_for_every_job(db_url: str, regis
         for job in jobs:
             assert migrated.lease(job)["owner"] is None
             migrated.take_lease(job, "A", ttl_s=30)
+
+
+def test_taking_over_a_dead_local_driver_stops_what_its_local_ray_left(registry: Registry) -> None:
+    import socket
+
+    # A driver leads its process group; what it started (its local Ray) is in that group.
+    leader = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys, time\n"
+         "left = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+         "print(left.pid, flush=True); time.sleep(120)"],
+        start_new_session=True, stdout=subprocess.PIPE, text=True,
+    )
+    left_behind = int(leader.stdout.readline())
+    try:
+        job = _job(registry)
+        registry.take_lease(job, f"{socket.gethostname()}:{leader.pid}:00000000", ttl_s=30)
+        leader.kill()
+        leader.wait()
+        assert alive(left_behind), "the dead driver's child must outlive it for this test"
+        with JobLease(registry, job):
+            deadline = time.monotonic() + 10
+            while alive(left_behind) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert not alive(left_behind), "resume must stop what the dead driver left running"
+    finally:
+        signal_group(leader.pid, 9)

@@ -13,11 +13,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from cbpo_orch.home import default_model_dir, home_dir
+from cbpo_orch.home import FolderError, check_folder, default_model_dir, home_dir
 from cbpo_orch.method.config import ConfigError
 from cbpo_orch.method.data import DataError
 from cbpo_orch.method.methods import UnknownMethod
 from cbpo_orch.method.model_dirs import ModelError, check_model_dir
+from cbpo_orch.storage.engine import RegistryUnavailable
 from cbpo_orch.storage.registry import LeaseHeld, UnknownJob
 from cbpo_orch.storage.schema import SchemaVersionError
 
@@ -33,7 +34,9 @@ class UsageError(ValueError):
     """A command-line mistake that is not about data, models or config values."""
 
 
-USER_ERRORS: tuple[type[Exception], ...] = (DataError, ModelError, ConfigError, UnknownMethod, UnknownJob, SchemaVersionError, UsageError, LeaseHeld)
+USER_ERRORS: tuple[type[Exception], ...] = (
+    DataError, ModelError, ConfigError, UnknownMethod, UnknownJob, SchemaVersionError, RegistryUnavailable, FolderError, UsageError, LeaseHeld
+)
 
 TaskOpt = Annotated[str, typer.Option(help="Built-in task (lamp4 lamp5 longlamp2 longlamp3 longlamp4 commit-subject) or a task definition JSON file.")]
 DataOpt = Annotated[Path, typer.Option(help="Data folder in LaMP or LongLaMP format.")]
@@ -52,6 +55,7 @@ def resolve_model(model: Path | None, home: Path | None) -> Path:
 def fresh_output_dir(out: Path) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"output folder {out} already exists and is not empty; choose another --out")
+    check_folder(out.parent, "folder of --out", writable=True)
     return out
 
 

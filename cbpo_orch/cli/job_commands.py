@@ -32,10 +32,10 @@ if not OUT.is_terminal:
     OUT.width = 200
 
 
-def _workspace(home: Path | None, db: str | None, artifacts: Path | None):
+def _workspace(home: Path | None, db: str | None, artifacts: Path | None, writes: bool = False):
     from cbpo_orch.orchestrator.workspace import Workspace
 
-    return Workspace.open(home_dir(home), db, artifacts)
+    return Workspace.open(home_dir(home), db, artifacts, writes)
 
 
 def _print_examples(extras: dict, users, methods) -> None:
@@ -52,9 +52,35 @@ def _print_examples(extras: dict, users, methods) -> None:
 
 
 def _run(space, job_id: str, resources: Resources | None, examples: int = 0) -> None:
+    """Drive the job in a child process that this one watches (``driver_process.py``) and
+    exit with its code; where the driver died without a word, say so and what to run."""
+    from cbpo_orch.cli.driver_process import OWN_EXITS, run_in_child
+
+    code = run_in_child(_drive, space.registry.url, space.artifacts.root, space.cache, job_id, resources, examples)
+    if code not in OWN_EXITS or (code == 1 and space.registry.job(job_id).state == "running"):
+        how = f"signal {-code}" if code < 0 else f"exit code {code}"
+        typer.echo(
+            f"error: the driver of job {job_id} died ({how}) before the job finished (it was killed, or Ray ended it because "
+            f"its cluster went away); every finished run is kept: `cbpo-orch resume {job_id}` finishes the job",
+            err=True,
+        )
+        code = 1
+    if code:
+        sys.exit(code)
+
+
+def _drive(url: str, artifacts: Path, cache: Path, job_id: str, resources: Resources | None, examples: int) -> int:
+    """The driver process: run the job, print its results; returns the exit code."""
+    from cbpo_orch.cli.app import USER_ERRORS
+    from cbpo_orch.cli.driver_process import EXIT_LEASE_LOST
     from cbpo_orch.orchestrator.driver import run_job
     from cbpo_orch.orchestrator.lease import LeaseLost
+    from cbpo_orch.orchestrator.scheduler import ClusterLost
+    from cbpo_orch.orchestrator.workspace import Workspace
+    from cbpo_orch.storage.artifacts import ArtifactStore
+    from cbpo_orch.storage.registry import Registry
 
+    space = Workspace(Registry(url), ArtifactStore(artifacts), cache)
     job = space.registry.job(job_id)
     total = len(job.users) * len(job.methods)
     typer.echo(f"job {job_id}: {len(job.users)} users × {len(job.methods)} methods ({', '.join(job.methods)})", err=True)
@@ -63,18 +89,23 @@ def _run(space, job_id: str, resources: Resources | None, examples: int = 0) -> 
             state = run_job(space, job_id, resources, progress)
     except KeyboardInterrupt:
         typer.echo(f"interrupted: finish it with `cbpo-orch resume {job_id}`", err=True)
-        sys.exit(130)
+        return 130
     except LeaseLost as lost:
         typer.echo(f"error: {lost}", err=True)
-        sys.exit(1)
+        return EXIT_LEASE_LOST
+    except ClusterLost as lost:
+        typer.echo(f"error: the Ray cluster went away under the driver ({lost}); every finished run is kept: `cbpo-orch resume {job_id}` finishes the job", err=True)
+        return 1
+    except USER_ERRORS as error:
+        typer.echo(f"error: {error}", err=True)
+        return 2
     _print_results(space.registry.results(job_id), "table", aggregate=True)
     _print_examples(space.registry.extras(job_id), job.users[:examples], job.methods)
     failed = space.registry.runs(job_id, states=("failed",))
     for run in failed:
         typer.echo(f"failed: {run.user_id} · {run.method} after {run.attempts} attempts: {run.error}", err=True)
     typer.echo(f"job {job_id} {state}. Details: cbpo-orch results {job_id}", err=True)
-    if state != "succeeded":
-        sys.exit(1)
+    return 0 if state == "succeeded" else 1
 
 
 @app.command()
@@ -122,7 +153,7 @@ def submit(
         raise UsageError("--task-adapter-lr must be > 0 and --task-adapter-epochs ≥ 1")
     spec = JobSpec(task_ref, data_path, split, model_path, methods, chosen, train, tam, task_adapter_lr, task_adapter_epochs, embedder)
 
-    space = _workspace(home, db, artifacts)
+    space = _workspace(home, db, artifacts, writes=True)
     job_id = space.registry.create_job(task_def.name, list(methods), list(chosen), spec.to_config(resources))
     typer.echo(job_id)
     _run(space, job_id, resources, examples)
@@ -138,7 +169,7 @@ def resume(
     artifacts: ArtifactsOpt = None,
 ) -> None:
     """Finish a job after a crash or Ctrl-C: runs what has not succeeded; nothing is redone."""
-    space = _workspace(home, db, artifacts)
+    space = _workspace(home, db, artifacts, writes=True)
     info = space.registry.job(job)
     if info.state == "cancelled":
         raise UsageError(f"job {job} was cancelled; submit it again instead")

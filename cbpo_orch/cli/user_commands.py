@@ -12,7 +12,7 @@ import typer
 from cbpo_orch.cli.app import DataOpt, DeviceOpt, HomeOpt, ModelOpt, TaskOpt, app, fresh_output_dir, resolve_model, write_folder
 from cbpo_orch.cli.progress import step_progress
 from cbpo_orch.cli.training_options import build_config, with_training_options
-from cbpo_orch.home import default_model_dir, downloads_dir, home_dir
+from cbpo_orch.home import check_folder, default_model_dir, downloads_dir, home_dir
 from cbpo_orch.method.data import load_split
 from cbpo_orch.method.model_dirs import ModelError, check_adapter_dir
 from cbpo_orch.method.tasks import load_task
@@ -29,7 +29,7 @@ def setup_model(
 
     if gguf is not None and not gguf.is_file():
         raise ModelError(f"GGUF file {gguf} does not exist")
-    root = home_dir(home)
+    root = check_folder(home_dir(home), "home folder", writable=True)
     out = default_model_dir(root)
     typer.echo(f"preparing {out.name} in {out.parent} …", err=True)
     typer.echo(str(setup_default_model(out, downloads_dir(root), gguf)))
@@ -51,7 +51,7 @@ def train_task_adapter_command(
     """Train a task adapter (TAM) by SFT on the non-test users of a task (LoRA r=16 on q/k/v/o)."""
     from dataclasses import replace
 
-    from cbpo_orch.method.models import load_model
+    from cbpo_orch.method.models import check_adaptable, load_model
     from cbpo_orch.method.task_adapter import TASK_ADAPTER_CONFIG, train_task_adapter
 
     task_def = load_task(task)
@@ -59,6 +59,7 @@ def train_task_adapter_command(
     model_dir = resolve_model(model, home)
     out = fresh_output_dir(out)
     config = replace(TASK_ADAPTER_CONFIG, epochs=epochs, lr=lr, max_profile=max_profile)
+    check_adaptable(model_dir, config.lora)
     loaded = load_model(model_dir, device)
     with step_progress("task adapter") as on_step:
         files, result = train_task_adapter(loaded, dataset, config, on_step)
@@ -96,9 +97,10 @@ def train_user(
     if task_adapter is not None:
         check_adapter_dir(task_adapter)
     out = fresh_output_dir(out)
+    cache = check_folder(home_dir(home) / "cache", "cache folder", writable=True)
 
     typer.echo("embedding every user's history (cached in the home folder) …", err=True)
-    history = cached_history(home_dir(home) / "cache", datasets, embedder)
+    history = cached_history(cache, datasets, embedder)
     context = load_user_context(task_def, dataset, history, model_dir, task_adapter, device)
     with step_progress(f"{user} · {method}") as on_step:
         outcome = personalize_user(context, user, config, on_step)

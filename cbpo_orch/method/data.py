@@ -36,9 +36,10 @@ if TYPE_CHECKING:
     from cbpo_orch.method.tasks import Task
 
 USER_ID_KEYS = ("user_id", "name", "reviewerId", "author")
-_SAFE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+_SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
-_SAFE_ID_RULE = "letters, digits, '.', '_', '-' only, not starting with '.', at most 128 characters"
+_SAFE_ID_RULE = "letters, digits, '.', '_', '-' only, not starting with '.' or '-', at most 128 characters"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class DataError(ValueError):
@@ -277,7 +278,7 @@ def _row_user_id(record: Mapping[str, Any], where: str) -> str:
     raw = _field(record, key, where)
     if _SAFE_ID.fullmatch(raw):
         return raw
-    slug = _UNSAFE_CHARS.sub("_", raw).lstrip(".")[:100] or "user"
+    slug = _UNSAFE_CHARS.sub("_", raw).lstrip(".-")[:100] or "user"
     return f"{slug}-{hashlib.sha1(raw.encode()).hexdigest()[:8]}"
 
 
@@ -396,6 +397,8 @@ def _parse_json(text: str, where: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except (ValueError, RecursionError) as exc:
+        raise DataError(f"{where}: unreadable JSON ({exc})") from None
 
 
 def _require_object(value: Any, where: str) -> None:
@@ -410,7 +413,10 @@ def _field(record: Mapping[str, Any], key: str, where: str) -> str:
     value = record[key]
     if not _is_scalar(value):
         raise DataError(f"{where}: field {key!r} must be a string or number, got {_kind(value)}")
-    return _as_text(value)
+    text = _as_text(value)
+    if _SURROGATE.search(text):
+        raise DataError(f"{where}: field {key!r} holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which is not text")
+    return text
 
 
 def _safe_id(value: str, where: str) -> str:

@@ -17,7 +17,9 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from cbpo_orch.method.config import LoraSettings  # noqa: E402
 from cbpo_orch.method.model_dirs import ModelError, check_model_dir  # noqa: E402
+from cbpo_orch.method.multi_lora import MultiLora  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 hf_logging.set_verbosity_error()
@@ -52,6 +54,17 @@ def load_tokenizer(path: str | Path):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def check_adaptable(path: str | Path, lora: LoraSettings) -> None:
+    """Fail with ModelError unless the model at ``path`` is a causal LM holding ``lora``'s
+    target layers; it is built from its config on the meta device, so no weight is read."""
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+        with torch.device("meta"):
+            MultiLora(AutoModelForCausalLM.from_config(config), lora, 1)
+    except (OSError, ValueError, TypeError) as error:
+        raise ModelError(f"model {str(path)!r} cannot be personalized: {str(error).splitlines()[0]}") from None
 
 
 def model_context(path: str | Path) -> int | None:

@@ -27,6 +27,10 @@ from cbpo_orch.workers.personalize import UserOutcome, personalize_users
 from cbpo_orch.workers.task_adapter import build_task_adapter, task_adapter_config
 
 
+ADAPTER_DEPTH = 3
+"""Adapters lie ``ADAPTER_DEPTH`` levels below ``adapters/JOB``: ``USER/METHOD/attempt-N``."""
+
+
 @dataclass
 class Progress:
     """What the driver reports while it runs (the CLI draws it)."""
@@ -66,6 +70,10 @@ def run_job(
 def _drive(space: Workspace, job_id: str, spec: JobSpec, resources: Resources, progress: Progress, worker_fn: Callable, lease: JobLease) -> str:
     registry = space.registry
     registry.reset_interrupted(job_id)
+    registered = [row["adapter_path"] for row in registry.results(job_id) if row["adapter_path"]]
+    removed = space.artifacts.remove_unregistered(f"adapters/{job_id}", ADAPTER_DEPTH, registered)
+    if removed:
+        progress.notice(f"removed {len(removed)} adapter folders that an earlier driver wrote but never recorded")
     registry.set_job_state(job_id, "running")
     try:
         task = load_task(spec.task)
@@ -81,6 +89,9 @@ def _drive(space: Workspace, job_id: str, spec: JobSpec, resources: Resources, p
         _fan_out(space, job_id, spec, resources, history, tam_path, progress, worker_fn, lease)
     except LeaseLost:
         raise  # the job is the other driver's now: leave its state alone
+    except scheduler.ClusterLost as lost:
+        registry.set_job_state(job_id, "interrupted", f"the Ray cluster went away ({lost}); `cbpo-orch resume {job_id}` finishes it")
+        raise
     except KeyboardInterrupt:
         registry.set_job_state(job_id, "interrupted", "interrupted by the user; `cbpo-orch resume` finishes it")
         raise
@@ -116,17 +127,20 @@ def _task_adapter(space: Workspace, spec: JobSpec, resources: Resources, progres
     known = space.registry.task_adapter(key)
     if known is not None and space.artifacts.verify(known["path"], known["sha256"]):
         return known["path"]
-    progress.stage("training the task adapter on the train split's users (once per task, data and model)")
-    built = scheduler.run_remote(
-        build_task_adapter,
-        spec.task,
-        spec.data,
-        spec.model,
-        task_adapter_config(spec),
-        num_cpus=resources.cpus_per_user,
-        num_gpus=1 if resources.gpus_per_user else 0,
-    )
-    info = space.artifacts.write_dir(f"task-adapters/{key}", built["files"])
+    # A folder without a registry entry was written by a driver that died before recording it.
+    info = space.artifacts.find(f"task-adapters/{key}") if known is None else None
+    if info is None:
+        progress.stage("training the task adapter on the train split's users (once per task, data and model)")
+        built = scheduler.run_remote(
+            build_task_adapter,
+            spec.task,
+            spec.data,
+            spec.model,
+            task_adapter_config(spec),
+            num_cpus=resources.cpus_per_user,
+            num_gpus=1 if resources.gpus_per_user else 0,
+        )
+        info = space.artifacts.write_dir(f"task-adapters/{key}", built["files"])
     space.registry.record_task_adapter(key, spec.task, spec.model, str(info.path), info.sha256, info.bytes)
     return str(info.path)
 

@@ -4,7 +4,8 @@
 thread renews it every third of its time to live. A second driver is refused while the
 lease lives (``LeaseHeld``). The lease of a driver that died ends with its heartbeats; a
 driver that died on this machine is seen dead at once (its process is gone), so a
-``resume`` right after a crash takes over without waiting. A driver whose lease another
+``resume`` right after a crash takes over without waiting and stops what is left of the
+dead driver's local Ray (``processes.py``). A driver whose lease another
 driver took over (it stalled past its lease) stops at its next step (``LeaseLost``).
 """
 
@@ -14,8 +15,8 @@ import os
 import socket
 import threading
 import uuid
-from pathlib import Path
 
+from cbpo_orch.orchestrator.processes import alive, stop_leftovers
 from cbpo_orch.storage.registry import Registry
 
 LEASE_TTL_S = 30.0
@@ -46,7 +47,10 @@ class JobLease:
 
     def __enter__(self) -> JobLease:
         holder = self.registry.lease(self.job_id)["owner"]
-        self.registry.take_lease(self.job_id, self.owner, self.ttl_s, replacing=holder if dead_here(holder) else None)
+        dead = dead_here(holder)
+        if dead:
+            stop_leftovers(_pid(holder))
+        self.registry.take_lease(self.job_id, self.owner, self.ttl_s, replacing=holder if dead else None)
         self._beat.start()
         return self
 
@@ -72,25 +76,11 @@ class JobLease:
 
 def dead_here(owner: str | None) -> bool:
     """Whether lease ``owner`` (``host:pid:nonce``) is a driver of this machine that is gone."""
-    if owner is None:
+    if owner is None or owner.partition(":")[0] != socket.gethostname() or _pid(owner) is None:
         return False
-    host, _, rest = owner.partition(":")
-    pid = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    return not _alive(int(pid))
+    return not alive(_pid(owner))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    try:
-        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
-    except (OSError, IndexError):
-        return True
-
+def _pid(owner: str) -> int | None:
+    pid = owner.split(":")[1] if owner.count(":") >= 2 else ""
+    return int(pid) if pid.isdigit() else None

@@ -6,18 +6,28 @@ flight per actor (never thousands of pending futures), replaces an actor that di
 and receives every result to write it itself.
 
 A failure is permanent when a retry would fail the same way (:data:`PERMANENT_ERRORS`:
-the job's own input is at fault, or a seeded training diverged). Anything else — a dead worker, out of memory, any
-other exception — is transient and may be retried.
+the job's own input is at fault, or a seeded training diverged). Anything else — a dead
+worker, out of memory, any other exception — is transient and may be retried. When the
+cluster itself goes away, :class:`ClusterLost` ends the fan-out.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import ray
-from ray.exceptions import OutOfMemoryError, RayActorError, RayTaskError, WorkerCrashedError
+from ray.exceptions import (
+    LocalRayletDiedError,
+    OutOfMemoryError,
+    RayActorError,
+    RaySystemError,
+    RayTaskError,
+    RpcError,
+    WorkerCrashedError,
+)
 
 from cbpo_orch.method.config import ConfigError, TrainConfig
 from cbpo_orch.method.data import DataError
@@ -33,6 +43,21 @@ a seeded training that diverged. Never retried."""
 
 WORKER_DEATHS = (RayActorError, WorkerCrashedError, OutOfMemoryError)
 """How Ray reports a worker process that died: the actor is replaced."""
+
+CLUSTER_DEATHS = (LocalRayletDiedError, RaySystemError, RpcError)
+"""How Ray reports that the cluster itself went away under the driver (its raylet, the head)."""
+
+
+class ClusterLost(RuntimeError):
+    """The Ray cluster went away under the driver: nothing more can run until it is back."""
+
+
+@contextmanager
+def _cluster_deaths_as_lost() -> Iterator[None]:
+    try:
+        yield
+    except CLUSTER_DEATHS as error:
+        raise ClusterLost(_first_line(error)) from error
 
 
 def connect(address: str | None) -> str | None:
@@ -134,11 +159,13 @@ class Failure:
     shared: bool = False
 
 
+@_cluster_deaths_as_lost()
 def run_remote(fn: Callable, *args, num_cpus: float = 1, num_gpus: float = 0):
     """Run a plain function once as a Ray task and return its result."""
     return ray.get(ray.remote(fn).options(num_cpus=num_cpus, num_gpus=num_gpus).remote(*args))
 
 
+@_cluster_deaths_as_lost()
 def fan_out(
     work: Iterable[Work],
     context_args: dict,
@@ -160,7 +187,8 @@ def fan_out(
     returns units to schedule again (retries). ``tick`` runs about once a second.
     When the workers cannot start, every unit not yet sent is finished, unstarted,
     with that permanent failure. When a pack of several units fails, each unit is
-    finished with a ``shared`` failure and its retry goes alone.
+    finished with a ``shared`` failure and its retry goes alone. When the cluster itself
+    goes away, :class:`ClusterLost` is raised.
     """
     queue = deque(work)
     if not queue:

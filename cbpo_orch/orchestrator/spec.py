@@ -117,11 +117,13 @@ def check_task_adapter(value: str) -> str:
 
 
 def check_budgets(task: Task, dataset: Dataset, users: tuple[str, ...], model: str, train: TrainConfig) -> None:
-    """Fail before anything runs unless every query prompt of ``users`` fits the job's prompt
-    budget and the budgets fit the model (its tokenizer must also have an EOS token)."""
+    """Fail before anything runs unless the model is a causal LM with the LoRA's target layers,
+    every query prompt of ``users`` fits the job's prompt budget and the budgets fit the model
+    (its tokenizer must also have an EOS token)."""
     from cbpo_orch.method.encoding import check_prompts
-    from cbpo_orch.method.models import load_tokenizer, model_context
+    from cbpo_orch.method.models import check_adaptable, load_tokenizer, model_context
 
+    check_adaptable(model, train.lora)
     budgets = task.budgets(train.max_prompt_tokens, train.max_new_tokens)
     prompts = [(f"user {u}, query {q.id}", task.prompt(q)) for u in users for q in dataset.user(u).queries]
     check_prompts(load_tokenizer(model), prompts, budgets, model_context(model))

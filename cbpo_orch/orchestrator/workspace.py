@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from cbpo_orch.home import check_folder
 from cbpo_orch.storage.artifacts import ArtifactStore
 from cbpo_orch.storage.registry import Registry
 
@@ -25,9 +26,14 @@ class Workspace:
     cache: Path
 
     @classmethod
-    def open(cls, home: Path, db: str | None = None, artifacts: Path | None = None) -> "Workspace":
+    def open(cls, home: Path, db: str | None = None, artifacts: Path | None = None, writes: bool = False) -> "Workspace":
         """``db`` defaults to ``$CBPO_ORCH_DB`` then SQLite in ``home``; artifacts to
-        ``$CBPO_ORCH_ARTIFACTS`` then ``home/artifacts``."""
+        ``$CBPO_ORCH_ARTIFACTS`` then ``home/artifacts``. With ``writes`` (jobs will run)
+        the artifact and cache folders are checked writable before the registry is opened."""
         url = db or os.environ.get(DB_ENV) or f"sqlite:///{home / 'registry.db'}"
         folder = artifacts or Path(os.environ.get(ARTIFACTS_ENV) or home / "artifacts")
-        return cls(Registry(url), ArtifactStore(folder), home / "cache")
+        store, cache = ArtifactStore(folder), home / "cache"
+        if writes:
+            check_folder(store.root, "artifact folder", writable=True)
+            check_folder(cache, "cache folder", writable=True)
+        return cls(Registry(url), store, cache)

@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,6 +125,25 @@ class ArtifactStore:
         if not directory.is_dir():
             raise FileNotFoundError(f"no artifact directory at {directory}")
         return {name: file.read_bytes() for name, file in _walk_files(directory)}
+
+    def find(self, relative: str) -> ArtifactInfo | None:
+        """The artifact at ``root/relative`` if it exists (complete: writes are atomic), else None."""
+        directory = self.root.joinpath(*_components(relative))
+        if not directory.is_dir():
+            return None
+        return ArtifactInfo(directory, directory_sha256(directory), sum(f.stat().st_size for _, f in _walk_files(directory)))
+
+    def remove_unregistered(self, relative: str, depth: int, registered: Iterable[str | os.PathLike[str]]) -> list[Path]:
+        """Delete what a crash left below ``root/relative``: every directory ``depth`` levels
+        down (where artifacts and their staging directories lie) that is not one of
+        ``registered``. Returns what was deleted. Only the one driver of the job may call
+        it (it holds the job's lease), so nothing it deletes is being written."""
+        keep = {self._resolve(path).resolve() for path in registered}
+        base = self.root.joinpath(*_components(relative))
+        stale = sorted(d for d in base.glob("/".join(["*"] * depth)) if d.is_dir() and d.resolve() not in keep)
+        for directory in stale:
+            shutil.rmtree(directory)
+        return stale
 
     def _resolve(self, path: str | os.PathLike[str]) -> Path:
         """Interpret ``path`` as absolute, or relative to the root."""

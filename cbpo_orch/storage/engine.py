@@ -15,9 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import URL, Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session
 
 BUSY_TIMEOUT_S = 30.0
@@ -27,23 +27,57 @@ LOCK_RETRIES = 5
 """How many times a transaction is retried after a "database is locked" error."""
 
 _IMMEDIATE = "cbpo_begin_immediate"
+_URL_EXAMPLES = "e.g. sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
 
 T = TypeVar("T")
 
 
-def make_engine(url: str) -> Engine:
-    """Create an engine for ``url``, configured for multi-process use on SQLite.
+class RegistryUnavailable(RuntimeError):
+    """The registry database at a URL cannot be opened; the message is one line and
+    shows the URL without its password."""
 
-    For a file-based SQLite URL the parent folder is created first.
+
+def make_engine(url: str) -> Engine:
+    """Create an engine for ``url``, configured for multi-process use on SQLite, and
+    connect once.
+
+    For a file-based SQLite URL the parent folder is created first.  A URL that does
+    not parse, names an unknown dialect or a driver that is not installed, or whose
+    database cannot be reached or opened raises :class:`RegistryUnavailable`.
     """
-    parsed = make_url(url)
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        raise RegistryUnavailable(f"the registry URL is not a SQLAlchemy URL ({_URL_EXAMPLES})") from None
+    shown = parsed.render_as_string(hide_password=True)
+    try:
+        engine = _create_engine(parsed)
+    except NoSuchModuleError:
+        raise RegistryUnavailable(f"registry URL {shown}: unknown database dialect {parsed.drivername!r} ({_URL_EXAMPLES})") from None
+    except ImportError as error:
+        hint = "; pip install 'cbpo-orch[postgres]' and use a postgresql+psycopg:// URL" if parsed.get_backend_name() == "postgresql" else ""
+        raise RegistryUnavailable(f"registry URL {shown}: its database driver is not installed ({error}){hint}") from None
+    except OSError as error:
+        raise RegistryUnavailable(f"cannot open the registry at {shown}: {error}") from None
+    try:
+        with engine.connect():
+            pass
+    except DBAPIError as error:
+        engine.dispose()
+        reason = str(error.orig).strip().partition("\n")[0]
+        raise RegistryUnavailable(f"cannot open the registry at {shown}: {reason}") from None
+    return engine
+
+
+def _create_engine(parsed: URL) -> Engine:
+    """The engine for ``parsed``; SQLite gets its multi-process settings."""
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True, json_serializer=dump_json)
+        return create_engine(parsed, pool_pre_ping=True, json_serializer=dump_json)
     database = parsed.database or ""
     if database and database != ":memory:" and not database.startswith("file:"):
         Path(database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
-        url, connect_args={"timeout": BUSY_TIMEOUT_S}, json_serializer=dump_json
+        parsed, connect_args={"timeout": BUSY_TIMEOUT_S}, json_serializer=dump_json
     )
     event.listen(engine, "connect", _configure_sqlite_connection)
     event.listen(engine, "begin", _begin_sqlite_transaction)
