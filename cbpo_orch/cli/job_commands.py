@@ -94,7 +94,7 @@ def _drive(url: str, artifacts: Path, cache: Path, job_id: str, resources: Resou
         typer.echo(f"error: {lost}", err=True)
         return EXIT_LEASE_LOST
     except ClusterLost as lost:
-        typer.echo(f"error: the Ray cluster went away under the driver ({lost}); every finished run is kept: `cbpo-orch resume {job_id}` finishes the job", err=True)
+        typer.echo(f"error: {lost}; every finished run is kept: `cbpo-orch resume {job_id}` finishes the job", err=True)
         return 1
     except USER_ERRORS as error:
         typer.echo(f"error: {error}", err=True)

@@ -49,7 +49,8 @@ CLUSTER_DEATHS = (LocalRayletDiedError, RaySystemError, RpcError)
 
 
 class ClusterLost(RuntimeError):
-    """The Ray cluster went away under the driver: nothing more can run until it is back."""
+    """The Ray cluster cannot be reached, or went away under the driver: nothing more can
+    run until it is back."""
 
 
 @contextmanager
@@ -57,7 +58,7 @@ def _cluster_deaths_as_lost() -> Iterator[None]:
     try:
         yield
     except CLUSTER_DEATHS as error:
-        raise ClusterLost(_first_line(error)) from error
+        raise ClusterLost(f"the Ray cluster went away under the driver ({_first_line(error)})") from error
 
 
 def connect(address: str | None) -> str | None:
@@ -66,13 +67,19 @@ def connect(address: str | None) -> str | None:
     Ray dashboard's address when there is one."""
     if ray.is_initialized():
         return None
-    context = ray.init(
-        address=address or "local",
-        runtime_env={"env_vars": WORKER_ENV},
-        log_to_driver=False,
-        configure_logging=False,
-        include_dashboard=None,
-    )
+    try:
+        context = ray.init(
+            address=address or "local",
+            runtime_env={"env_vars": WORKER_ENV},
+            log_to_driver=False,
+            configure_logging=False,
+            include_dashboard=None,
+        )
+    except ConnectionError as error:
+        raise ClusterLost(
+            f"cannot reach the Ray cluster at {address}: {_first_line(error)}; if the cluster checks a token, "
+            "set RAY_AUTH_MODE=token here, with RAY_AUTH_TOKEN or the token file (`ray get-auth-token` on the head)"
+        ) from None
     return getattr(context, "dashboard_url", None) or None
 
 
