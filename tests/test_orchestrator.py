@@ -201,7 +201,8 @@ def _ray_version() -> tuple[int, int]:
 
 def _attempt_dirs(home: Path, job: str, user: str, method: str) -> list[str]:
     """Every entry of a run's adapter folder: its attempts, and any staging folder."""
-    return sorted(p.name for p in (home / "artifacts" / "adapters" / job / user / method).iterdir())
+    folder = home / "artifacts" / "adapters" / job / user / method
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
 
 
 # ───────────────────────────── CLI, real subprocesses ─────────────────────────────

@@ -30,6 +30,10 @@ from cbpo_orch.workers.task_adapter import build_task_adapter, task_adapter_conf
 ADAPTER_DEPTH = 3
 """Adapters lie ``ADAPTER_DEPTH`` levels below ``adapters/JOB``: ``USER/METHOD/attempt-N``."""
 
+REPORT_EVERY_S = 1.0
+"""The fan-out reads its counts from the registry (a query over all the job's runs) and reports
+them at most this often, not once per run."""
+
 
 @dataclass
 class Progress:
@@ -44,6 +48,7 @@ class Progress:
 class _Tally:
     started: float = field(default_factory=time.perf_counter)
     finished: int = 0
+    reported: float = float("-inf")
 
 
 def run_job(
@@ -164,9 +169,14 @@ def _fan_out(
     attempts: dict[int, int] = {}
 
     def report() -> None:
+        tally.reported = time.perf_counter()
         counts = registry.job(job_id).counts
         hours = (time.perf_counter() - tally.started) / 3600
         progress.runs(counts, tally.finished / hours if tally.finished and hours > 0 else None)
+
+    def tick() -> None:
+        if time.perf_counter() - tally.reported >= REPORT_EVERY_S:
+            report()
 
     def start(unit: scheduler.Work) -> bool:
         lease.check()
@@ -174,7 +184,6 @@ def _fan_out(
             attempts[unit.key] = registry.mark_running(unit.key).attempts
         except InvalidTransition:
             return False
-        report()
         return True
 
     def finish(unit: scheduler.Work, result) -> list[scheduler.Work]:
@@ -190,7 +199,6 @@ def _fan_out(
             _record(space, job_id, run, attempts[unit.key], result)
         if not retry:
             tally.finished += 1
-        report()
         return retry
 
     context_args = {
@@ -203,9 +211,10 @@ def _fan_out(
     slots = resources.workers or scheduler.cluster_slots(resources.cpus_per_user, resources.gpus_per_user)
     report()
     scheduler.fan_out(
-        work, context_args, history, worker_fn, slots, resources.cpus_per_user, resources.gpus_per_user, start, finish, report,
+        work, context_args, history, worker_fn, slots, resources.cpus_per_user, resources.gpus_per_user, start, finish, tick,
         resources.users_per_step,
     )
+    report()
 
 
 def _record(space: Workspace, job_id: str, run, attempt: int, outcome: UserOutcome) -> None:
