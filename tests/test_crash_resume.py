@@ -27,7 +27,7 @@ import pytest
 
 from cbpo_orch.storage.artifacts import directory_sha256
 from cbpo_orch.storage.registry import Registry
-from tests.test_orchestrator import FAST, JOB_TIMEOUT, REPO, Cli, _attempt_dirs, _ok
+from tests.test_orchestrator import FAST, JOB_TIMEOUT, REPO, Cli, _attempt_dirs, _ok, group_members
 
 SEEDS = [int(s) for s in os.environ.get("CBPO_CRASH_SEEDS", "0").split(",")]
 USERS = 4
@@ -81,20 +81,6 @@ def _driver_pid(registry: Registry, job: str, other_than: int | None) -> int:
         time.sleep(0.05)
 
 
-def _group(pgid: int) -> list[int]:
-    """Live processes of process group ``pgid``."""
-    found = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            found.append(int(entry))
-    return found
-
-
 def _succeeded(registry: Registry, job: str) -> dict[tuple[str, str], tuple[str, int]]:
     """(sha256, attempts) of each succeeded run."""
     attempts = {(r.user_id, r.method): r.attempts for r in registry.runs(job)}
@@ -122,7 +108,7 @@ def _sigkill_after_a_success(watched: Watched, registry: Registry, driver: int, 
 def _stop_its_gcs(watched: Watched, registry: Registry, driver: int, rng: random.Random) -> None:
     watched.wait_for("personalizing users")
     time.sleep(rng.uniform(0, 1.0))
-    (gcs,) = [pid for pid in _group(driver) if Path(f"/proc/{pid}/comm").read_text().strip() == "gcs_server"]
+    (gcs,) = [pid for pid in group_members(driver) if Path(f"/proc/{pid}/comm").read_text().strip() == "gcs_server"]
     os.kill(gcs, signal.SIGKILL)
 
 
@@ -163,7 +149,7 @@ def test_a_job_crashed_at_every_stage_in_turn_resumes_to_the_same_complete_resul
             assert watched.job, watched.output()
             driver = _driver_pid(registry, watched.job, other_than=dead)
             if dead is not None:
-                assert _group(dead) == [], "what the driver killed before left running survived the takeover"
+                assert group_members(dead) == [], "what the driver killed before left running survived the takeover"
             crash(watched, registry, driver, rng)
             line = watched.ended_with_one_line()
             assert any(re.fullmatch(pattern.replace("{job}", watched.job), line) for pattern in said), f"{where}: {line}"
@@ -173,7 +159,7 @@ def test_a_job_crashed_at_every_stage_in_turn_resumes_to_the_same_complete_resul
             finished, dead = now, driver
             command = ["resume", watched.job, "--workers", "1"]
         _ok(cli.run(*command))
-        assert _group(dead) == []
+        assert group_members(dead) == []
         job = watched.job
         info = registry.job(job)
         assert info.state == "succeeded" and info.counts == {"pending": 0, "running": 0, "succeeded": USERS, "failed": 0}

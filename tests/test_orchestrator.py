@@ -40,8 +40,9 @@ JOB_TIMEOUT = 240
 # ───────────────────────────── helpers and fixtures ─────────────────────────────
 
 
-def _session_members(sid: int) -> list[int]:
-    """Live (non-zombie) processes whose session id is ``sid``."""
+def _live_processes(field: int, value: int) -> list[int]:
+    """Live (non-zombie) processes whose ``/proc/PID/stat`` field ``field`` (after the
+    command name: 2 = process group, 3 = session) is ``value``."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -51,9 +52,17 @@ def _session_members(sid: int) -> list[int]:
         except OSError:
             continue
         fields = stat[stat.rfind(")") + 2 :].split()
-        if fields[0] != "Z" and int(fields[3]) == sid:
+        if fields[0] != "Z" and int(fields[field]) == value:
             found.append(int(entry))
     return found
+
+
+def _session_members(sid: int) -> list[int]:
+    return _live_processes(3, sid)
+
+
+def group_members(pgid: int) -> list[int]:
+    return _live_processes(2, pgid)
 
 
 def kill_session(sid: int, timeout: float = 15.0) -> None:
