@@ -4,8 +4,8 @@ nodes as its driver, with its registry on PostgreSQL.
 The cluster is Ray's own ``ray.cluster_utils.Cluster``: a head and a worker node, each a
 raylet of its own on this machine, one CPU each, so that ``--workers 2 --cpus-per-user 1``
 places one worker actor on each node and a lost node's actor can only be replaced on a node
-that joins later. Its nodes check Ray's token (``RAY_AUTH_MODE=token``, the token in
-``~/.ray/auth_token``), and so must the CLI, which inherits the setting. Ray's sessions and
+that joins later. Its nodes check Ray's token (``RAY_AUTH_MODE=token``, a token of the
+test's own in ``RAY_AUTH_TOKEN``), and so must the CLI, which inherits both. Ray's sessions and
 its ``ray_current_cluster`` file go to a folder of the cluster's own (``RAY_TMPDIR``), never
 to ``/tmp/ray``, where other Rays of this machine keep theirs. Every process of the cluster,
 the actors' workers included, is checked gone once its node is removed.
@@ -14,6 +14,7 @@ the actors' workers included, is checked gone once its node is removed.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import tempfile
@@ -128,8 +129,9 @@ class TwoNodes:
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """The cluster, with ``RAY_TMPDIR`` and ``RAY_AUTH_MODE`` set in this process's environment
-    while it runs: the ``cli`` of each test, set up after this module's fixture, inherits them."""
+    """The cluster, with ``RAY_TMPDIR``, ``RAY_AUTH_MODE`` and a token of its own
+    (``RAY_AUTH_TOKEN``) set in this process's environment while it runs: the ``cli`` of each
+    test, set up after this module's fixture, inherits them."""
     cluster_utils = pytest.importorskip("ray.cluster_utils", reason="this Ray has no ray.cluster_utils")
     from ray._raylet import Config
 
@@ -137,6 +139,7 @@ def ray_cluster():
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RAY_TMPDIR", folder)
         patch.setenv("RAY_AUTH_MODE", "token")
+        patch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))  # its own, whether or not ~/.ray holds one
         for name in CLEAN_ENV:
             patch.delenv(name, raising=False)
         Config.initialize("")  # this process's Ray config reads RAY_AUTH_MODE again
