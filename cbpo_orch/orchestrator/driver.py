@@ -95,7 +95,7 @@ def _drive(space: Workspace, job_id: str, spec: JobSpec, resources: Resources, p
     except LeaseLost:
         raise  # the job is the other driver's now: leave its state alone
     except scheduler.ClusterLost as lost:
-        registry.set_job_state(job_id, "interrupted", f"the Ray cluster went away ({lost}); `cbpo-orch resume {job_id}` finishes it")
+        registry.set_job_state(job_id, "interrupted", f"{lost}; `cbpo-orch resume {job_id}` finishes it")
         raise
     except KeyboardInterrupt:
         registry.set_job_state(job_id, "interrupted", "interrupted by the user; `cbpo-orch resume` finishes it")
