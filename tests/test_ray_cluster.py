@@ -133,7 +133,13 @@ def ray_cluster():
     (``RAY_AUTH_TOKEN``) set in this process's environment while it runs: the ``cli`` of each
     test, set up after this module's fixture, inherits them."""
     cluster_utils = pytest.importorskip("ray.cluster_utils", reason="this Ray has no ray.cluster_utils")
-    from ray._raylet import Config
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    def read_auth_again() -> None:
+        """This process's Ray caches its auth mode and its token on first use (a local Ray of an
+        earlier test, without a token, is enough): both are read again from the environment."""
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
 
     folder = tempfile.mkdtemp(prefix="cbpo-ray-")  # short: Ray's socket paths must fit in 107 bytes
     with pytest.MonkeyPatch.context() as patch:
@@ -142,7 +148,7 @@ def ray_cluster():
         patch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))  # its own, whether or not ~/.ray holds one
         for name in CLEAN_ENV:
             patch.delenv(name, raising=False)
-        Config.initialize("")  # this process's Ray config reads RAY_AUTH_MODE again
+        read_auth_again()
         try:
             nodes = TwoNodes(cluster_utils)
             try:
@@ -152,7 +158,7 @@ def ray_cluster():
                 nodes.shutdown()
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-    Config.initialize("")
+    read_auth_again()
 
 
 def _submit(cli, cluster: TwoNodes, db: str, model: Path, users: int, flags: list[str]):
