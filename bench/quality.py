@@ -4,7 +4,10 @@ Every arm runs through `cbpo-orch submit`, so the benchmark exercises the produc
 Arms that share training options share one job (the same users, the same auxiliary
 samples); each ablation that changes an option is its own job. Jobs are remembered in a
 state file per (data, model), so an interrupted benchmark resumes instead of starting over,
-and reports that share runs (another --name, more --seeds) train them once.
+and reports that share runs (another --name, more --seeds) train them once. Every finished
+run's scores are filed in a ledger committed beside the results (DATA-MODEL.run.runs.json),
+with the task adapters the runs started from (results/task-adapters/), so that a later
+session, on a machine whose bench/.home is empty, trains only the runs the ledger lacks.
 
     # 1. tune on a validation slice (the first --validation users), never reported
     python bench/quality.py tune --task commit-subject --data ../shared/data/numpy-commit-subject \
@@ -27,6 +30,8 @@ import argparse
 import itertools
 import json
 import math
+import re
+import shutil
 import subprocess
 import sys
 from collections import defaultdict
@@ -35,9 +40,12 @@ from pathlib import Path
 from cbpo_orch.method.data import load_split
 from cbpo_orch.method.evaluation import paired_bootstrap_ci
 from cbpo_orch.method.tasks import load_task
+from cbpo_orch.storage.artifacts import directory_sha256
 
 HERE = Path(__file__).parent
 CLI = [sys.executable, "-m", "cbpo_orch"]
+TASK_ADAPTERS = HERE / "results" / "task-adapters"
+TASK_ADAPTER_KEY = re.compile(r"[0-9a-f]{24}")  # the driver's task_adapter_key: a staging folder never matches
 
 # arm name -> (method, extra training options)
 ARMS: dict[str, tuple[str, dict[str, str]]] = {
@@ -91,37 +99,100 @@ def split_users(args) -> tuple[list[str], list[str]]:
     return validation, report[: args.users] if args.users else report
 
 
-class Jobs:
-    """Submits (or resumes) the jobs of each group of arms and remembers their ids.
+class Ledger:
+    """Every finished run of a (data, model), committed as ``results/DATA-MODEL.runs.json``.
 
-    A group's state is a list of {job, users, methods}: asking for (user, method) runs that
-    no job of the group covers yet submits one more job for just those, so a report grows
-    by users or arms without rerunning what it has.
+    A session's ``bench/.home`` (registry and adapters) ends with its machine; the ledger
+    does not. A later session reads the scores of the runs it holds and trains only the
+    others, so a report grows across sessions by users, arms and seeds. Runs are filed by
+    group (the job options, seed, split and task adapter) and ``method/user``, each with the
+    scores a report uses and the job that made it.
     """
 
-    def __init__(self, args, state_file: Path):
+    def __init__(self, path: Path):
+        self.path = path
+        self.groups: dict[str, dict[str, dict]] = json.loads(path.read_text()) if path.exists() else {}
+
+    def scores(self, key: str) -> dict[tuple[str, str], dict]:
+        """(user, method) → scores of the runs filed under group ``key``."""
+        return {tuple(reversed(run.split("/", 1))): entry["scores"] for run, entry in self.groups.get(key, {}).items()}
+
+    def file(self, key: str, job: str, rows: list[dict]) -> None:
+        """File the finished runs ``rows`` of ``job`` (``results`` rows) that are not filed yet;
+        the scores are read now, while the run's adapter folder is on this machine."""
+        group = self.groups.setdefault(key, {})
+        added = False
+        for row in rows:
+            run = f"{row['method']}/{row['user_id']}"
+            if run not in group:
+                scores = {"rouge1": row["rouge1"], "rougeL": row["rougeL"], "gamma": row["gamma"], **trainer_state(row["adapter_path"])}
+                group[run] = {"job": job, "scores": scores}
+                added = True
+        if added:
+            self.groups = {k: dict(sorted(v.items())) for k, v in sorted(self.groups.items())}
+            self.path.write_text(json.dumps(self.groups, indent=1) + "\n")
+
+
+def pin_task_adapters(home: Path, committed: Path) -> None:
+    """Keep the task adapters that runs started from in ``committed`` (a few MB each).
+
+    The driver adopts a task adapter folder it finds at its key in the home's artifacts,
+    so a fresh home given the committed ones starts every run from the same model as the
+    ledger's runs did, instead of training another. Folders new in the home are committed;
+    a home whose task adapter differs from the committed one at the same key cannot join the
+    ledger's runs and stops the benchmark."""
+    local = home / "artifacts" / "task-adapters"
+    for source, target in ((committed, local), (local, committed)):
+        for folder in sorted(source.glob("*")):
+            if not (TASK_ADAPTER_KEY.fullmatch(folder.name) and folder.is_dir()):
+                continue
+            twin = target / folder.name
+            if not twin.exists():
+                shutil.copytree(folder, twin)
+            elif directory_sha256(twin) != directory_sha256(folder):
+                raise SystemExit(f"the task adapter {local / folder.name} differs from the committed {committed / folder.name}: "
+                                 "its runs started from another model than the ledger's; use another --home")
+
+
+class Jobs:
+    """Submits (or resumes) the jobs of each group of arms, remembers their ids and files
+    their finished runs in the ledger.
+
+    A group's state is a list of {job, users, methods}: asking for (user, method) runs that
+    neither the ledger nor a job of the group covers submits one more job for just those,
+    so a report grows by users or arms without rerunning what it has.
+    """
+
+    def __init__(self, args, state_file: Path, ledger: Ledger):
         self.args = args
         self.state_file = state_file
         self.state = json.loads(state_file.read_text()) if state_file.exists() else {}
+        self.ledger = ledger
 
     def key(self, options: dict[str, str], seed: int) -> str:
         return json.dumps({"options": options, "seed": seed, "split": self.args.split, "task_adapter": self.args.task_adapter}, sort_keys=True)
 
-    def recorded(self, methods: list[str], users: list[str], options: dict[str, str], seed: int) -> list[str]:
-        """The jobs already submitted for these options and seed, as they stand: nothing is
-        resumed or submitted (``report`` mode reads what finished so far)."""
-        return [entry["job"] for entry in self.state.get(self.key(options, seed), [])]
-
-    def run(self, methods: list[str], users: list[str], options: dict[str, str], seed: int) -> list[str]:
-        common = ["--home", str(self.args.home), "--workers", str(self.args.workers)]
+    def scores(self, methods: list[str], users: list[str], options: dict[str, str], seed: int, submit: bool) -> dict[tuple[str, str], dict]:
+        """(user, method) → scores of every finished run of the group, the ledger's and this
+        home's jobs' (filed in the ledger now); with ``submit``, the missing runs are trained
+        first (unfinished jobs resumed, one new job for the rest)."""
         key = self.key(options, seed)
         entries = self.state.setdefault(key, [])
+        if submit:
+            self._train(key, entries, methods, users, options, seed)
+            pin_task_adapters(self.args.home, TASK_ADAPTERS)
+        for entry in entries:
+            self.ledger.file(key, entry["job"], self.results(entry["job"]))
+        return self.ledger.scores(key)
+
+    def _train(self, key: str, entries: list[dict], methods: list[str], users: list[str], options: dict[str, str], seed: int) -> None:
+        common = ["--home", str(self.args.home), "--workers", str(self.args.workers)]
         for entry in entries:
             status = json.loads(subprocess.run(CLI + ["status", entry["job"], "--json", "--home", str(self.args.home)], capture_output=True, text=True, check=True).stdout)[0]
             if status["state"] != "succeeded":
                 print(f"[{key}] resuming job {entry['job']}", flush=True)
                 subprocess.run(CLI + ["resume", entry["job"], *common], stdout=subprocess.DEVNULL)
-        covered = {(u, m) for entry in entries for u in entry["users"] for m in entry["methods"]}
+        covered = {(u, m) for entry in entries for u in entry["users"] for m in entry["methods"]} | set(self.ledger.scores(key))
         missing = [(u, m) for u in users for m in methods if (u, m) not in covered]
         if missing:
             new_users = list(dict.fromkeys(u for u, _ in missing))
@@ -136,14 +207,11 @@ class Jobs:
             entries.append({"job": process.stdout.readline().strip(), "users": new_users, "methods": new_methods})
             self.state_file.write_text(json.dumps(self.state, indent=2))
             process.communicate()
-        return [entry["job"] for entry in entries]
 
-    def results(self, jobs: list[str]) -> list[dict]:
-        rows = []
-        for job in jobs:
-            out = subprocess.run(CLI + ["results", job, "--format", "json", "--home", str(self.args.home)], capture_output=True, text=True, check=True)
-            rows += json.loads(out.stdout)
-        return rows
+    def results(self, job: str) -> list[dict]:
+        """The job's finished runs (``cbpo-orch results``), whether or not the job is done."""
+        out = subprocess.run(CLI + ["results", job, "--format", "json", "--home", str(self.args.home)], capture_output=True, text=True, check=True)
+        return json.loads(out.stdout)
 
 
 def run_arms(jobs: Jobs, arms: dict[str, tuple[str, dict[str, str]]], users: list[str], shared: dict[str, str], seed: int, submit: bool = True) -> dict[str, dict[str, dict]]:
@@ -158,10 +226,9 @@ def run_arms(jobs: Jobs, arms: dict[str, tuple[str, dict[str, str]]], users: lis
         options_of[key] = options
     per_arm: dict[str, dict[str, dict]] = {}
     for key, members in groups.items():
-        find = jobs.run if submit else jobs.recorded
-        rows = jobs.results(find([method for _, method in members], users, options_of[key], seed))
+        found = jobs.scores([method for _, method in members], users, options_of[key], seed, submit)
         for arm, method in members:
-            per_arm[arm] = {r["user_id"]: {"rouge1": r["rouge1"], "rougeL": r["rougeL"], "gamma": r["gamma"], **trainer_state(r["adapter_path"])} for r in rows if r["method"] == method and r["user_id"] in users}
+            per_arm[arm] = {user: found[user, method] for user in users if (user, method) in found}
     return per_arm
 
 
@@ -324,7 +391,9 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     shared = parse_pairs(args.set)
     validation, report = split_users(args)
-    jobs = Jobs(args, out / f"{args.data.name}-{args.model.name}.{'tune' if args.mode == 'tune' else 'run'}.jobs.json")
+    stem = f"{args.data.name}-{args.model.name}.{'tune' if args.mode == 'tune' else 'run'}"
+    pin_task_adapters(args.home, TASK_ADAPTERS)
+    jobs = Jobs(args, out / f"{stem}.jobs.json", Ledger(out / f"{stem}.runs.json"))
 
     if args.mode == "tune":
         grid = {k: v.split(",") for k, v in parse_pairs(args.grid).items()}

@@ -64,26 +64,95 @@ def test_summarize_counts_users_below_base_and_kept_starting_models():
     assert "selected_start_share" not in arms["base"]
 
 
-def test_report_mode_reads_the_recorded_jobs_and_starts_nothing(tmp_path):
-    args = type("Args", (), {"split": "dev", "task_adapter": "auto"})()
+def _jobs(tmp_path, state: dict | None = None):
+    args = type("Args", (), {"split": "dev", "task_adapter": "auto", "home": tmp_path / "home", "workers": 1,
+                             "task": "lamp4", "data": tmp_path / "data", "model": tmp_path / "model"})()
     state_file = tmp_path / "state.json"
-    jobs = quality.Jobs(args, state_file)
-    key = jobs.key({"lr": "3e-3"}, 0)
-    state_file.write_text(quality.json.dumps({key: [{"job": "j1", "users": ["a", "b"], "methods": ["sft", "cbpo"]}]}))
-    jobs = quality.Jobs(args, state_file)
+    if state is not None:
+        state_file.write_text(quality.json.dumps(state))
+    return quality.Jobs(args, state_file, quality.Ledger(tmp_path / "ledger.json"))
 
-    def never(*_):
-        raise AssertionError("report mode must not submit or resume")
 
+def _row(user, method, r1, gamma=None):
+    return {"user_id": user, "method": method, "rouge1": r1, "rougeL": r1 / 2, "gamma": gamma, "adapter_path": None}
+
+
+ARMS = {"sft": ("sft", {}), "cbpo": ("cbpo", {})}
+
+
+def test_report_mode_reads_the_recorded_jobs_files_them_and_starts_nothing(tmp_path, monkeypatch):
+    key = _jobs(tmp_path).key({"lr": "3e-3"}, 0)
+    jobs = _jobs(tmp_path, {key: [{"job": "j1", "users": ["a", "b"], "methods": ["sft", "cbpo"]}]})
+    monkeypatch.setattr(quality.subprocess, "Popen", None)  # report mode must not submit
     asked = []
-    jobs.run = never
-    rows = {"j1": [
-        {"user_id": "a", "method": "sft", "rouge1": 0.2, "rougeL": 0.1, "gamma": None, "adapter_path": None},
-        {"user_id": "a", "method": "cbpo", "rouge1": 0.3, "rougeL": 0.2, "gamma": 0.4, "adapter_path": None},
-    ]}
-    jobs.results = lambda ids: asked.append(ids) or [row for job in ids for row in rows[job]]
-    arms = {"sft": ("sft", {}), "cbpo": ("cbpo", {})}
-    per_arm = quality.run_arms(jobs, arms, ["a", "b"], {"lr": "3e-3"}, 0, submit=False)
-    assert asked == [["j1"]]  # both arms share one options group, so one job
-    assert per_arm["cbpo"] == {"a": {"rouge1": 0.3, "rougeL": 0.2, "gamma": 0.4}} and list(per_arm["sft"]) == ["a"]
-    assert quality.run_arms(jobs, arms, ["a", "b"], {"lr": "1e-3"}, 0, submit=False) == {"sft": {}, "cbpo": {}}
+    jobs.results = lambda job: asked.append(job) or [_row("a", "sft", 0.2), _row("a", "cbpo", 0.3, 0.4)]
+    per_arm = quality.run_arms(jobs, ARMS, ["a", "b"], {"lr": "3e-3"}, 0, submit=False)
+    assert asked == ["j1"]  # both arms share one options group, so one job
+    assert per_arm["cbpo"] == {"a": {"rouge1": 0.3, "rougeL": 0.15, "gamma": 0.4}} and list(per_arm["sft"]) == ["a"]
+    assert quality.run_arms(jobs, ARMS, ["a", "b"], {"lr": "1e-3"}, 0, submit=False) == {"sft": {}, "cbpo": {}}
+    filed = quality.json.loads((tmp_path / "ledger.json").read_text())
+    assert filed == {key: {"cbpo/a": {"job": "j1", "scores": {"rouge1": 0.3, "rougeL": 0.15, "gamma": 0.4}},
+                           "sft/a": {"job": "j1", "scores": {"rouge1": 0.2, "rougeL": 0.1, "gamma": None}}}}
+
+
+class FakeSubmit:
+    """``subprocess.Popen`` of ``cbpo-orch submit``: records the command, prints a job id."""
+
+    def __init__(self, commands: list):
+        self.commands = commands
+
+    def __call__(self, command, **_):
+        self.commands.append(command)
+        self.stdout = type("Out", (), {"readline": lambda _: "j2\n"})()
+        return self
+
+    def communicate(self):
+        return None
+
+
+def test_a_later_session_trains_only_the_runs_its_ledger_lacks(tmp_path, monkeypatch):
+    first = _jobs(tmp_path, {})
+    key = first.key({}, 0)
+    first.ledger.file(key, "j1", [_row("a", "sft", 0.2), _row("a", "cbpo", 0.3, 0.4), _row("b", "sft", 0.1)])
+
+    later = _jobs(tmp_path, {})  # a fresh home: no job state, only the committed ledger
+    assert later.ledger.scores(key)[("a", "cbpo")] == {"rouge1": 0.3, "rougeL": 0.15, "gamma": 0.4}
+    commands = []
+    monkeypatch.setattr(quality.subprocess, "Popen", FakeSubmit(commands))
+    monkeypatch.setattr(quality, "TASK_ADAPTERS", tmp_path / "pinned")
+    later.results = lambda job: {"j2": [_row("b", "cbpo", 0.5, 0.1)]}[job]
+    per_arm = quality.run_arms(later, ARMS, ["a", "b"], {}, 0)
+
+    [command] = commands
+    assert command[command.index("--users") + 1] == "b" and command[command.index("--method") + 1] == "cbpo"
+    assert per_arm["cbpo"]["b"]["rouge1"] == 0.5 and per_arm["sft"]["a"]["rouge1"] == 0.2
+    assert set(quality.Ledger(tmp_path / "ledger.json").scores(key)) == {("a", "sft"), ("a", "cbpo"), ("b", "sft"), ("b", "cbpo")}
+
+
+def _adapter(folder: Path, text: str) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "adapter_model.safetensors").write_text(text)
+    return folder
+
+
+def test_task_adapters_are_pinned_both_ways_and_a_different_one_stops_the_benchmark(tmp_path):
+    home, committed = tmp_path / "home", tmp_path / "committed"
+    local = home / "artifacts" / "task-adapters"
+    _adapter(local / ("a" * 24), "trained here")
+    _adapter(committed / ("b" * 24), "committed")
+    _adapter(local / ("b" * 24), "committed")
+    _adapter(local / (("c" * 24) + ".staging"), "half written")
+    quality.pin_task_adapters(home, committed)
+    assert (committed / ("a" * 24) / "adapter_model.safetensors").read_text() == "trained here"
+    assert sorted(p.name for p in committed.iterdir()) == ["a" * 24, "b" * 24]
+
+    (local / ("b" * 24) / "adapter_model.safetensors").write_text("trained again, differently")
+    with pytest.raises(SystemExit, match="differs from the committed"):
+        quality.pin_task_adapters(home, committed)
+    assert (committed / ("b" * 24) / "adapter_model.safetensors").read_text() == "committed"
+
+
+def test_a_fresh_home_adopts_the_committed_task_adapter(tmp_path):
+    _adapter(tmp_path / "committed" / ("d" * 24), "committed")
+    quality.pin_task_adapters(tmp_path / "home", tmp_path / "committed")
+    assert (tmp_path / "home" / "artifacts" / "task-adapters" / ("d" * 24) / "adapter_model.safetensors").read_text() == "committed"
