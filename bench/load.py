@@ -45,6 +45,7 @@ sys.path.insert(0, str(REPO))  # tests.tiny_model and tests.test_orchestrator
 from sqlalchemy import create_engine, select  # noqa: E402
 
 from cbpo_orch.cli.main import main as cli_main  # noqa: E402
+from cbpo_orch.orchestrator.lease import owner_pid  # noqa: E402
 from cbpo_orch.storage.models import UserRun  # noqa: E402
 from cbpo_orch.storage.registry import Registry  # noqa: E402
 from tests.test_orchestrator import Cli  # noqa: E402
@@ -215,7 +216,7 @@ def _driver_pid(registry: Registry, job: str, proc, timeout_s: float = 300) -> i
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"the driver of job {job} never took its lease (submit exited {proc.returncode})")
         time.sleep(0.05)
-    return int(owner.split(":")[1])
+    return owner_pid(owner)
 
 
 class _Sampler:

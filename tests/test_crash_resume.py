@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from cbpo_orch.orchestrator.lease import owner_pid
 from cbpo_orch.storage.artifacts import directory_sha256
 from cbpo_orch.storage.registry import Registry
 from tests.test_orchestrator import FAST, JOB_TIMEOUT, REPO, Cli, _attempt_dirs, _ok, group_members
@@ -73,10 +74,9 @@ def _driver_pid(registry: Registry, job: str, other_than: int | None) -> int:
     deadline = time.monotonic() + JOB_TIMEOUT
     while True:
         owner = registry.lease(job)["owner"]
-        if owner is not None and int(owner.split(":")[1]) != other_than:
-            host, pid, _ = owner.split(":")
-            assert host == socket.gethostname()
-            return int(pid)
+        if owner is not None and owner_pid(owner) != other_than:
+            assert owner.partition(":")[0] == socket.gethostname()
+            return owner_pid(owner)
         assert time.monotonic() < deadline, "no driver took the job's lease"
         time.sleep(0.05)
 

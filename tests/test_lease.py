@@ -14,7 +14,7 @@ from sqlalchemy import create_engine, text
 
 from cbpo_orch.home import SAMPLE_DATA
 from cbpo_orch.method.config import TrainConfig
-from cbpo_orch.orchestrator.lease import JobLease, LeaseLost, dead_here
+from cbpo_orch.orchestrator.lease import JobLease, LeaseLost, dead_here, owner_pid
 from cbpo_orch.orchestrator.processes import alive, signal_group
 from cbpo_orch.orchestrator.spec import JobSpec, Resources
 from cbpo_orch.storage.registry import LeaseHeld, Registry
@@ -103,6 +103,11 @@ def test_a_driver_whose_lease_was_taken_over_stops(registry: Registry) -> None:
         with pytest.raises(LeaseLost, match="lost job .* lease to another driver"):
             lease.check()
     assert registry.lease(job)["owner"] == ELSEWHERE, "the lost driver must not release the new owner's lease"
+
+
+def test_owner_pid_reads_the_pid_of_host_pid_nonce_and_nothing_else() -> None:
+    assert owner_pid("node-1:4321:ab12cd34") == 4321
+    assert [owner_pid(o) for o in ("node-1", "node-1:4321", "node-1:-5:ab", "node-1::ab", "node-1:12x:ab")] == [None] * 5
 
 
 def test_a_local_driver_that_died_is_replaced_at_once_a_live_one_is_not(registry: Registry) -> None:

@@ -49,7 +49,7 @@ class JobLease:
         holder = self.registry.lease(self.job_id)["owner"]
         dead = dead_here(holder)
         if dead:
-            stop_leftovers(_pid(holder))
+            stop_leftovers(owner_pid(holder))
         self.registry.take_lease(self.job_id, self.owner, self.ttl_s, replacing=holder if dead else None)
         self._beat.start()
         return self
@@ -76,11 +76,12 @@ class JobLease:
 
 def dead_here(owner: str | None) -> bool:
     """Whether lease ``owner`` (``host:pid:nonce``) is a driver of this machine that is gone."""
-    if owner is None or owner.partition(":")[0] != socket.gethostname() or _pid(owner) is None:
+    if owner is None or owner.partition(":")[0] != socket.gethostname() or owner_pid(owner) is None:
         return False
-    return not alive(_pid(owner))
+    return not alive(owner_pid(owner))
 
 
-def _pid(owner: str) -> int | None:
+def owner_pid(owner: str) -> int | None:
+    """The process id in a lease owner ``host:pid:nonce``; None for any other form."""
     pid = owner.split(":")[1] if owner.count(":") >= 2 else ""
     return int(pid) if pid.isdigit() else None
