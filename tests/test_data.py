@@ -328,3 +328,15 @@ def test_no_profile_holds_a_query(tmp_path):
     examples = dataset.profile_examples()
     assert [(e.user_id, e.item_id) for e in examples] == [("u", "a"), ("v", "a")]
     assert [e.item_id for e in dataset.examples("u")] == ["a"]
+
+
+def test_jsonl_lines_are_split_at_newlines_only(tmp_path):
+    """JSON allows U+2028, U+2029 and U+0085 raw inside a string (reviews pasted from the web
+    hold them); ``str.splitlines`` would cut the record there."""
+    review = "Great tone.\u2028Stays in tune\u0085for weeks.\u2029Five stars."
+    item = {"overall": 5.0, "summary": "s", "description": "d", "reviewText": review}
+    row = {"reviewerId": "u", "input": "i", "output": f"gold {review}", "profile": [item]}
+    _write(tmp_path, {"dev.jsonl": json.dumps(row, ensure_ascii=False) + "\r\n"})
+    dataset = load_split(tmp_path, "dev", load_task("longlamp3"))
+    assert dataset.users["u"].queries[0].gold == f"gold {review}"
+    assert [example.y for example in dataset.examples("u")] == [review]

@@ -369,7 +369,7 @@ def _profile_item(entry: Mapping[str, Any], default_id: str, at: str) -> Profile
 def _records(file: Path) -> list[tuple[str, Any]]:
     """(label, record) pairs of a JSON list file or a JSONL file."""
     if file.suffix == ".jsonl":
-        lines = _read_text(file).splitlines()
+        lines = _read_text(file).split("\n")  # not splitlines: U+2028, U+0085 … may sit inside a JSON string
         return [
             (f"line {number}", _parse_json(line, f"{file}: line {number}"))
             for number, line in enumerate(lines, start=1)
