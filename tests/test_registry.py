@@ -482,6 +482,50 @@ def test_transact_retries_when_the_database_is_locked(sqlite_url: str) -> None:
         engine.dispose()
 
 
+def test_transact_retries_the_victim_of_a_real_postgresql_deadlock(postgres_url: str) -> None:
+    """Two transactions lock two rows in opposite orders; the server aborts one of them
+    (40P01), and transact runs it again, so both commit."""
+    from sqlalchemy import text
+
+    engine = make_engine(postgres_url)
+    with engine.begin() as connection:
+        connection.execute(text("CREATE TABLE pair (id INT PRIMARY KEY, hits INT NOT NULL)"))
+        connection.execute(text("INSERT INTO pair VALUES (1, 0), (2, 0)"))
+    both_hold_one = threading.Barrier(2, timeout=30)
+    attempts = {1: 0, 2: 0}
+
+    def work(first: int, second: int):
+        def transaction(session: Session) -> None:
+            attempts[first] += 1
+            session.execute(text("UPDATE pair SET hits = hits + 1 WHERE id = :id"), {"id": first})
+            if attempts[first] == 1:
+                both_hold_one.wait()
+            session.execute(text("UPDATE pair SET hits = hits + 1 WHERE id = :id"), {"id": second})
+
+        return transaction
+
+    errors: list[BaseException] = []
+
+    def run(first: int, second: int) -> None:
+        try:
+            transact(engine, work(first, second))
+        except BaseException as error:  # reported below, in the test's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=pair) for pair in ((1, 2), (2, 1))]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert errors == []
+        assert sorted(attempts.values()) == [1, 2], "one transaction was the deadlock's victim and ran again"
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT hits FROM pair ORDER BY id")).scalars().all() == [2, 2]
+    finally:
+        engine.dispose()
+
+
 def test_numpy_values_are_stored_as_plain_numbers(registry: Registry) -> None:
     numpy = pytest.importorskip("numpy")
     job_id = registry.create_job("t", ["cbpo"], ["u1"], {"lr": numpy.float32(0.5)})

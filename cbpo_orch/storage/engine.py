@@ -93,8 +93,9 @@ def transact(engine: Engine, work: Callable[[Session], T]) -> T:
     """Run ``work(session)`` in one transaction, committed on success.
 
     ``work`` may run more than once: when the database reports that it is
-    locked the whole transaction is rolled back and retried with jittered
-    backoff, up to ``LOCK_RETRIES`` times.
+    locked (SQLite), or aborted the transaction as a deadlock's victim or a
+    serialization failure (PostgreSQL), the whole transaction is rolled back and
+    retried with jittered backoff, up to ``LOCK_RETRIES`` times.
     """
     attempt = 0
     while True:
@@ -102,7 +103,7 @@ def transact(engine: Engine, work: Callable[[Session], T]) -> T:
             with Session(engine, expire_on_commit=False) as session, session.begin():
                 return work(session)
         except OperationalError as exc:
-            if attempt == LOCK_RETRIES or not _is_lock_error(exc):
+            if attempt == LOCK_RETRIES or not _is_transient(exc):
                 raise
             time.sleep(random.uniform(0.05, 0.2) * (2**attempt))
             attempt += 1
@@ -120,8 +121,16 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-def _is_lock_error(exc: OperationalError) -> bool:
-    """Tell whether ``exc`` is SQLite's transient "database is locked/busy" error."""
+RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
+"""PostgreSQL's serialization_failure and deadlock_detected: the server rolled the
+transaction back, and running it again is the documented answer."""
+
+
+def _is_transient(exc: OperationalError) -> bool:
+    """Tell whether ``exc`` is SQLite's "database is locked/busy" or a PostgreSQL
+    transaction abort that a retry resolves."""
+    if getattr(exc.orig, "sqlstate", None) in RETRYABLE_SQLSTATES:
+        return True
     message = str(exc.orig).lower()
     return "database is locked" in message or "database is busy" in message
 
