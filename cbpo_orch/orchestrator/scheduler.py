@@ -210,15 +210,20 @@ def fan_out(
     idle = [new_actor() for _ in range(min(max(1, slots), len(queue)))]
     in_flight: dict = {}
     alone: set = set()
-    while queue or in_flight:
+
+    def dispatch() -> None:
         while queue and idle:
             pack = [unit for unit in _next_pack(queue, 1 if queue[0].key in alone else users_per_step, alone) if start(unit)]
             if pack:
                 actor = idle.pop()
                 in_flight[actor.personalize.remote([unit.user_id for unit in pack], pack[0].config)] = (pack, actor)
+
+    while queue or in_flight:
+        dispatch()
         if not in_flight:
             continue
         done, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+        landed = []
         for ref in done:
             pack, actor = in_flight.pop(ref)
             cannot_start = False
@@ -236,10 +241,13 @@ def fan_out(
                     while queue:
                         finish(queue.popleft(), results[0])
             idle.append(actor)
+            if len(pack) > 1 and not cannot_start:
+                results = [Failure(r.error, r.permanent, shared=True) if isinstance(r, Failure) else r for r in results]
+                alone.update(unit.key for unit, r in zip(pack, results) if isinstance(r, Failure))
+            landed.append((pack, results))
+        dispatch()  # the freed workers start their next packs while the driver records these
+        for pack, results in landed:
             for unit, result in zip(pack, results):
-                if isinstance(result, Failure) and len(pack) > 1 and not cannot_start:
-                    result = Failure(result.error, result.permanent, shared=True)
-                    alone.add(unit.key)
                 queue.extend(finish(unit, result))
         tick()
     for actor in idle:
