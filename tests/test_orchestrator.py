@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -289,6 +290,33 @@ def test_two_submits_share_one_registry(cli, tiny_model_dir, dev_users):
         assert registry.job(jobs[1]).users == dev_users[2:4]
         for job in jobs:
             assert len(registry.results(job)) == 2
+
+
+def _closed_port() -> int:
+    """A port of this machine that nothing listens on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_submit_to_an_address_where_nothing_answers_is_one_line_and_writes_nothing(cli, tiny_model_dir):
+    port = _closed_port()
+    started = time.monotonic()
+    done = cli.run("submit", "--address", f"127.0.0.1:{port}", "--model", str(tiny_model_dir), "--users", "1", "--method", "base", *FAST, timeout=120)
+    assert done.returncode == 2 and done.stdout == "", done.stderr[-3000:]
+    assert done.stderr.startswith(f"error: cannot reach the Ray cluster at 127.0.0.1:{port}: nothing answers there"), done.stderr[-3000:]
+    assert len(done.stderr.splitlines()) == 1
+    assert time.monotonic() - started < 30  # ray.init alone retried for 5 minutes
+    assert cli.json("status", "--json") == []
+
+
+def test_a_driver_whose_cluster_address_answers_nothing_stops_at_once():
+    from cbpo_orch.orchestrator import scheduler
+
+    started = time.monotonic()
+    with pytest.raises(scheduler.ClusterLost, match=r"cannot reach the Ray cluster at ray://127\.0\.0\.1:\d+: nothing answers there"):
+        scheduler.connect(f"ray://127.0.0.1:{_closed_port()}")
+    assert time.monotonic() - started < 5
 
 
 # ───────────────────────────── CLI, in process ─────────────────────────────

@@ -18,6 +18,7 @@ from cbpo_orch.method.config import ConfigError
 from cbpo_orch.method.data import DataError
 from cbpo_orch.method.methods import UnknownMethod
 from cbpo_orch.method.model_dirs import ModelError, check_model_dir
+from cbpo_orch.orchestrator.spec import UnreachableCluster
 from cbpo_orch.storage.engine import RegistryUnavailable
 from cbpo_orch.storage.registry import LeaseHeld, UnknownJob
 from cbpo_orch.storage.schema import SchemaVersionError
@@ -35,7 +36,8 @@ class UsageError(ValueError):
 
 
 USER_ERRORS: tuple[type[Exception], ...] = (
-    DataError, ModelError, ConfigError, UnknownMethod, UnknownJob, SchemaVersionError, RegistryUnavailable, FolderError, UsageError, LeaseHeld
+    DataError, ModelError, ConfigError, UnknownMethod, UnknownJob, SchemaVersionError, RegistryUnavailable, FolderError, UsageError, LeaseHeld,
+    UnreachableCluster,
 )
 
 TaskOpt = Annotated[str, typer.Option(help="Built-in task (lamp4 lamp5 longlamp2 longlamp3 longlamp4 commit-subject) or a task definition JSON file.")]

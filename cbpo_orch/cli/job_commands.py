@@ -19,7 +19,7 @@ from cbpo_orch.cli.app import DataOpt, DeviceOpt, HomeOpt, ModelOpt, UsageError,
 from cbpo_orch.cli.progress import job_progress
 from cbpo_orch.cli.training_options import build_config, with_training_options
 from cbpo_orch.home import SAMPLE_DATA, home_dir
-from cbpo_orch.orchestrator.spec import JobSpec, Resources, check_budgets, check_paths, check_task_adapter, parse_methods, resolve_users
+from cbpo_orch.orchestrator.spec import JobSpec, Resources, check_address, check_budgets, check_paths, check_task_adapter, parse_methods, resolve_users
 from cbpo_orch.storage.registry import RESULT_COLUMNS
 
 DbOpt = Annotated[Optional[str], typer.Option(help="Registry as a SQLAlchemy URL, e.g. postgresql+psycopg://… (env CBPO_ORCH_DB; default SQLite in the home folder).")]
@@ -152,6 +152,7 @@ def submit(
     if task_adapter_lr <= 0 or task_adapter_epochs < 1:
         raise UsageError("--task-adapter-lr must be > 0 and --task-adapter-epochs ≥ 1")
     spec = JobSpec(task_ref, data_path, split, model_path, methods, chosen, train, tam, task_adapter_lr, task_adapter_epochs, embedder)
+    check_address(address)
 
     space = _workspace(home, db, artifacts, writes=True)
     job_id = space.registry.create_job(task_def.name, list(methods), list(chosen), spec.to_config(resources))

@@ -34,6 +34,7 @@ from cbpo_orch.method.data import DataError
 from cbpo_orch.method.methods import UnknownMethod
 from cbpo_orch.method.model_dirs import ModelError
 from cbpo_orch.method.trainer import NumericalError
+from cbpo_orch.orchestrator.spec import UnreachableCluster, check_address
 
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}
 
@@ -67,6 +68,10 @@ def connect(address: str | None) -> str | None:
     Ray dashboard's address when there is one."""
     if ray.is_initialized():
         return None
+    try:
+        check_address(address)
+    except UnreachableCluster as error:
+        raise ClusterLost(str(error)) from None
     try:
         context = ray.init(
             address=address or "local",

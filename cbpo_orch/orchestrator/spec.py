@@ -7,6 +7,7 @@ config in the registry, so ``resume`` runs exactly the job that was submitted.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,11 @@ from cbpo_orch.method.model_dirs import ModelError, check_adapter_dir, check_mod
 from cbpo_orch.method.tasks import Task
 
 TASK_ADAPTER_MODES = ("none", "auto")
+REACH_TIMEOUT_S = 10.0
+
+
+class UnreachableCluster(ConnectionError):
+    """Nothing answers at the Ray cluster address a job was given."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,21 @@ def resolve_users(selector: str, dataset: Dataset) -> tuple[str, ...]:
         shown = ", ".join(unknown[:5]) + (" …" if len(unknown) > 5 else "")
         raise DataError(f"--users names {len(unknown)} id(s) not in split {dataset.split!r} of {dataset.path}: {shown}")
     return wanted
+
+
+def check_address(address: str | None) -> None:
+    """Fail at once when nothing answers at a ``host:port`` or ``ray://host:port`` address,
+    where ``ray.init`` would retry for minutes; Ray judges every other form itself."""
+    host, _, port = (address or "").removeprefix("ray://").rpartition(":")
+    if not (host and port.isdigit()):
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=REACH_TIMEOUT_S).close()
+    except OSError as error:
+        raise UnreachableCluster(
+            f"cannot reach the Ray cluster at {address}: nothing answers there ({error}); "
+            "check the address and port, or start the cluster's head there (`ray start --head`)"
+        ) from None
 
 
 def check_task_adapter(value: str) -> str:
