@@ -465,6 +465,23 @@ def test_writer_transactions_take_the_write_lock_at_begin(sqlite_url: str) -> No
         engine.dispose()
 
 
+def test_opening_the_registry_to_read_does_not_wait_for_a_writer(sqlite_url: str) -> None:
+    """``status`` while a driver writes: its open must not queue behind the write lock."""
+    with Registry(sqlite_url) as registry:
+        job_id = registry.create_job("t", ["sft"], ["u1"], {})
+    driver = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"))
+    driver.isolation_level = None
+    driver.execute("BEGIN IMMEDIATE")  # a driver in the middle of recording a run
+    try:
+        started = time.monotonic()
+        with Registry(sqlite_url) as reader:
+            assert reader.job(job_id).counts["pending"] == 1
+        assert time.monotonic() - started < 1.0
+    finally:
+        driver.execute("ROLLBACK")
+        driver.close()
+
+
 def test_transact_retries_when_the_database_is_locked(sqlite_url: str) -> None:
     engine = make_engine(sqlite_url)
     calls: list[int] = []

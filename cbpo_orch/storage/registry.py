@@ -44,7 +44,7 @@ from .models import (
     UserRun,
     utcnow,
 )
-from .schema import prepare_schema
+from .schema import is_current, prepare_schema
 
 COUNTED_STATES = ("pending", "running", "succeeded", "failed")
 """Run states always present in :attr:`JobInfo.counts` (``cancelled`` only when non-zero)."""
@@ -156,7 +156,8 @@ class Registry:
         self._engine = make_engine(url)
         self._writer = writer(self._engine)
         try:
-            transact(self._writer, lambda session: prepare_schema(session.connection()))
+            if not transact(self._engine, lambda session: is_current(session.connection())):
+                transact(self._writer, lambda session: prepare_schema(session.connection()))
         except BaseException:
             self._engine.dispose()
             raise

@@ -61,6 +61,12 @@ def prepare_schema(connection: Connection) -> None:
         )
 
 
+def is_current(connection: Connection) -> bool:
+    """Whether the database is at ``SCHEMA_VERSION`` already: a read, which never waits for
+    a writer, so that opening the registry to read it does not queue behind a busy driver."""
+    return _stored_version(connection) == SCHEMA_VERSION
+
+
 def _stored_version(connection: Connection) -> int | None:
     """Return the version recorded in the database, or None for a fresh one."""
     if not inspect(connection).has_table(SchemaVersion.__tablename__):
