@@ -75,3 +75,13 @@ def cancel_job_then_personalize(context, user_ids: list[str], config):
 
 def must_not_run(context, user_ids: list[str], config):
     raise AssertionError(f"a run of users {user_ids} was started")
+
+
+def slow_steps(steps: int, seconds_per_step: float, on_step=None) -> str:
+    """A task that reports ``steps`` steps of training, one every ``seconds_per_step``."""
+    import time
+
+    for step in range(1, steps + 1):
+        time.sleep(seconds_per_step)
+        on_step(step, steps, 1.0 / step)
+    return "trained"

@@ -557,6 +557,41 @@ def test_dead_worker_is_replaced_and_its_run_retried(local_ray, home, tiny_model
     assert _attempt_dirs(home, job, faulty_worker.FAILING_USER, "sft") == ["attempt-2"]
 
 
+def test_a_remote_tasks_steps_reach_the_driver_while_it_runs(local_ray):
+    from cbpo_orch.orchestrator import scheduler
+
+    seen = []
+    result = scheduler.run_remote(faulty_worker.slow_steps, 6, 0.5, num_cpus=1, on_step=lambda *step: seen.append(step))
+    assert result == "trained"
+    steps = [step for step, _, _ in seen]
+    assert len(set(steps)) >= 2 and steps == sorted(steps) and all(total == 6 for _, total, _ in seen), seen
+
+
+def test_the_task_adapter_trains_on_a_whole_node_and_shows_its_steps(local_ray, home, tiny_model_dir, dev_users, monkeypatch):
+    from dataclasses import replace
+
+    from cbpo_orch.orchestrator import driver, scheduler
+    from cbpo_orch.orchestrator.spec import JobSpec
+    from cbpo_orch.orchestrator.workspace import Workspace
+
+    config, resources = _spec_config(tiny_model_dir, dev_users[:1])
+    spec = replace(JobSpec.from_config(config)[0], task_adapter="auto", task_adapter_epochs=1)
+    asked, run_remote = {}, scheduler.run_remote
+
+    def recorded(fn, *args, **kwargs):
+        asked.update(threads=args[-1], num_cpus=kwargs["num_cpus"])
+        return run_remote(fn, *args, **kwargs)
+
+    monkeypatch.setattr(scheduler, "run_remote", recorded)
+    stages = []
+    path = driver._task_adapter(Workspace.open(home), spec, resources, driver.Progress(stage=stages.append))
+    cpus = scheduler.largest_node_cpus()
+    assert asked == {"threads": cpus, "num_cpus": cpus} and cpus >= 1
+    assert stages[0].endswith(f"; {cpus} CPUs)") and (Path(path) / "adapter_model.safetensors").is_file()
+    shown = [re.search(r": step (\d+)/(\d+), loss ", stage) for stage in stages[1:]]
+    assert all(shown) and len(stages) <= 11, stages  # a line per tenth of the steps at most
+
+
 def test_model_that_cannot_load_fails_every_run_without_retries(local_ray, home, tmp_path, dev_users):
     from cbpo_orch.orchestrator.driver import run_job
     from cbpo_orch.orchestrator.workspace import Workspace

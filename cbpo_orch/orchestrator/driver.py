@@ -135,15 +135,21 @@ def _task_adapter(space: Workspace, spec: JobSpec, resources: Resources, progres
     # A folder without a registry entry was written by a driver that died before recording it.
     info = space.artifacts.find(f"task-adapters/{key}") if known is None else None
     if info is None:
-        progress.stage("training the task adapter on the train split's users (once per task, data and model)")
+        gpus = 1 if resources.gpus_per_user else 0
+        cpus = resources.cpus_per_user if gpus else scheduler.largest_node_cpus()  # it runs alone: a whole node's cores
+        on = "1 GPU" if gpus else f"{cpus} CPUs"
+        label = f"training the task adapter on the train split's users (once per task, data and model; {on})"
+        progress.stage(label)
+        shown = {"tenth": 0}
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            if step * 10 // total > shown["tenth"]:  # a line per tenth, so logs stay short
+                shown["tenth"] = step * 10 // total
+                progress.stage(f"{label}: step {step}/{total}, loss {loss:.3f}")
+
         built = scheduler.run_remote(
-            build_task_adapter,
-            spec.task,
-            spec.data,
-            spec.model,
-            task_adapter_config(spec),
-            num_cpus=resources.cpus_per_user,
-            num_gpus=1 if resources.gpus_per_user else 0,
+            build_task_adapter, spec.task, spec.data, spec.model, task_adapter_config(spec), "auto", max(1, int(cpus)),
+            num_cpus=cpus, num_gpus=gpus, on_step=on_step,
         )
         info = space.artifacts.write_dir(f"task-adapters/{key}", built["files"])
     space.registry.record_task_adapter(key, spec.task, spec.model, str(info.path), info.sha256, info.bytes)

@@ -171,10 +171,52 @@ class Failure:
     shared: bool = False
 
 
+def largest_node_cpus() -> int:
+    """The CPUs of the cluster's largest alive node: what one task that uses a whole node gets."""
+    return max([int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node["Alive"]] + [1])
+
+
+@ray.remote(num_cpus=0)
+class _LatestStep:
+    """Holds the last (step, total, loss) a task reported."""
+
+    def __init__(self):
+        self.latest = None
+
+    def put(self, step: int, total: int, loss: float) -> None:
+        self.latest = (step, total, loss)
+
+    def get(self):
+        return self.latest
+
+
+@dataclass
+class _StepReporter:
+    """A task's ``on_step``: sends every step to a :class:`_LatestStep` without waiting."""
+
+    sink: object
+
+    def __call__(self, step: int, total: int, loss: float) -> None:
+        self.sink.put.remote(step, total, loss)
+
+
 @_cluster_deaths_as_lost()
-def run_remote(fn: Callable, *args, num_cpus: float = 1, num_gpus: float = 0):
-    """Run a plain function once as a Ray task and return its result."""
-    return ray.get(ray.remote(fn).options(num_cpus=num_cpus, num_gpus=num_gpus).remote(*args))
+def run_remote(fn: Callable, *args, num_cpus: float = 1, num_gpus: float = 0, on_step: Callable[[int, int, float], None] | None = None):
+    """Run a plain function once as a Ray task and return its result. With ``on_step``, the
+    function is given an ``on_step`` of its own, and what it reports reaches ``on_step``
+    here about once a second while the task runs."""
+    task = ray.remote(fn).options(num_cpus=num_cpus, num_gpus=num_gpus)
+    if on_step is None:
+        return ray.get(task.remote(*args))
+    sink = _LatestStep.remote()
+    ref = task.remote(*args, on_step=_StepReporter(sink))
+    try:
+        while not ray.wait([ref], timeout=1.0)[0]:
+            if (latest := ray.get(sink.get.remote())) is not None:
+                on_step(*latest)
+        return ray.get(ref)
+    finally:
+        ray.kill(sink)
 
 
 @_cluster_deaths_as_lost()
