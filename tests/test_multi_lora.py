@@ -162,6 +162,21 @@ def test_an_exported_slot_loads_into_peft_unchanged(random_multi, tiny_model_dir
     assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
 
 
+def test_a_saved_adapter_loads_into_any_slot_exactly_and_a_foreign_layout_is_refused(random_multi, tiny_model_dir):
+    from safetensors.torch import load as load_safetensors
+
+    saved = load_safetensors(random_multi.export_slot(1)[ADAPTER_WEIGHTS])
+    serving = MultiLora(load_base(tiny_model_dir), LORA, n_slots=3)
+    serving.load_slot(2, saved)
+    assert all(torch.equal(serving.slot_state(2)[k], v) for k, v in random_multi.slot_state(1).items())
+    assert not any(t.any() for slot in (0, 1) for t in serving.slot_state(slot).values())  # the other slots are untouched
+    with pytest.raises(ValueError, match="missing"):
+        serving.load_slot(1, {k: v for k, v in saved.items() if "v_proj" not in k})
+    wider = MultiLora(load_base(tiny_model_dir), LoraSettings(r=LORA.r * 2, alpha=LORA.alpha, target_modules=LORA.target_modules), n_slots=1)
+    with pytest.raises(ValueError, match="in the adapter but"):
+        wider.load_slot(0, saved)
+
+
 def test_routed_rows_give_the_logits_of_peft_with_their_slots_export(random_multi, tiny_model_dir, pad_id, tmp_path):
     batch = collate(random_pairs(7, seed=1, vocab=random_multi.model.config.vocab_size), pad_id)
     slots = torch.tensor([2, 0, 1, 2, 0, 1, 2])

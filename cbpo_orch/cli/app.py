@@ -8,6 +8,8 @@ never a traceback.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -19,6 +21,8 @@ from cbpo_orch.method.data import DataError
 from cbpo_orch.method.methods import UnknownMethod
 from cbpo_orch.method.model_dirs import ModelError, check_model_dir
 from cbpo_orch.orchestrator.spec import UnreachableCluster
+from cbpo_orch.serving.catalog import NotServable
+from cbpo_orch.serving.keys import KeyFileError
 from cbpo_orch.storage.engine import RegistryUnavailable
 from cbpo_orch.storage.registry import LeaseHeld, UnknownJob
 from cbpo_orch.storage.schema import SchemaVersionError
@@ -36,7 +40,7 @@ class UsageError(ValueError):
 
 
 USER_ERRORS: tuple[type[Exception], ...] = (
-    DataError, ModelError, ConfigError, UnknownMethod, UnknownJob, SchemaVersionError, RegistryUnavailable, FolderError, UsageError, LeaseHeld,
+    DataError, ModelError, ConfigError, UnknownMethod, UnknownJob, SchemaVersionError, RegistryUnavailable, FolderError, UsageError, LeaseHeld, NotServable, KeyFileError,
     UnreachableCluster,
 )
 
@@ -61,13 +65,25 @@ def fresh_output_dir(out: Path) -> Path:
     return out
 
 
-def write_folder(out: Path, files: dict[str, bytes]) -> None:
-    """Write ``files`` into ``out`` through a temporary folder renamed into place."""
+@contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """A temporary folder beside ``out`` to fill in the block: renamed into place when the
+    block ends, removed when it fails, so ``out`` is either complete or untouched."""
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    for name, content in files.items():
-        (staging / name).write_bytes(content)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if out.exists():
         out.rmdir()
     staging.rename(out)
+
+
+def write_folder(out: Path, files: dict[str, bytes]) -> None:
+    """Write ``files`` into ``out`` through a temporary folder renamed into place."""
+    with staged_folder(out) as staging:
+        for name, content in files.items():
+            (staging / name).write_bytes(content)

@@ -211,6 +211,21 @@ class MultiLora:
             state[f"{PEFT_KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B[slot].detach().clone()
         return state
 
+    @torch.no_grad()
+    def load_slot(self, slot: int, state: dict[str, Tensor]) -> None:
+        """Put a saved adapter (peft's state dict, as :meth:`slot_state` gives it) into ``slot``;
+        ValueError unless it holds exactly this layout's tensors, in their shapes."""
+        expected = {f"{PEFT_KEY_PREFIX}{name}.lora_{part}.weight" for name in self.layers for part in "AB"}
+        if set(state) != expected:
+            missing, unknown = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise ValueError(f"the adapter does not fit these LoRA layers: missing {missing[:3]}, unknown {unknown[:3]}")
+        for name, layer in self.layers.items():
+            for part, stacked in (("A", layer.lora_A), ("B", layer.lora_B)):
+                value = state[f"{PEFT_KEY_PREFIX}{name}.lora_{part}.weight"]
+                if value.shape != stacked.shape[1:]:
+                    raise ValueError(f"{name}.lora_{part} is {tuple(value.shape)} in the adapter but {tuple(stacked.shape[1:])} here")
+                stacked[slot].copy_(value)
+
     def export_slot(self, slot: int) -> dict[str, bytes]:
         """``slot``'s adapter as the files of a stock peft adapter folder (``adapter_config.json``
         and ``adapter_model.safetensors``), loadable with ``PeftModel.from_pretrained``."""

@@ -12,7 +12,7 @@ from peft import PeftModel
 from cbpo_orch.method.config import TASK_ADAPTER_LORA, TrainConfig
 from cbpo_orch.method.data import Dataset
 from cbpo_orch.method.encoding import within_budget
-from cbpo_orch.method.models import LoadedModel
+from cbpo_orch.method.models import LoadedModel, load_model
 from cbpo_orch.method.multi_lora import attached_multi_lora
 from cbpo_orch.method.trainer import StepCallback, TrainResult, UserTraining, adapter_files, encode_samples, train_adapters
 
@@ -42,3 +42,10 @@ def merge_task_adapter(loaded: LoadedModel, folder: str | Path) -> LoadedModel:
     merged.requires_grad_(False)
     merged.eval()
     return LoadedModel(model=merged, tokenizer=loaded.tokenizer, device=loaded.device, path=loaded.path)
+
+
+def starting_model(model_path: str | Path, task_adapter: str | Path | None, device: str = "auto") -> LoadedModel:
+    """What every user adapter of a job trains on: the base model, with the job's task
+    adapter merged when it has one."""
+    loaded = load_model(model_path, device)
+    return loaded if task_adapter is None else merge_task_adapter(loaded, task_adapter)

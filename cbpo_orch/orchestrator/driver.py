@@ -244,18 +244,18 @@ def _record(space: Workspace, job_id: str, run, attempt: int, outcome: UserOutco
     space.registry.record_success(run.run_id, metrics, adapter)
 
 
+def job_task_adapter(space: Workspace, spec: JobSpec) -> str | None:
+    """The folder of the task adapter the job's users started from, or None without one."""
+    if spec.task_adapter == "auto":
+        return space.registry.task_adapter(task_adapter_key(spec))["path"]
+    return spec.task_adapter if spec.needs_task_adapter else None
+
+
 def loaded_for_job(space: Workspace, spec: JobSpec, adapter_path: str, device: str = "auto"):
-    """The job's starting model (with its task adapter merged, if it used one) and the
-    user adapter at ``adapter_path`` on top, ready to generate."""
+    """The job's starting model and the user adapter at ``adapter_path`` on top, ready to generate."""
     from peft import PeftModel
 
-    from cbpo_orch.method.models import load_model
-    from cbpo_orch.method.task_adapter import merge_task_adapter
+    from cbpo_orch.method.task_adapter import starting_model
 
-    loaded = load_model(spec.model, device)
-    if spec.task_adapter == "auto":
-        known = space.registry.task_adapter(task_adapter_key(spec))
-        loaded = merge_task_adapter(loaded, known["path"])
-    elif spec.needs_task_adapter:
-        loaded = merge_task_adapter(loaded, spec.task_adapter)
+    loaded = starting_model(spec.model, job_task_adapter(space, spec), device)
     return loaded, PeftModel.from_pretrained(loaded.model, adapter_path).eval()

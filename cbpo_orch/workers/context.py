@@ -10,8 +10,7 @@ from pathlib import Path
 
 from cbpo_orch.method.data import Dataset, find_splits, load_split
 from cbpo_orch.method.history import HistoryIndex, build_history_index
-from cbpo_orch.method.models import load_model
-from cbpo_orch.method.task_adapter import merge_task_adapter
+from cbpo_orch.method.task_adapter import starting_model
 from cbpo_orch.method.tasks import Task
 from cbpo_orch.workers.personalize import UserContext
 
@@ -33,10 +32,7 @@ def load_user_context(
     task_adapter: str | Path | None = None,
     device: str = "auto",
 ) -> UserContext:
-    loaded = load_model(model_path, device)
-    if task_adapter is not None:
-        loaded = merge_task_adapter(loaded, task_adapter)
-    return UserContext(task=task, dataset=dataset, history=history, loaded=loaded)
+    return UserContext(task=task, dataset=dataset, history=history, loaded=starting_model(model_path, task_adapter, device))
 
 
 def build_history(datasets: list[Dataset], embedder_name: str | None = None) -> HistoryIndex:

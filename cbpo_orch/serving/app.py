@@ -1,0 +1,256 @@
+"""The Ray Serve application that serves a job: every user's adapter behind one endpoint.
+
+Two deployments:
+
+- ``Ingress`` (FastAPI, no CPU of its own): the OpenAI routes. It checks the key, the body,
+  the user (404 unknown, 409 its run did not succeed) and the prompt's budget, then calls
+  the adapter server with the user id as Serve's *multiplexed model id*, so the request is
+  routed to a replica that already holds that user's adapter.
+- ``AdapterServer`` (``replicas`` of them): the job's starting model and a
+  :class:`BatchedGenerator`. ``serve.multiplexed`` keeps an LRU of at most
+  ``max_adapters_per_replica`` users' adapters per replica; ``serve.batch`` gathers the
+  requests that arrive together, whoever their users are, into one batched generate whose
+  steps stream back to each request.
+
+No ``from __future__ import annotations`` here: FastAPI reads the routes' annotations in the
+replicas, where a class pickled by value keeps only the globals its code uses.
+"""
+
+import asyncio
+import ipaddress
+import logging
+from dataclasses import dataclass, replace
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from cbpo_orch.serving.catalog import Catalog, UnknownUser, UserNotReady
+from cbpo_orch.serving.generator import Completion, Row
+from cbpo_orch.serving.keys import ApiKeys
+from cbpo_orch.serving.openai_api import SSE_DONE, ApiError, completion_body, models_body, new_completion_id, parse_completion_request, sse_event
+
+LOOPBACK_NAMES = ("localhost",)
+LOG = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How the application is laid out; none of it changes an answer."""
+
+    replicas: int = 1
+    max_adapters_per_replica: int = 32
+    max_batch_size: int = 16
+    batch_wait_s: float = 0.02
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float = 0.0
+
+    def __post_init__(self) -> None:
+        from cbpo_orch.method.config import ConfigError
+
+        checks = [
+            (self.replicas >= 1, "replicas must be ≥ 1"),
+            (self.max_adapters_per_replica >= 1, "max-adapters-per-replica must be ≥ 1"),
+            (self.max_batch_size >= 1, "max-batch-size must be ≥ 1 (1: no cross-user batching)"),
+            (self.batch_wait_s >= 0, "batch-wait-ms must be ≥ 0"),
+            (self.cpus_per_replica > 0 and self.gpus_per_replica >= 0, "cpus-per-replica must be > 0 and gpus-per-replica ≥ 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the server on this machine."""
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def app_name(catalog: Catalog) -> str:
+    return f"cbpo-orch-{catalog.job_id}"
+
+
+def build_app(catalog: Catalog, keys: ApiKeys | None, options: ServeOptions):
+    """The bound application: ``Ingress`` in front of ``AdapterServer``."""
+    return _ingress().bind(_adapter_server(options).bind(catalog, options), catalog, keys)
+
+
+def start(catalog: Catalog, keys: ApiKeys | None, options: ServeOptions, host: str, port: int, address: str | None) -> str | None:
+    """Deploy the application on the Ray at ``address`` (none: a local Ray of its own, as
+    ``submit``), its HTTP proxy on ``host:port``; returns the Ray dashboard's address. It
+    returns once every replica has loaded the model and answers."""
+    from ray import serve
+
+    from cbpo_orch.orchestrator.scheduler import connect
+
+    dashboard = connect(address)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(catalog, keys, options), name=app_name(catalog), route_prefix="/")
+    return dashboard
+
+
+def stop(catalog: Catalog) -> None:
+    """Remove this job's application (and no other) and leave Ray."""
+    import ray
+    from ray import serve
+
+    serve.delete(app_name(catalog))
+    ray.shutdown()
+
+
+async def _events(chunks, completion_id: str, model: str):
+    """A streamed completion as server-sent events, ``[DONE]`` last."""
+    async for chunk in chunks:
+        if chunk.text or chunk.completion is not None:
+            yield sse_event(completion_id, model, chunk)
+    yield SSE_DONE
+
+
+def _queue_with_every_user() -> None:
+    """Let this request join the batch of every user. Ray Serve splits a ``serve.batch``
+    by multiplexed model id (one sub-batch per model), which would never put two users in
+    one generate; this request's adapter is already in its row, so its batch entry carries
+    no model id (the request context is this request's own: a context variable)."""
+    from ray.serve import context
+
+    context._serve_request_context.set(replace(context._get_serve_request_context(), multiplexed_model_id=""))
+
+
+def _error(error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+def _adapter_server(options: ServeOptions):
+    from ray import serve
+
+    from cbpo_orch.serving.generator import BatchedGenerator, load_user_adapter
+
+    @serve.deployment(
+        num_replicas=options.replicas,
+        ray_actor_options={"num_cpus": options.cpus_per_replica, "num_gpus": options.gpus_per_replica},
+        max_ongoing_requests=max(64, 4 * options.max_batch_size),
+    )
+    class AdapterServer:
+        """The starting model, its adapter slots, and the users' adapters it holds."""
+
+        def __init__(self, catalog: Catalog, options: ServeOptions):
+            import torch
+
+            from cbpo_orch.method.task_adapter import starting_model
+
+            torch.set_num_threads(max(1, int(options.cpus_per_replica)))
+            self.catalog = catalog
+            self.device = "cuda" if options.gpus_per_replica > 0 else "cpu"
+            loaded = starting_model(catalog.model_path, catalog.task_adapter, self.device)
+            self.generator = BatchedGenerator(loaded, catalog.lora, options.max_batch_size)
+            self._stats = {"batches": 0, "rows": 0, "most_users": 0}
+            self._batch.set_max_batch_size(options.max_batch_size)
+            self._batch.set_batch_wait_timeout_s(options.batch_wait_s)
+
+        @serve.multiplexed(max_num_models_per_replica=options.max_adapters_per_replica)
+        async def adapter(self, user_id: str):
+            entry = self.catalog.adapter(user_id)
+            return await asyncio.to_thread(load_user_adapter, user_id, entry.adapter_path, self.catalog.lora, self.device)
+
+        async def stream(self, row: Row):
+            """The row's chunks, step by step; its user is the request's multiplexed model id."""
+            user = serve.get_multiplexed_model_id()
+            row = replace(row, adapter=await self.adapter(user)) if user else row
+            _queue_with_every_user()
+            async for chunk in self._batch(row):
+                yield chunk
+
+        def stats(self) -> dict:
+            """Batches run so far, their rows, and the most users one batch held."""
+            return dict(self._stats)
+
+        async def complete(self, row: Row) -> Completion:
+            async for chunk in self.stream(row):
+                if chunk.completion is not None:
+                    return chunk.completion
+            raise RuntimeError("the generation ended without a completion")
+
+        @serve.batch(max_batch_size=options.max_batch_size, batch_wait_timeout_s=options.batch_wait_s)
+        async def _batch(self, rows: list[Row]):
+            users = {row.adapter.user_id if row.adapter else None for row in rows}
+            self._stats = {"batches": self._stats["batches"] + 1, "rows": self._stats["rows"] + len(rows), "most_users": max(self._stats["most_users"], len(users))}
+            loop = asyncio.get_running_loop()
+            steps: asyncio.Queue = asyncio.Queue()
+            work = loop.run_in_executor(None, self.generator.generate, rows, lambda chunks: loop.call_soon_threadsafe(steps.put_nowait, chunks))
+            work.add_done_callback(lambda _: steps.put_nowait(None))
+            while (chunks := await steps.get()) is not None:
+                yield [StopIteration if chunk is None else chunk for chunk in chunks]
+            await work
+
+    return AdapterServer
+
+
+def _ingress():
+    from ray import serve
+
+    from cbpo_orch.method.data import Query
+    from cbpo_orch.method.encoding import BudgetError, prompt_ids
+
+    api = FastAPI(title="cbpo-orch", description="Every user's adapter of one cbpo-orch job, OpenAI-compatible.")
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+    @serve.ingress(api)
+    class Ingress:
+        """The OpenAI routes: keys, checks, and routing by user."""
+
+        def __init__(self, server, catalog: Catalog, keys: ApiKeys | None):
+            from cbpo_orch.method.models import load_tokenizer
+
+            self.server, self.catalog, self.keys = server, catalog, keys
+            self.tokenizer = load_tokenizer(catalog.model_path)
+
+        @api.get("/v1/models")
+        async def models(self, request: Request):
+            users = self.catalog.servable
+            if self.keys is not None:
+                users = self.keys.visible(request.headers.get("authorization"), users)
+                if users is None:
+                    return _error(ApiError(401, "a valid API key is required: send `Authorization: Bearer KEY`"))
+            return models_body([self.catalog.base_name, *users], f"cbpo-orch job {self.catalog.job_id} ({self.catalog.method})")
+
+        @api.post("/v1/completions")
+        async def completions(self, request: Request):
+            try:
+                user, parsed, row = self._checked(request.headers.get("authorization"), await request.body())
+                handle = self.server.options(multiplexed_model_id=user) if user else self.server
+                completion_id = new_completion_id()
+                if parsed.stream:
+                    chunks = handle.options(stream=True).stream.remote(row)
+                    return StreamingResponse(_events(chunks, completion_id, parsed.model), media_type="text/event-stream")
+                return completion_body(completion_id, parsed.model, await handle.complete.remote(row))
+            except ApiError as error:
+                return _error(error)
+            except Exception as error:  # the server answers, whatever failed
+                LOG.exception("completion failed")
+                return _error(ApiError(500, f"the completion failed: {type(error).__name__}"))
+
+        def _checked(self, authorization: str | None, body: bytes):
+            """(user or None for the base model, the request, its row) or ApiError."""
+            if self.keys is not None and not (known := self.keys.access(authorization, None)).allowed:
+                raise ApiError(known.status, known.message)
+            parsed = parse_completion_request(body, self.catalog.budgets.new_tokens)
+            user = None if parsed.model == self.catalog.base_name else parsed.model
+            if self.keys is not None and not (access := self.keys.access(authorization, user)).allowed:
+                raise ApiError(access.status, access.message, "model")
+            if user is not None:
+                try:
+                    self.catalog.adapter(user)
+                except UnknownUser as error:
+                    raise ApiError(404, f"{error}: `model` must be one of GET /v1/models", "model") from None
+                except UserNotReady as error:
+                    raise ApiError(409, str(error), "model") from None
+            try:
+                ids = prompt_ids(self.tokenizer, self.catalog.task.prompt(Query(id="request", input=parsed.prompt, gold=None)), self.catalog.budgets.prompt_tokens)
+            except BudgetError as error:
+                raise ApiError(400, str(error), "prompt") from None
+            return user, parsed, Row(ids, parsed.max_tokens, None, parsed.temperature, parsed.top_p)
+
+    return Ingress
