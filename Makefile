@@ -23,6 +23,8 @@ test: setup
 	$(PY) -m pytest -q
 
 # On a CUDA machine with torch, transformers and peft (no network, no install): packed = alone
-# in bf16, then the single- vs multi-user training throughput of the Qwen2-0.5B shape.
+# in bf16, then the single- vs multi-user training throughput of the Qwen2-0.5B shape, then
+# serving's cross-user batched generation against one request at a time.
 gpu-check:
 	PYTHONPATH=. python3 bench/throughput.py --shape qwen2-0.5b --device cuda --users 32 --check
+	PYTHONPATH=. python3 bench/batched_generation.py --shape qwen2-0.5b --device cuda

@@ -322,7 +322,8 @@ def test_a_driver_whose_cluster_address_answers_nothing_stops_at_once():
 # ───────────────────────────── CLI, in process ─────────────────────────────
 
 
-def _main(monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
+def cli_in_process(monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
+    """``cbpo-orch ARGV`` in this process: its exit code, stdout and stderr."""
     from cbpo_orch.cli.main import main
 
     monkeypatch.setattr(sys, "argv", ["cbpo-orch", *argv])
@@ -332,10 +333,15 @@ def _main(monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
         code = 0
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else 1
-    finally:
-        _shutdown_ray_if_started()  # only a wrongly accepted submit would have started one
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def _main(monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        return cli_in_process(monkeypatch, capsys, *argv)
+    finally:
+        _shutdown_ray_if_started()  # only a wrongly accepted submit would have started one
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -24,27 +23,12 @@ import pytest
 from cbpo_orch.home import SAMPLE_DATA
 from cbpo_orch.storage.artifacts import directory_sha256
 from tests import faulty_worker
-from tests.test_orchestrator import CLEAN_ENV, REPO, dev_users, history_cache  # noqa: F401  (fixtures)
+from tests.test_orchestrator import CLEAN_ENV, REPO, cli_in_process, dev_users, history_cache  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Serve's own pydantic fields
 
 OPERATOR_KEY = "operator-key-0123456789"
 ALICE_KEY = "alice-only-key-0123456789"
-
-
-def _main(monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
-    """The CLI in this process; it leaves this module's Ray alone."""
-    from cbpo_orch.cli.main import main
-
-    monkeypatch.setattr(sys, "argv", ["cbpo-orch", *argv])
-    capsys.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _one_error_line(code: int, err: str, *hints: str) -> str:
@@ -123,7 +107,7 @@ def test_export_writes_each_servable_adapter_the_merged_base_and_a_manifest(job,
     from cbpo_orch.method.models import load_model
 
     out = tmp_path / "export"
-    code, stdout, err = _main(monkeypatch, capsys, "export", "--job", job.id, "--method", "cbpo", "--out", str(out), "--home", str(job.home))
+    code, stdout, err = cli_in_process(monkeypatch, capsys, "export", "--job", job.id, "--method", "cbpo", "--out", str(out), "--home", str(job.home))
     assert code == 0, err
     assert stdout.strip() == str(out) and f"not exported: {job.failed}" in err
 
@@ -189,7 +173,7 @@ def test_export_refuses_an_adapter_vllm_cannot_serve_and_writes_nothing(case, jo
     changes, hint = UNSERVABLE[case]
     bad_job = _registered_adapter_job(job, tiny_model_dir, lambda config: {**config, **changes}, r=changes.get("r", 8))
     out = tmp_path / "export"
-    code, stdout, err = _main(monkeypatch, capsys, "export", "--job", bad_job, "--method", "sft", "--out", str(out), "--home", str(job.home))
+    code, stdout, err = cli_in_process(monkeypatch, capsys, "export", "--job", bad_job, "--method", "sft", "--out", str(out), "--home", str(job.home))
     _one_error_line(code, err, "cannot be served by vLLM", hint, "ad7c7cfda48")
     assert stdout == "" and list(tmp_path.iterdir()) == []
 
@@ -204,7 +188,7 @@ def test_export_refuses_an_adapter_vllm_cannot_serve_and_writes_nothing(case, jo
 def test_export_of_what_does_not_exist_is_one_error_line(argv, hint, job, tmp_path, monkeypatch, capsys):
     args = {"--job": job.id, "--method": "cbpo", **dict(zip(argv[::2], argv[1::2]))}
     out = tmp_path / "export"
-    code, _, err = _main(monkeypatch, capsys, "export", *[x for kv in args.items() for x in kv], "--out", str(out), "--home", str(job.home))
+    code, _, err = cli_in_process(monkeypatch, capsys, "export", *[x for kv in args.items() for x in kv], "--out", str(out), "--home", str(job.home))
     _one_error_line(code, err, hint)
     assert not out.exists()
 
@@ -392,11 +376,11 @@ def test_keys_decide_who_may_use_which_adapter_and_are_never_logged(server, job,
 
 
 def test_serve_refuses_a_non_loopback_host_without_keys_and_a_bad_key_file(job, tmp_path, monkeypatch, capsys):
-    code, out, err = _main(monkeypatch, capsys, "serve", "--job", job.id, "--host", "0.0.0.0", "--home", str(job.home))
+    code, out, err = cli_in_process(monkeypatch, capsys, "serve", "--job", job.id, "--host", "0.0.0.0", "--home", str(job.home))
     _one_error_line(code, err, "refusing to serve on 0.0.0.0 without --api-keys")
     bad = tmp_path / "keys.json"
     bad.write_text(json.dumps({OPERATOR_KEY: "everyone"}))
-    code, out, err = _main(monkeypatch, capsys, "serve", "--job", job.id, "--host", "0.0.0.0", "--api-keys", str(bad), "--home", str(job.home))
+    code, out, err = cli_in_process(monkeypatch, capsys, "serve", "--job", job.id, "--host", "0.0.0.0", "--api-keys", str(bad), "--home", str(job.home))
     assert OPERATOR_KEY not in _one_error_line(code, err, "key #1")
-    code, out, err = _main(monkeypatch, capsys, "serve", "--job", job.id, "--method", "base", "--home", str(job.home))
+    code, out, err = cli_in_process(monkeypatch, capsys, "serve", "--job", job.id, "--method", "base", "--home", str(job.home))
     _one_error_line(code, err, "did not run method 'base'")
