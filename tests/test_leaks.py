@@ -68,7 +68,7 @@ def test_no_query_of_any_split_is_indexed(leaky):
 def test_task_adapter_trains_on_no_query_of_any_split(leaky, monkeypatch):
     taught = []  # the data the task adapter is trained on: every profile pair of it
 
-    def capture(loaded, dataset, config):
+    def capture(loaded, dataset, config, on_step=None):
         taught.extend(dataset.profile_examples())
         raise InterruptedError  # stop before any training
 
