@@ -187,12 +187,17 @@ class Jobs:
 
     def _train(self, key: str, entries: list[dict], methods: list[str], users: list[str], options: dict[str, str], seed: int) -> None:
         common = ["--home", str(self.args.home), "--workers", str(self.args.workers)]
+        live = []
         for entry in entries:
             status = json.loads(subprocess.run(CLI + ["status", entry["job"], "--json", "--home", str(self.args.home)], capture_output=True, text=True, check=True).stdout)[0]
+            if status["state"] == "cancelled":  # its finished runs count; the others go to a new job
+                self.ledger.file(key, entry["job"], self.results(entry["job"]))
+                continue
+            live.append(entry)
             if status["state"] != "succeeded":
                 print(f"[{key}] resuming job {entry['job']}", flush=True)
                 subprocess.run(CLI + ["resume", entry["job"], *common], stdout=subprocess.DEVNULL)
-        covered = {(u, m) for entry in entries for u in entry["users"] for m in entry["methods"]} | set(self.ledger.scores(key))
+        covered = {(u, m) for entry in live for u in entry["users"] for m in entry["methods"]} | set(self.ledger.scores(key))
         missing = [(u, m) for u in users for m in methods if (u, m) not in covered]
         if missing:
             new_users = list(dict.fromkeys(u for u, _ in missing))

@@ -135,6 +135,27 @@ def _adapter(folder: Path, text: str) -> Path:
     return folder
 
 
+def test_a_cancelled_job_is_not_resumed_and_its_unfinished_runs_go_to_a_new_job(tmp_path, monkeypatch):
+    key = _jobs(tmp_path).key({}, 0)
+    jobs = _jobs(tmp_path, {key: [{"job": "j1", "users": ["a", "b"], "methods": ["sft"]}]})
+    asked = []
+
+    def run(command, **_):
+        asked.append(command[len(quality.CLI)])
+        return type("Done", (), {"stdout": quality.json.dumps([{"state": "cancelled"}])})()
+
+    commands = []
+    monkeypatch.setattr(quality.subprocess, "run", run)
+    monkeypatch.setattr(quality.subprocess, "Popen", FakeSubmit(commands))
+    monkeypatch.setattr(quality, "TASK_ADAPTERS", tmp_path / "pinned")
+    jobs.results = lambda job: {"j1": [_row("a", "sft", 0.2)], "j2": [_row("b", "sft", 0.3)]}[job]
+    per_arm = quality.run_arms(jobs, {"sft": ("sft", {})}, ["a", "b"], {}, 0)
+    assert asked == ["status"], "a cancelled job is not resumed"  # its finished run of a is kept
+    [command] = commands
+    assert command[command.index("--users") + 1] == "b"
+    assert {user: scores["rouge1"] for user, scores in per_arm["sft"].items()} == {"a": 0.2, "b": 0.3}
+
+
 def test_task_adapters_are_pinned_both_ways_and_a_different_one_stops_the_benchmark(tmp_path):
     home, committed = tmp_path / "home", tmp_path / "committed"
     local = home / "artifacts" / "task-adapters"
