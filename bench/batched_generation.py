@@ -51,17 +51,21 @@ class TokenIds:
         return " ".join(map(str, ids))
 
 
-def synthetic_adapters(model, users: int, seed: int = 0) -> list[UserAdapter]:
-    """``users`` adapters of the serving layout: peft's initial A per user, a random B."""
+@torch.no_grad()
+def fill_synthetic_slots(multi, seed: int = 0) -> None:
+    """Every slot of ``multi`` a synthetic user: peft's initial A (the slot's seed), a random B."""
     generator = torch.Generator().manual_seed(seed)
-    adapters = []
-    with attached_multi_lora(model, LORA, users) as multi, torch.no_grad():
-        for slot in range(users):
-            multi.init_slot(slot, seed=slot)
-            for layer in multi.layers.values():
-                layer.lora_B[slot].copy_(torch.randn(layer.lora_B.shape[1:], generator=generator).to(layer.lora_B) * 0.02)
-            adapters.append(UserAdapter(f"user-{slot:02d}", multi.slot_state(slot)))
-    return adapters
+    for slot in range(multi.n_slots):
+        multi.init_slot(slot, seed=slot)
+        for layer in multi.layers.values():
+            layer.lora_B[slot].copy_(torch.randn(layer.lora_B.shape[1:], generator=generator).to(layer.lora_B) * 0.02)
+
+
+def synthetic_adapters(model, users: int, seed: int = 0) -> list[UserAdapter]:
+    """``users`` adapters of the serving layout, read out of :func:`fill_synthetic_slots`."""
+    with attached_multi_lora(model, LORA, users) as multi:
+        fill_synthetic_slots(multi, seed)
+        return [UserAdapter(f"user-{slot:02d}", multi.slot_state(slot)) for slot in range(users)]
 
 
 def requests(adapters: list[UserAdapter], n: int, prompt_tokens: int, vocab: int, max_tokens: int, seed: int = 0) -> list[Row]:

@@ -100,7 +100,7 @@ def split_users(args) -> tuple[list[str], list[str]]:
 
 
 class Ledger:
-    """Every finished run of a (data, model), committed as ``results/DATA-MODEL.runs.json``.
+    """Every finished run of a (data, model), committed as ``results/DATA-MODEL.run.runs.json``.
 
     A session's ``bench/.home`` (registry and adapters) ends with its machine; the ledger
     does not. A later session reads the scores of the runs it holds and trains only the

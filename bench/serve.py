@@ -29,10 +29,9 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
-
+from bench.batched_generation import LORA, fill_synthetic_slots
 from cbpo_orch.home import SAMPLE_DATA, default_model_dir, home_dir
-from cbpo_orch.method.config import LoraSettings, TrainConfig
+from cbpo_orch.method.config import TrainConfig
 from cbpo_orch.method.data import load_split
 from cbpo_orch.method.models import load_model
 from cbpo_orch.method.multi_lora import attached_multi_lora
@@ -43,7 +42,6 @@ from cbpo_orch.orchestrator.workspace import Workspace
 HERE = Path(__file__).resolve().parent
 CLIENTS = (1, 8, 32)
 USERS = 20
-LORA = LoraSettings()
 
 
 def synthetic_job(space: Workspace, model: Path, users: int, seed: int = 0) -> str:
@@ -51,13 +49,8 @@ def synthetic_job(space: Workspace, model: Path, users: int, seed: int = 0) -> s
     ids = [f"user-{i:02d}" for i in range(users)]
     spec = JobSpec("lamp4", str(SAMPLE_DATA), "dev", str(model), ("cbpo",), tuple(ids), TrainConfig(method="cbpo", lora=LORA))
     job = space.registry.create_job("lamp4", ["cbpo"], ids, spec.to_config(Resources()))
-    generator = torch.Generator().manual_seed(seed)
     with attached_multi_lora(load_model(model, "cpu").model, LORA, users) as multi:
-        with torch.no_grad():
-            for slot in range(users):
-                multi.init_slot(slot, seed=slot)
-                for layer in multi.layers.values():
-                    layer.lora_B[slot].copy_(torch.randn(layer.lora_B.shape[1:], generator=generator) * 0.02)
+        fill_synthetic_slots(multi, seed)
         runs = {run.user_id: run.run_id for run in space.registry.runs(job)}
         for slot, user in enumerate(ids):
             info = space.artifacts.write_dir(f"adapters/{job}/{user}/cbpo/attempt-1", multi.export_slot(slot))

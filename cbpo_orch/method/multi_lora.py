@@ -43,6 +43,11 @@ PEFT_KEY_PREFIX = "base_model.model."
 """peft's state-dict keys are ``base_model.model.<module name>.lora_{A,B}.weight``."""
 
 
+def peft_key(layer: str, part: str) -> str:
+    """The name peft saves a LoRA layer's ``A`` or ``B`` weight under."""
+    return f"{PEFT_KEY_PREFIX}{layer}.lora_{part}.weight"
+
+
 def is_target(name: str, target_modules: tuple[str, ...]) -> bool:
     """Whether module ``name`` is a LoRA target (peft's rule for a list of names)."""
     return any(name == target or name.endswith("." + target) for target in target_modules)
@@ -207,21 +212,21 @@ class MultiLora:
         """``slot``'s adapter as peft's saved state dict: its key names, copies of the values."""
         state = {}
         for name, layer in self.layers.items():
-            state[f"{PEFT_KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A[slot].detach().clone()
-            state[f"{PEFT_KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B[slot].detach().clone()
+            state[peft_key(name, "A")] = layer.lora_A[slot].detach().clone()
+            state[peft_key(name, "B")] = layer.lora_B[slot].detach().clone()
         return state
 
     @torch.no_grad()
     def load_slot(self, slot: int, state: dict[str, Tensor]) -> None:
         """Put a saved adapter (peft's state dict, as :meth:`slot_state` gives it) into ``slot``;
         ValueError unless it holds exactly this layout's tensors, in their shapes."""
-        expected = {f"{PEFT_KEY_PREFIX}{name}.lora_{part}.weight" for name in self.layers for part in "AB"}
+        expected = {peft_key(name, part) for name in self.layers for part in "AB"}
         if set(state) != expected:
             missing, unknown = sorted(expected - set(state)), sorted(set(state) - expected)
             raise ValueError(f"the adapter does not fit these LoRA layers: missing {missing[:3]}, unknown {unknown[:3]}")
         for name, layer in self.layers.items():
             for part, stacked in (("A", layer.lora_A), ("B", layer.lora_B)):
-                value = state[f"{PEFT_KEY_PREFIX}{name}.lora_{part}.weight"]
+                value = state[peft_key(name, part)]
                 if value.shape != stacked.shape[1:]:
                     raise ValueError(f"{name}.lora_{part} is {tuple(value.shape)} in the adapter but {tuple(stacked.shape[1:])} here")
                 stacked[slot].copy_(value)
