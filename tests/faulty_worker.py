@@ -11,8 +11,8 @@ import json
 import os
 from pathlib import Path
 
-from cbpo_orch.method.data import DataError
-from cbpo_orch.method.trainer import NumericalError
+from cbpo_orch.data.dataset import DataError
+from cbpo_orch.training.trainer import NumericalError
 from cbpo_orch.workers.personalize import personalize_users
 
 FAILING_USER = "a24e7d657a9"
@@ -85,3 +85,15 @@ def slow_steps(steps: int, seconds_per_step: float, on_step=None) -> str:
         time.sleep(seconds_per_step)
         on_step(step, steps, 1.0 / step)
     return "trained"
+
+
+def meet_the_other_shards(items: list, folder: str, shards: int, threads: int) -> tuple[list, int, bool]:
+    """A shard task that signs in under ``folder`` and waits (up to a minute) until all
+    ``shards`` have: it returns its items, its threads and whether they all ran at once."""
+    import time
+
+    Path(folder, str(os.getpid())).touch()
+    deadline = time.monotonic() + 60
+    while len(os.listdir(folder)) < shards and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return items, threads, len(os.listdir(folder)) >= shards

@@ -1,11 +1,11 @@
-"""Auxiliary selection of METHOD.md §5 (cbpo_orch.method.auxiliary)."""
+"""Auxiliary selection of METHOD.md §5 (cbpo_orch.data.auxiliary)."""
 
 import math
 
 import numpy as np
 import pytest
 
-from cbpo_orch.method.auxiliary import STRATEGIES, AuxIndex, profile_centroid
+from cbpo_orch.data.auxiliary import STRATEGIES, AuxIndex, profile_centroid
 
 
 def at(deg, scale=1.0):

@@ -11,7 +11,7 @@ from peft import PeftModel
 
 from cbpo_orch.cli.main import main
 from cbpo_orch.home import SAMPLE_DATA
-from cbpo_orch.method.models import load_model
+from cbpo_orch.training.models import load_model
 
 USER = json.loads((SAMPLE_DATA / "dev_questions.json").read_text())[0]["user_id"]
 FAST = ["--max-profile", "8", "--epochs", "1", "--max-prompt-tokens", "128", "--max-new-tokens", "6"]

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 import cbpo_orch
-from cbpo_orch.method.data import DataError, ProfileItem, User, find_splits, load_split
-from cbpo_orch.method.tasks import BUILTIN_TASKS, Budgets, load_task
+from cbpo_orch.data.dataset import DataError, ProfileItem, User, find_splits, load_split
+from cbpo_orch.data.tasks import BUILTIN_TASKS, Budgets, load_task
 
 SAMPLE = Path(cbpo_orch.__file__).parent / "samples" / "huffpost-headline"
 ITEM = {"id": "a", "text": "An article.", "title": "A Title", "date": "2020-01-01"}

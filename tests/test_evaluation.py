@@ -2,7 +2,7 @@
 
 import pytest
 
-from cbpo_orch.method.evaluation import paired_bootstrap_ci, rouge
+from cbpo_orch.training.evaluation import paired_bootstrap_ci, rouge
 
 
 def test_rouge_is_unstemmed_f1_averaged_over_queries():

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from cbpo_orch.method.config import TrainConfig
-from cbpo_orch.method.data import DataError, load_split
-from cbpo_orch.method.history import build_history_index
-from cbpo_orch.method.models import load_model
-from cbpo_orch.method.tasks import load_task
+from cbpo_orch.data.dataset import DataError, load_split
+from cbpo_orch.data.history import build_history_index
+from cbpo_orch.training.models import load_model
+from cbpo_orch.data.tasks import load_task
 from cbpo_orch.workers import task_adapter as worker_module
 from cbpo_orch.workers.context import history_datasets, history_key
 from cbpo_orch.workers.personalize import UserContext, personalize_user
@@ -24,7 +24,7 @@ PROMPT = "Generate a headline for the following article: "
 class HashEmbedder:
     """A stand-in sentence embedder: a fixed random unit vector per text."""
 
-    def encode(self, texts, **_):
+    def __call__(self, texts):
         vectors = [np.random.default_rng(int(hashlib.sha1(t.encode()).hexdigest()[:8], 16)).normal(size=8) for t in texts]
         return np.stack([v / np.linalg.norm(v) for v in vectors])
 

@@ -36,8 +36,8 @@ EMBEDDING_DIM = 384
 
 def _seed_history(home: Path, data: Path) -> None:
     """The home's cached history index of ``data``, with RANDOM unit vectors as embeddings."""
-    from cbpo_orch.method.history import HistoryIndex
-    from cbpo_orch.method.tasks import load_task
+    from cbpo_orch.data.history import HistoryIndex
+    from cbpo_orch.data.tasks import load_task
     from cbpo_orch.workers.context import history_datasets, history_key
 
     datasets = history_datasets(data, "dev", load_task("lamp4"))

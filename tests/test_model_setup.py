@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from cbpo_orch.home import downloads_dir, home_dir
-from cbpo_orch.method import model_setup
-from cbpo_orch.method.model_setup import SMOLLM2_GGUF, download_gguf, setup_default_model
-from cbpo_orch.method.models import load_model
+from cbpo_orch.training import model_setup
+from cbpo_orch.training.model_setup import SMOLLM2_GGUF, download_gguf, setup_default_model
+from cbpo_orch.training.models import load_model
 
 
 def _no_download(*args, **kwargs):

@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cbpo_orch.home import SAMPLE_DATA
@@ -142,8 +143,8 @@ def _ok(done: subprocess.CompletedProcess) -> str:
 
 @pytest.fixture(scope="session")
 def dev_users() -> list[str]:
-    from cbpo_orch.method.data import load_split
-    from cbpo_orch.method.tasks import load_task
+    from cbpo_orch.data.dataset import load_split
+    from cbpo_orch.data.tasks import load_task
 
     return list(load_split(SAMPLE_DATA, "dev", load_task("lamp4")).users)
 
@@ -151,7 +152,7 @@ def dev_users() -> list[str]:
 @pytest.fixture(scope="session")
 def history_cache(tmp_path_factory, sample_history) -> Path:
     """A home's ``cache`` folder already holding the sample's history index."""
-    from cbpo_orch.method.tasks import load_task
+    from cbpo_orch.data.tasks import load_task
     from cbpo_orch.workers.context import history_datasets, history_key
 
     root = tmp_path_factory.mktemp("cache")
@@ -571,6 +572,53 @@ def test_a_remote_tasks_steps_reach_the_driver_while_it_runs(local_ray):
     assert result == "trained"
     steps = [step for step, _, _ in seen]
     assert len(set(steps)) >= 2 and steps == sorted(steps) and all(total == 6 for _, total, _ in seen), seen
+
+
+@pytest.mark.parametrize("items, nodes, expected", [
+    (100, [16], (1, 16)),           # too few to split: one shard, the whole node's cores
+    (2048, [16], (4, 4)),           # four shards of 512, four cores each
+    (100_000, [16], (16, 1)),       # one shard per CPU
+    (1000, [8, 8], (2, 8)),         # two shards, one per node
+    (1000, [8, 8, 8, 8], (2, 8)),   # never more CPUs than a node has
+    (0, [2], (1, 2)),
+])
+def test_a_shard_plan_uses_every_cpu_and_no_shard_is_small(monkeypatch, items, nodes, expected):
+    import ray
+
+    from cbpo_orch.orchestrator import scheduler
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": float(sum(nodes))})
+    monkeypatch.setattr(scheduler, "largest_node_cpus", lambda: max(nodes))
+    assert scheduler.shard_plan(items, 512) == expected
+
+
+def test_shards_run_at_once_and_come_back_in_order(local_ray, tmp_path):
+    from cbpo_orch.orchestrator import scheduler
+
+    shards, cpus = scheduler.shard_plan(10, 4)
+    assert shards == min(3, scheduler.largest_node_cpus()) >= 2, "this test needs a Ray of 2 CPUs or more"
+    done = []
+    parts = scheduler.map_shards(faulty_worker.meet_the_other_shards, list(range(10)), str(tmp_path), shards, min_shard=4,
+                                 on_done=lambda finished, total: done.append((finished, total)))
+    assert [item for items, _, _ in parts for item in items] == list(range(10))
+    assert all(met and threads == cpus for _, threads, met in parts)  # every shard ran while the others did
+    assert done == [(k, shards) for k in range(1, shards + 1)]
+
+
+def test_the_driver_embeds_in_shards_on_ray_as_the_process_would(local_ray, tmp_path, tiny_model_dir, dev_users, monkeypatch, sample_history):
+    from cbpo_orch.data.tasks import load_task
+    from cbpo_orch.orchestrator import driver
+    from cbpo_orch.orchestrator.spec import JobSpec
+    from cbpo_orch.orchestrator.workspace import Workspace
+
+    monkeypatch.setattr(driver, "EMBED_MIN_SHARD", 64)
+    spec = JobSpec.from_config(_spec_config(tiny_model_dir, dev_users[:1])[0])[0]
+    stages = []
+    history = driver._history(Workspace.open(tmp_path / "home"), spec, load_task("lamp4"), driver.Progress(stage=stages.append))
+    alone = sample_history[1]
+    assert [(e.user_id, e.item_id) for e in history.examples] == [(e.user_id, e.item_id) for e in alone.examples]
+    np.testing.assert_allclose(history.embeddings, alone.embeddings, atol=1e-5)
+    assert re.fullmatch(r".*: 2/2 shards of \d+ texts", stages[-1]), stages
 
 
 def test_the_task_adapter_trains_on_a_whole_node_and_shows_its_steps(local_ray, home, tiny_model_dir, dev_users, monkeypatch):

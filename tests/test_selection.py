@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from cbpo_orch.method.config import TrainConfig
-from cbpo_orch.method.models import load_model
+from cbpo_orch.training.models import load_model
 from cbpo_orch.method.selection import best_epoch, holdout_size, split_holdout
-from cbpo_orch.method.tasks import Budgets
-from cbpo_orch.method.encoding import encode_pair
-from cbpo_orch.method.multi_lora import attached_multi_lora
-from cbpo_orch.method.trainer import UserTraining, encode_samples, held_out_logp, train_adapters
+from cbpo_orch.data.tasks import Budgets
+from cbpo_orch.training.encoding import encode_pair
+from cbpo_orch.training.multi_lora import attached_multi_lora
+from cbpo_orch.training.trainer import UserTraining, encode_samples, held_out_logp, train_adapters
 
 
 @pytest.mark.parametrize("n, expected", [(5, 0), (6, 2), (10, 2), (11, 3), (16, 4), (40, 8), (300, 8)])

@@ -90,8 +90,8 @@ def catalog(job):
 
 @pytest.fixture(scope="module")
 def dataset():
-    from cbpo_orch.method.data import load_split
-    from cbpo_orch.method.tasks import load_task
+    from cbpo_orch.data.dataset import load_split
+    from cbpo_orch.data.tasks import load_task
 
     return load_split(SAMPLE_DATA, "dev", load_task("lamp4"))
 
@@ -103,8 +103,8 @@ def test_export_writes_each_servable_adapter_the_merged_base_and_a_manifest(job,
     import torch
     from peft import PeftModel
 
-    from cbpo_orch.method.evaluation import generate
-    from cbpo_orch.method.models import load_model
+    from cbpo_orch.training.evaluation import generate
+    from cbpo_orch.training.models import load_model
 
     out = tmp_path / "export"
     code, stdout, err = cli_in_process(monkeypatch, capsys, "export", "--job", job.id, "--method", "cbpo", "--out", str(out), "--home", str(job.home))
@@ -141,8 +141,8 @@ def _registered_adapter_job(job, tiny_model_dir, edit=lambda config: config, r: 
     """A job in the same registry whose one user's adapter (a real export of a LoRA of rank
     ``r`` on the tiny model, its config changed by ``edit``) is registered as succeeded."""
     from cbpo_orch.method.config import LoraSettings, TrainConfig
-    from cbpo_orch.method.models import load_model
-    from cbpo_orch.method.multi_lora import attached_multi_lora
+    from cbpo_orch.training.models import load_model
+    from cbpo_orch.training.multi_lora import attached_multi_lora
     from cbpo_orch.orchestrator.spec import JobSpec, Resources
 
     lora = LoraSettings(r=r, alpha=r)
@@ -197,8 +197,8 @@ def test_export_of_what_does_not_exist_is_one_error_line(argv, hint, job, tmp_pa
 
 
 def test_batched_generation_equals_one_at_a_time_and_the_recorded_predictions(job, catalog, dataset):
-    from cbpo_orch.method.encoding import prompt_ids
-    from cbpo_orch.method.task_adapter import starting_model
+    from cbpo_orch.training.encoding import prompt_ids
+    from cbpo_orch.training.task_adapter import starting_model
     from cbpo_orch.serving.generator import BatchedGenerator, Row, load_user_adapter
 
     loaded = starting_model(catalog.model_path, catalog.task_adapter, "cpu")

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from cbpo_orch.method.config import LoraSettings, TrainConfig
-from cbpo_orch.method.models import load_model
-from cbpo_orch.method.multi_lora import attached_multi_lora
-from cbpo_orch.method.tasks import Budgets
-from cbpo_orch.method.trainer import UserTraining, encode_samples, held_out_logp, mismatched_pairs, train_adapters
+from cbpo_orch.training.models import load_model
+from cbpo_orch.training.multi_lora import attached_multi_lora
+from cbpo_orch.data.tasks import Budgets
+from cbpo_orch.training.trainer import UserTraining, encode_samples, held_out_logp, mismatched_pairs, train_adapters
 
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
 BUDGETS = Budgets(48, 12)

@@ -17,9 +17,9 @@ import typer
 
 from cbpo_orch.home import FolderError, check_folder, default_model_dir, home_dir
 from cbpo_orch.method.config import ConfigError
-from cbpo_orch.method.data import DataError
+from cbpo_orch.data.dataset import DataError
 from cbpo_orch.method.methods import UnknownMethod
-from cbpo_orch.method.model_dirs import ModelError, check_model_dir
+from cbpo_orch.training.model_dirs import ModelError, check_model_dir
 from cbpo_orch.orchestrator.spec import UnreachableCluster
 from cbpo_orch.serving.catalog import NotServable
 from cbpo_orch.serving.keys import KeyFileError

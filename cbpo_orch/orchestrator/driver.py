@@ -1,8 +1,8 @@
 """Running a job: the stages, the fan-out, and the only writer of its results.
 
-Stages: (1) the history index (embeddings + FAISS), cached per task/data/embedder;
-(2) the task adapter, trained once per task/data/model and reused, when asked for;
-(3) one Ray call per (user, method): select aux → γ → train → generate → score;
+Stages: (1) the history index (embeddings, in shards over the cluster, + FAISS), cached
+per task/data/embedder; (2) the task adapter, trained once per task/data/model and reused,
+when asked for; (3) one Ray call per (user, method): select aux → γ → train → generate → score;
 (4) the job's final state. Workers return results; this driver writes each adapter
 atomically to the artifact store and then records it, once, in the registry.
 """
@@ -16,13 +16,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cbpo_orch.method.tasks import load_task
+import numpy as np
+
+from cbpo_orch.data.history import HistoryIndex
+from cbpo_orch.data.tasks import Task, load_task
 from cbpo_orch.orchestrator import scheduler
 from cbpo_orch.orchestrator.lease import LEASE_TTL_S, JobLease, LeaseLost
 from cbpo_orch.orchestrator.spec import JobSpec, Resources
 from cbpo_orch.orchestrator.workspace import Workspace
 from cbpo_orch.storage.registry import InvalidTransition, Registry
 from cbpo_orch.workers.context import cached_history, history_datasets
+from cbpo_orch.workers.embedding import embed_shard
 from cbpo_orch.workers.personalize import UserOutcome, personalize_users
 from cbpo_orch.workers.task_adapter import build_task_adapter, task_adapter_config
 
@@ -82,13 +86,11 @@ def _drive(space: Workspace, job_id: str, spec: JobSpec, resources: Resources, p
     registry.set_job_state(job_id, "running")
     try:
         task = load_task(spec.task)
-        progress.stage("embedding users' histories (cached after the first job)")
-        datasets = history_datasets(spec.data, spec.split, task)
-        history = cached_history(space.cache, datasets, spec.embedder)
         progress.stage("connecting to Ray")
         dashboard = scheduler.connect(resources.address)
         if dashboard:
             progress.notice(scheduler.dashboard_notice(dashboard))
+        history = _history(space, spec, task, progress)
         tam_path = _task_adapter(space, spec, resources, progress)
         progress.stage("personalizing users")
         _fan_out(space, job_id, spec, resources, history, tam_path, progress, worker_fn, lease)
@@ -117,6 +119,36 @@ def _finish(registry: Registry, job_id: str) -> str:
     return state
 
 
+EMBED_MIN_SHARD = 512
+"""The fewest texts one embedding task gets: each loads the embedder (about a second)."""
+
+
+def _each_tenth(report: Callable[..., None]) -> Callable[..., None]:
+    """``report(step, total, ...)`` passed on only when ``step`` enters a new tenth of ``total``,
+    so that a log gets ten lines at most."""
+    shown = [0]
+
+    def gate(step: int, total: int, *rest) -> None:
+        if step * 10 // total > shown[0]:
+            shown[0] = step * 10 // total
+            report(step, total, *rest)
+
+    return gate
+
+
+def _history(space: Workspace, spec: JobSpec, task: Task, progress: Progress) -> HistoryIndex:
+    """Stage 1: the history index, cached per (task, data, embedder); built by embedding
+    shards of the profile pairs as Ray tasks over the cluster's CPUs."""
+    label = "embedding users' histories (cached after the first job)"
+    progress.stage(label)
+
+    def on_cluster(texts: list[str]):
+        report = _each_tenth(lambda done, shards: progress.stage(f"{label}: {done}/{shards} shards of {len(texts)} texts"))
+        return np.concatenate(scheduler.map_shards(embed_shard, texts, spec.embedder, min_shard=EMBED_MIN_SHARD, on_done=report))
+
+    return cached_history(space.cache, history_datasets(spec.data, spec.split, task), spec.embedder, on_cluster)
+
+
 def task_adapter_key(spec: JobSpec) -> str:
     identity = {"task": spec.task, "data": spec.data, "model": spec.model, "config": task_adapter_config(spec).to_dict(), "version": 1}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
@@ -140,16 +172,10 @@ def _task_adapter(space: Workspace, spec: JobSpec, resources: Resources, progres
         on = "1 GPU" if gpus else f"{cpus} CPUs"
         label = f"training the task adapter on the train split's users (once per task, data and model; {on})"
         progress.stage(label)
-        shown = {"tenth": 0}
-
-        def on_step(step: int, total: int, loss: float) -> None:
-            if step * 10 // total > shown["tenth"]:  # a line per tenth, so logs stay short
-                shown["tenth"] = step * 10 // total
-                progress.stage(f"{label}: step {step}/{total}, loss {loss:.3f}")
-
         built = scheduler.run_remote(
             build_task_adapter, spec.task, spec.data, spec.model, task_adapter_config(spec), "auto", max(1, int(cpus)),
-            num_cpus=cpus, num_gpus=gpus, on_step=on_step,
+            num_cpus=cpus, num_gpus=gpus,
+            on_step=_each_tenth(lambda step, total, loss: progress.stage(f"{label}: step {step}/{total}, loss {loss:.3f}")),
         )
         info = space.artifacts.write_dir(f"task-adapters/{key}", built["files"])
     space.registry.record_task_adapter(key, spec.task, spec.model, str(info.path), info.sha256, info.bytes)
@@ -255,7 +281,7 @@ def loaded_for_job(space: Workspace, spec: JobSpec, adapter_path: str, device: s
     """The job's starting model and the user adapter at ``adapter_path`` on top, ready to generate."""
     from peft import PeftModel
 
-    from cbpo_orch.method.task_adapter import starting_model
+    from cbpo_orch.training.task_adapter import starting_model
 
     loaded = starting_model(spec.model, job_task_adapter(space, spec), device)
     return loaded, PeftModel.from_pretrained(loaded.model, adapter_path).eval()

@@ -30,10 +30,10 @@ from ray.exceptions import (
 )
 
 from cbpo_orch.method.config import ConfigError, TrainConfig
-from cbpo_orch.method.data import DataError
+from cbpo_orch.data.dataset import DataError
 from cbpo_orch.method.methods import UnknownMethod
-from cbpo_orch.method.model_dirs import ModelError
-from cbpo_orch.method.trainer import NumericalError
+from cbpo_orch.training.model_dirs import ModelError
+from cbpo_orch.training.trainer import NumericalError
 from cbpo_orch.orchestrator.spec import UnreachableCluster, check_address
 
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}
@@ -127,8 +127,8 @@ class PersonalizeWorker:
     def __init__(self, context_args: dict, history, threads: int, worker_fn: Callable):
         import torch
 
-        from cbpo_orch.method.data import load_split
-        from cbpo_orch.method.tasks import load_task
+        from cbpo_orch.data.dataset import load_split
+        from cbpo_orch.data.tasks import load_task
         from cbpo_orch.workers.context import load_user_context
 
         torch.set_num_threads(max(1, threads))
@@ -217,6 +217,31 @@ def run_remote(fn: Callable, *args, num_cpus: float = 1, num_gpus: float = 0, on
         return ray.get(ref)
     finally:
         ray.kill(sink)
+
+
+def shard_plan(items: int, min_shard: int) -> tuple[int, int]:
+    """How to split ``items`` over the cluster: (shards, CPUs for each). As many shards as the
+    cluster has CPUs, none smaller than ``min_shard`` items (each pays a model load), and every
+    CPU in use: fewer shards get more CPUs each, up to a whole node."""
+    total = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    shards = max(1, min(total, -(-items // max(1, min_shard))))
+    return shards, max(1, min(largest_node_cpus(), total // shards))
+
+
+@_cluster_deaths_as_lost()
+def map_shards(fn: Callable, items: list, *args, min_shard: int, on_done: Callable[[int, int], None] = lambda done, total: None) -> list:
+    """``fn(shard, *args, threads=N)`` over contiguous shards of ``items``, as Ray tasks in
+    parallel (:func:`shard_plan`); returns the shards' results in the items' order and calls
+    ``on_done(finished, shards)`` as each finishes."""
+    shards, cpus = shard_plan(len(items), min_shard)
+    task = ray.remote(fn).options(num_cpus=cpus)
+    bounds = [len(items) * k // shards for k in range(shards + 1)]
+    refs = [task.remote(items[lo:hi], *args, threads=cpus) for lo, hi in zip(bounds, bounds[1:])]
+    waiting = list(refs)
+    while waiting:
+        _, waiting = ray.wait(waiting, num_returns=1)
+        on_done(shards - len(waiting), shards)
+    return ray.get(refs)
 
 
 @_cluster_deaths_as_lost()

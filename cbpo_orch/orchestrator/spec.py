@@ -12,10 +12,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cbpo_orch.method.config import ConfigError, TrainConfig
-from cbpo_orch.method.data import DataError, Dataset
+from cbpo_orch.data.dataset import DataError, Dataset
 from cbpo_orch.method.methods import method_spec
-from cbpo_orch.method.model_dirs import ModelError, check_adapter_dir, check_model_dir
-from cbpo_orch.method.tasks import Task
+from cbpo_orch.training.model_dirs import ModelError, check_adapter_dir, check_model_dir
+from cbpo_orch.data.tasks import Task
 
 TASK_ADAPTER_MODES = ("none", "auto")
 REACH_TIMEOUT_S = 10.0
@@ -141,8 +141,8 @@ def check_budgets(task: Task, dataset: Dataset, users: tuple[str, ...], model: s
     """Fail before anything runs unless the model is a causal LM with the LoRA's target layers,
     every query prompt of ``users`` fits the job's prompt budget and the budgets fit the model
     (its tokenizer must also have an EOS token)."""
-    from cbpo_orch.method.encoding import check_prompts
-    from cbpo_orch.method.models import check_adaptable, load_tokenizer, model_context
+    from cbpo_orch.training.encoding import check_prompts
+    from cbpo_orch.training.models import check_adaptable, load_tokenizer, model_context
 
     check_adaptable(model, train.lora)
     budgets = task.budgets(train.max_prompt_tokens, train.max_new_tokens)

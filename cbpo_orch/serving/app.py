@@ -139,7 +139,7 @@ def _adapter_server(options: ServeOptions):
         def __init__(self, catalog: Catalog, options: ServeOptions):
             import torch
 
-            from cbpo_orch.method.task_adapter import starting_model
+            from cbpo_orch.training.task_adapter import starting_model
 
             torch.set_num_threads(max(1, int(options.cpus_per_replica)))
             self.catalog = catalog
@@ -191,8 +191,8 @@ def _adapter_server(options: ServeOptions):
 def _ingress():
     from ray import serve
 
-    from cbpo_orch.method.data import Query
-    from cbpo_orch.method.encoding import BudgetError, prompt_ids
+    from cbpo_orch.data.dataset import Query
+    from cbpo_orch.training.encoding import BudgetError, prompt_ids
 
     api = FastAPI(title="cbpo-orch", description="Every user's adapter of one cbpo-orch job, OpenAI-compatible.")
 
@@ -202,7 +202,7 @@ def _ingress():
         """The OpenAI routes: keys, checks, and routing by user."""
 
         def __init__(self, server, catalog: Catalog, keys: ApiKeys | None):
-            from cbpo_orch.method.models import load_tokenizer
+            from cbpo_orch.training.models import load_tokenizer
 
             self.server, self.catalog, self.keys = server, catalog, keys
             self.tokenizer = load_tokenizer(catalog.model_path)

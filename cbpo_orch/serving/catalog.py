@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cbpo_orch.method.config import LoraSettings
-from cbpo_orch.method.tasks import Budgets, Task
+from cbpo_orch.data.tasks import Budgets, Task
 
 
 class NotServable(ValueError):
@@ -78,7 +78,7 @@ def load_catalog(space, job_id: str, method: str) -> Catalog:
     """The catalog of ``job_id`` for ``method`` (UnknownJob for an unknown job, NotServable
     for a method the job did not run or that trains no adapter)."""
     from cbpo_orch.method.methods import method_spec
-    from cbpo_orch.method.tasks import load_task
+    from cbpo_orch.data.tasks import load_task
     from cbpo_orch.orchestrator.driver import job_task_adapter
     from cbpo_orch.orchestrator.spec import JobSpec
 

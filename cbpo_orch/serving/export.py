@@ -13,8 +13,8 @@ import json
 import shutil
 from pathlib import Path
 
-from cbpo_orch.method.model_dirs import check_adapter_dir
-from cbpo_orch.method.multi_lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from cbpo_orch.training.model_dirs import check_adapter_dir
+from cbpo_orch.training.multi_lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from cbpo_orch.serving.catalog import Catalog, NotServable, UserAdapterEntry
 from cbpo_orch.storage.artifacts import directory_sha256
 
@@ -101,7 +101,7 @@ def _write_merged_base(catalog: Catalog, out: Path) -> None:
     """The starting model (task adapter merged, as for training), saved in the source model's dtype."""
     from transformers import AutoConfig
 
-    from cbpo_orch.method.task_adapter import starting_model
+    from cbpo_orch.training.task_adapter import starting_model
 
     loaded = starting_model(catalog.model_path, catalog.task_adapter, "cpu")
     source_dtype = AutoConfig.from_pretrained(catalog.model_path).dtype

@@ -23,8 +23,8 @@ from safetensors.torch import load_file
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from cbpo_orch.method.config import LoraSettings
-from cbpo_orch.method.models import LoadedModel
-from cbpo_orch.method.multi_lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MultiLora
+from cbpo_orch.training.models import LoadedModel
+from cbpo_orch.training.multi_lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MultiLora
 
 
 @dataclass(frozen=True, eq=False)

@@ -6,15 +6,22 @@ import hashlib
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
-from cbpo_orch.method.data import Dataset, find_splits, load_split
-from cbpo_orch.method.history import HistoryIndex, build_history_index
-from cbpo_orch.method.task_adapter import starting_model
-from cbpo_orch.method.tasks import Task
+import numpy as np
+
+from cbpo_orch.data.dataset import Dataset, find_splits, load_split
+from cbpo_orch.data.history import HistoryIndex, build_history_index
+from cbpo_orch.training.task_adapter import starting_model
+from cbpo_orch.data.tasks import Task
 from cbpo_orch.workers.personalize import UserContext
 
 TASK_ADAPTER_SPLIT = "train"
+
+EmbedTexts = Callable[[list[str]], np.ndarray]
+"""Texts to their unit-norm embeddings, one row per text, in order."""
 
 
 def history_datasets(data_path: str | Path, split: str, task: Task) -> list[Dataset]:
@@ -35,10 +42,14 @@ def load_user_context(
     return UserContext(task=task, dataset=dataset, history=history, loaded=starting_model(model_path, task_adapter, device))
 
 
-def build_history(datasets: list[Dataset], embedder_name: str | None = None) -> HistoryIndex:
-    from cbpo_orch.method.embedding import load_embedder
+def build_history(datasets: list[Dataset], embedder_name: str | None = None, embed_texts: EmbedTexts | None = None) -> HistoryIndex:
+    """The history index, embedded by ``embed_texts`` (the driver's runs shards on the
+    cluster) or, by default, here in this process."""
+    if embed_texts is None:
+        from cbpo_orch.data.embedding import embed, load_embedder
 
-    return build_history_index(datasets, load_embedder(embedder_name))
+        embed_texts = partial(embed, load_embedder(embedder_name))
+    return build_history_index(datasets, embed_texts)
 
 
 def history_key(datasets: list[Dataset], embedder_name: str | None) -> str:
@@ -51,12 +62,13 @@ def history_key(datasets: list[Dataset], embedder_name: str | None) -> str:
     return digest.hexdigest()[:24]
 
 
-def cached_history(cache_root: Path, datasets: list[Dataset], embedder_name: str | None = None) -> HistoryIndex:
-    """The history index for ``datasets``, built once and reused from ``cache_root``."""
+def cached_history(cache_root: Path, datasets: list[Dataset], embedder_name: str | None = None, embed_texts: EmbedTexts | None = None) -> HistoryIndex:
+    """The history index for ``datasets``, built once (see :func:`build_history`) and reused
+    from ``cache_root``."""
     folder = cache_root / "history" / history_key(datasets, embedder_name)
     if (folder / "examples.jsonl").is_file():
         return HistoryIndex.load(folder)
-    history = build_history(datasets, embedder_name)
+    history = build_history(datasets, embedder_name, embed_texts)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".building-"))
     history.save(staging)

@@ -14,17 +14,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from cbpo_orch.method.config import TrainConfig
-from cbpo_orch.method.data import Dataset
-from cbpo_orch.method.encoding import BudgetError, encode_pair, within_budget
-from cbpo_orch.method.evaluation import generate, rouge
-from cbpo_orch.method.history import HistoryIndex
+from cbpo_orch.data.dataset import Dataset
+from cbpo_orch.training.encoding import BudgetError, encode_pair, within_budget
+from cbpo_orch.training.evaluation import generate, rouge
+from cbpo_orch.data.history import HistoryIndex
 from cbpo_orch.method.methods import method_spec
-from cbpo_orch.method.models import LoadedModel
-from cbpo_orch.method.multi_lora import attached_multi_lora
+from cbpo_orch.training.models import LoadedModel
+from cbpo_orch.training.multi_lora import attached_multi_lora
 from cbpo_orch.method.prior import PriorConfig, estimate_gamma
 from cbpo_orch.method.selection import split_holdout
-from cbpo_orch.method.tasks import Budgets, Task
-from cbpo_orch.method.trainer import (
+from cbpo_orch.data.tasks import Budgets, Task
+from cbpo_orch.training.trainer import (
     StepCallback,
     TrainResult,
     UserTraining,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from cbpo_orch.method.config import ConfigError
-from cbpo_orch.method.tasks import Budgets
+from cbpo_orch.data.tasks import Budgets
 
 
 class BudgetError(ConfigError):

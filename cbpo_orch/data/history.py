@@ -4,21 +4,22 @@ FAISS index over them (METHOD.md §4, §5).
 Built once per (task, data, embedding model) and reused: auxiliary items for any user
 come from it, and so do the embeddings that γ is estimated on. Only profile items are
 indexed, never queries, and the loader has left out every profile item equal to a query of
-any split (see :mod:`cbpo_orch.method.data`), so no test query can become an auxiliary item;
+any split (see :mod:`cbpo_orch.data.dataset`), so no test query can become an auxiliary item;
 a user's positives come through the same loader, so each of them has a row.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from cbpo_orch.method.auxiliary import AuxIndex
-from cbpo_orch.method.data import Dataset, Example
-from cbpo_orch.method.embedding import embed, pair_text
+from cbpo_orch.data.auxiliary import AuxIndex
+from cbpo_orch.data.dataset import Dataset, Example
+from cbpo_orch.data.embedding import pair_text
 
 
 @dataclass
@@ -57,8 +58,8 @@ class HistoryIndex:
         return cls(examples, np.load(folder / "embeddings.npy"), AuxIndex.load(folder / "faiss"))
 
 
-def build_history_index(datasets: list[Dataset], embedder, batch_size: int = 64) -> HistoryIndex:
-    """Embed every profile pair of every user in ``datasets`` and index them."""
+def build_history_index(datasets: list[Dataset], embed_texts: Callable[[list[str]], np.ndarray]) -> HistoryIndex:
+    """Embed every profile pair of every user in ``datasets`` (``embed_texts``: texts to
+    unit-norm rows, in order) and index them."""
     examples = [example for dataset in datasets for example in dataset.profile_examples()]
-    vectors = embed(embedder, [pair_text(e.x, e.y) for e in examples], batch_size)
-    return HistoryIndex.from_examples(examples, vectors)
+    return HistoryIndex.from_examples(examples, embed_texts([pair_text(e.x, e.y) for e in examples]))

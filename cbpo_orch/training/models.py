@@ -18,8 +18,8 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from cbpo_orch.method.config import LoraSettings  # noqa: E402
-from cbpo_orch.method.model_dirs import ModelError, check_model_dir  # noqa: E402
-from cbpo_orch.method.multi_lora import MultiLora  # noqa: E402
+from cbpo_orch.training.model_dirs import ModelError, check_model_dir  # noqa: E402
+from cbpo_orch.training.multi_lora import MultiLora  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 hf_logging.set_verbosity_error()

@@ -33,7 +33,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Mapping
 
 if TYPE_CHECKING:
-    from cbpo_orch.method.tasks import Task
+    from cbpo_orch.data.tasks import Task
 
 USER_ID_KEYS = ("user_id", "name", "reviewerId", "author")
 _SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")

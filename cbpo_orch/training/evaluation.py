@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from rouge_score import rouge_scorer
 
-from cbpo_orch.method.encoding import prompt_ids
-from cbpo_orch.method.tasks import Budgets
+from cbpo_orch.training.encoding import prompt_ids
+from cbpo_orch.data.tasks import Budgets
 
 
 @torch.no_grad()

@@ -1,0 +1,14 @@
+"""One shard of the embedding stage: a plain function, run as a Ray task per shard by the driver."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from cbpo_orch.data.embedding import embed, load_embedder
+
+
+def embed_shard(texts: list[str], embedder_name: str | None, threads: int) -> np.ndarray:
+    """Unit-norm embeddings of ``texts`` by the embedder, on ``threads`` CPU threads."""
+    torch.set_num_threads(max(1, threads))
+    return embed(load_embedder(embedder_name), texts)

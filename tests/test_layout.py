@@ -1,0 +1,54 @@
+"""The package's rooms and the one direction imports run: __main__ → cli → serving → orchestrator → workers
+→ training → method, data, storage (three peers that import none of each other) → home."""
+
+import ast
+from pathlib import Path
+
+import cbpo_orch
+
+PACKAGE = Path(cbpo_orch.__file__).parent
+RANK = {"__main__": 7, "cli": 6, "serving": 5, "orchestrator": 4, "workers": 3, "training": 2,
+        "method": 1, "data": 1, "storage": 1, "home": 0}
+
+
+def imported_rooms(path: Path) -> set[str]:
+    """The cbpo_orch rooms (top-level subpackage or module) that the file imports, at any depth."""
+    rooms = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "cbpo_orch" and len(parts) > 1:
+                rooms.add(parts[1])
+    return rooms
+
+
+def test_every_room_is_ranked():
+    rooms = {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir()
+             if (p.suffix == ".py" and p.stem != "__init__") or (p / "__init__.py").exists()}
+    assert rooms == set(RANK)
+
+
+def test_no_import_runs_upward_or_across_peers():
+    wrong = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        room = path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+        for other in imported_rooms(path) - {room}:
+            if RANK[other] >= RANK[room]:
+                wrong.append(f"{path.relative_to(PACKAGE)} imports cbpo_orch.{other}")
+    assert not wrong, wrong
+
+
+def test_the_method_is_the_math_only():
+    """method/ holds losses, reference, prior, configs and selection: no model, tokenizer or index."""
+    heavy = {"transformers", "peft", "faiss", "sentence_transformers", "ray", "sqlalchemy"}
+    for path in (PACKAGE / "method").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        tops = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        tops |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        assert not tops & heavy, (path.name, tops & heavy)
