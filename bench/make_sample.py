@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cbpo_orch.method.data import load_split
-from cbpo_orch.method.tasks import load_task
+from cbpo_orch.data.dataset import load_split
+from cbpo_orch.data.tasks import load_task
 
 
 def sample_split(source: Path, out: Path, split: str, task: str, n_users: int, cap: int) -> None:

@@ -37,9 +37,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from cbpo_orch.method.data import load_split
-from cbpo_orch.method.evaluation import paired_bootstrap_ci
-from cbpo_orch.method.tasks import load_task
+from cbpo_orch.data.dataset import load_split
+from cbpo_orch.training.evaluation import paired_bootstrap_ci
+from cbpo_orch.data.tasks import load_task
 from cbpo_orch.storage.artifacts import directory_sha256
 
 HERE = Path(__file__).parent

@@ -34,10 +34,10 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from cbpo_orch.method.config import LoraSettings, TrainConfig
-from cbpo_orch.method.encoding import EncodedPair
-from cbpo_orch.method.models import load_model, resolve_device, training_dtype
-from cbpo_orch.method.multi_lora import attached_multi_lora
-from cbpo_orch.method.trainer import Sample, UserTraining, train_adapters
+from cbpo_orch.training.encoding import EncodedPair
+from cbpo_orch.training.models import load_model, resolve_device, training_dtype
+from cbpo_orch.training.multi_lora import attached_multi_lora
+from cbpo_orch.training.trainer import Sample, UserTraining, train_adapters
 
 HERE = Path(__file__).resolve().parent
 SHAPES = {
