@@ -32,9 +32,9 @@ import torch
 
 from bench.throughput import SHAPES, build_model
 from cbpo_orch.method.config import LoraSettings
+from cbpo_orch.serving.generator import BatchedGenerator, Row, UserAdapter
 from cbpo_orch.training.models import LoadedModel, load_tokenizer, resolve_device
 from cbpo_orch.training.multi_lora import attached_multi_lora
-from cbpo_orch.serving.generator import BatchedGenerator, Row, UserAdapter
 
 HERE = Path(__file__).resolve().parent
 LEVELS = (1, 8, 32)

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cbpo_orch.home import SAMPLE_DATA
 from cbpo_orch.data.history import HistoryIndex
-from cbpo_orch.method.prior import PriorConfig, estimate_gamma
 from cbpo_orch.data.tasks import load_task
+from cbpo_orch.home import SAMPLE_DATA
+from cbpo_orch.method.prior import PriorConfig, estimate_gamma
 from cbpo_orch.workers.context import build_history, cached_history, history_datasets
 
 HERE = Path(__file__).parent

@@ -38,9 +38,9 @@ from collections import defaultdict
 from pathlib import Path
 
 from cbpo_orch.data.dataset import load_split
-from cbpo_orch.training.evaluation import paired_bootstrap_ci
 from cbpo_orch.data.tasks import load_task
 from cbpo_orch.storage.artifacts import directory_sha256
+from cbpo_orch.training.evaluation import paired_bootstrap_ci
 
 HERE = Path(__file__).parent
 CLI = [sys.executable, "-m", "cbpo_orch"]

@@ -30,14 +30,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bench.batched_generation import LORA, fill_synthetic_slots
+from cbpo_orch.data.dataset import load_split
+from cbpo_orch.data.tasks import load_task
 from cbpo_orch.home import SAMPLE_DATA, default_model_dir, home_dir
 from cbpo_orch.method.config import TrainConfig
-from cbpo_orch.data.dataset import load_split
-from cbpo_orch.training.models import load_model
-from cbpo_orch.training.multi_lora import attached_multi_lora
-from cbpo_orch.data.tasks import load_task
 from cbpo_orch.orchestrator.spec import JobSpec, Resources
 from cbpo_orch.orchestrator.workspace import Workspace
+from cbpo_orch.training.models import load_model
+from cbpo_orch.training.multi_lora import attached_multi_lora
 
 HERE = Path(__file__).resolve().parent
 CLIENTS = (1, 8, 32)

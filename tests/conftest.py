@@ -44,8 +44,8 @@ def commit_lm_dir() -> Path:
 @pytest.fixture(scope="session")
 def sample_history():
     """The shipped real HuffPost sample: its dev split and the history index over it."""
-    from cbpo_orch.home import SAMPLE_DATA
     from cbpo_orch.data.tasks import load_task
+    from cbpo_orch.home import SAMPLE_DATA
     from cbpo_orch.workers.context import build_history, history_datasets
 
     datasets = history_datasets(SAMPLE_DATA, "dev", load_task("lamp4"))

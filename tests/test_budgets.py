@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 
+from cbpo_orch.data.dataset import load_split
+from cbpo_orch.data.tasks import BUILTIN_TASKS, load_task
 from cbpo_orch.home import default_model_dir, home_dir
 from cbpo_orch.method.config import TrainConfig
-from cbpo_orch.data.dataset import load_split
+from cbpo_orch.orchestrator.spec import check_budgets
 from cbpo_orch.training.encoding import encode_pair, prompt_ids
 from cbpo_orch.training.models import load_tokenizer
-from cbpo_orch.data.tasks import BUILTIN_TASKS, load_task
-from cbpo_orch.orchestrator.spec import check_budgets
 
 FIXTURE_OF = {"lamp4": "lamp4", "lamp5": "lamp5", "longlamp2": "longlamp2", "longlamp3": "longlamp3", "longlamp4": "longlamp4", "commit-subject": "lamp4"}
 

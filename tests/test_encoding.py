@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cbpo_orch.training.encoding import BudgetError, EncodedPair, check_prompts, collate, completion_logps, encode_pair, within_budget
 from cbpo_orch.data.tasks import Budgets
+from cbpo_orch.training.encoding import BudgetError, EncodedPair, check_prompts, collate, completion_logps, encode_pair, within_budget
 
 PAIRS = [
     ("Generate a headline for the following article: the city council voted on the new budget", "Council passes budget"),

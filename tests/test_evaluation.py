@@ -38,3 +38,50 @@ def test_paired_bootstrap_brackets_the_mean_and_is_paired():
     assert mean == pytest.approx(0.1)
     assert 0.0 <= low < mean < high <= 0.2
     assert paired_bootstrap_ci(arm, base, seed=1) == (mean, low, high)
+
+
+@pytest.fixture(scope="module")
+def untied_tiny(tmp_path_factory):
+    from cbpo_orch.training.models import load_model
+    from tests.tiny_model import build_tiny_model
+
+    return load_model(build_tiny_model(tmp_path_factory.mktemp("tiny-untied"), seed=3, tie_embeddings=False), "cpu")
+
+
+def test_prompts_of_several_users_share_batches_and_each_gets_its_own_answer(untied_tiny):
+    """generate with slots: each row answered by its own slot's adapter, as it is alone."""
+    import torch
+
+    from cbpo_orch.data.tasks import Budgets
+    from cbpo_orch.method.config import LoraSettings
+    from cbpo_orch.training.evaluation import generate
+    from cbpo_orch.training.multi_lora import attached_multi_lora
+
+    loaded, budgets = untied_tiny, Budgets(prompt_tokens=64, new_tokens=6)
+    prompts = ["Generate a headline for this article: the mayor spoke", "Generate a headline: rain all week",
+               "Generate a headline for this article: a new park opens downtown", "Generate a headline: markets fell",
+               "Generate a headline for this article: schools close early", "Generate a headline: a quiet election"]
+    slots = [0, 1, 2, 1, 0, 2]
+    with attached_multi_lora(loaded.model, LoraSettings(dropout=0.0), n_slots=3) as multi:
+        generator = torch.Generator().manual_seed(0)
+        for layer in multi.layers.values():
+            for slot in (1, 2):
+                layer.lora_A.data[slot] = torch.randn(layer.lora_A.shape[1:], generator=generator) * 0.5
+                layer.lora_B.data[slot] = torch.randn(layer.lora_B.shape[1:], generator=generator) * 0.5
+        together = generate(loaded.model, loaded.tokenizer, prompts, budgets, 4, "cpu", slots=slots, multi=multi)
+        alone = []
+        for prompt, slot in zip(prompts, slots):
+            with multi.only(slot):
+                alone.append(generate(loaded.model, loaded.tokenizer, [prompt], budgets, 1, "cpu")[0])
+        with multi.only(0):
+            base = generate(loaded.model, loaded.tokenizer, prompts, budgets, 4, "cpu")
+    assert together == alone
+    assert any(a != b for a, b, s in zip(alone, base, slots) if s), "the adapters must change some answer"
+
+
+def test_slots_come_with_their_multi_lora_one_per_prompt(untied_tiny):
+    from cbpo_orch.data.tasks import Budgets
+    from cbpo_orch.training.evaluation import generate
+
+    with pytest.raises(ValueError, match="one per prompt"):
+        generate(untied_tiny.model, untied_tiny.tokenizer, ["a", "b"], Budgets(64, 4), 2, "cpu", slots=[0])

@@ -1,8 +1,8 @@
 """The history index: cached on disk with its FAISS index, reused, never holding a query."""
 
-from cbpo_orch.home import SAMPLE_DATA
 from cbpo_orch.data.history import HistoryIndex
 from cbpo_orch.data.tasks import load_task
+from cbpo_orch.home import SAMPLE_DATA
 from cbpo_orch.workers import context as context_module
 from cbpo_orch.workers.context import cached_history, history_datasets
 

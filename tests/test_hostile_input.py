@@ -16,9 +16,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from cbpo_orch.home import SAMPLE_DATA
 from cbpo_orch.data.dataset import DataError, load_split
 from cbpo_orch.data.tasks import load_task
+from cbpo_orch.home import SAMPLE_DATA
 from cbpo_orch.orchestrator.workspace import ARTIFACTS_ENV, DB_ENV
 from cbpo_orch.storage.artifacts import ArtifactStore
 from tests.test_cli_train_user import FAST, _bad_questions, run_cli, train_args

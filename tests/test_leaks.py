@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cbpo_orch.method.config import TrainConfig
 from cbpo_orch.data.dataset import DataError, load_split
 from cbpo_orch.data.history import build_history_index
-from cbpo_orch.training.models import load_model
 from cbpo_orch.data.tasks import load_task
+from cbpo_orch.method.config import TrainConfig
+from cbpo_orch.training.models import load_model
 from cbpo_orch.workers import task_adapter as worker_module
 from cbpo_orch.workers.context import history_datasets, history_key
 from cbpo_orch.workers.personalize import UserContext, personalize_user

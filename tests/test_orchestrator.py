@@ -463,8 +463,8 @@ def local_ray(tmp_path_factory):
 
 def test_failing_user_is_retried_then_failed_others_succeed(local_ray, home, tiny_model_dir, dev_users):
     from cbpo_orch.orchestrator.driver import run_job
-    from cbpo_orch.orchestrator.workspace import Workspace
     from cbpo_orch.orchestrator.spec import Resources
+    from cbpo_orch.orchestrator.workspace import Workspace
 
     users = [dev_users[0], faulty_worker.FAILING_USER, dev_users[2]]
     assert faulty_worker.FAILING_USER == dev_users[1]
@@ -498,8 +498,8 @@ def test_failing_user_is_retried_then_failed_others_succeed(local_ray, home, tin
 )
 def test_input_error_fails_its_run_at_once_others_succeed(local_ray, home, tiny_model_dir, dev_users, worker_fn, error):
     from cbpo_orch.orchestrator.driver import run_job
-    from cbpo_orch.orchestrator.workspace import Workspace
     from cbpo_orch.orchestrator.spec import Resources
+    from cbpo_orch.orchestrator.workspace import Workspace
 
     users = [dev_users[0], faulty_worker.FAILING_USER, dev_users[2]]
     job = _create_job(home, tiny_model_dir, users)
@@ -524,8 +524,8 @@ def test_packed_users_succeed_together_and_a_failing_pack_is_retried_user_by_use
     alone, the others succeed on that attempt (one adapter each, written once), and the bad
     record fails its user at once."""
     from cbpo_orch.orchestrator.driver import run_job
-    from cbpo_orch.orchestrator.workspace import Workspace
     from cbpo_orch.orchestrator.spec import Resources
+    from cbpo_orch.orchestrator.workspace import Workspace
 
     users = [dev_users[0], faulty_worker.FAILING_USER, dev_users[2]]
     job = _create_job(home, tiny_model_dir, users)
@@ -549,8 +549,8 @@ def test_packed_users_succeed_together_and_a_failing_pack_is_retried_user_by_use
 
 def test_dead_worker_is_replaced_and_its_run_retried(local_ray, home, tiny_model_dir, dev_users):
     from cbpo_orch.orchestrator.driver import run_job
-    from cbpo_orch.orchestrator.workspace import Workspace
     from cbpo_orch.orchestrator.spec import Resources
+    from cbpo_orch.orchestrator.workspace import Workspace
 
     users = [faulty_worker.FAILING_USER, dev_users[0]]
     job = _create_job(home, tiny_model_dir, users)
@@ -648,8 +648,8 @@ def test_the_task_adapter_trains_on_a_whole_node_and_shows_its_steps(local_ray, 
 
 def test_model_that_cannot_load_fails_every_run_without_retries(local_ray, home, tmp_path, dev_users):
     from cbpo_orch.orchestrator.driver import run_job
-    from cbpo_orch.orchestrator.workspace import Workspace
     from cbpo_orch.orchestrator.spec import Resources
+    from cbpo_orch.orchestrator.workspace import Workspace
 
     broken = tmp_path / "emptied-model"  # checked at submit, emptied before the job ran
     broken.mkdir()
@@ -668,8 +668,8 @@ def test_model_that_cannot_load_fails_every_run_without_retries(local_ray, home,
 
 def test_cancel_while_running_finishes_started_run_only(local_ray, home, tiny_model_dir, dev_users):
     from cbpo_orch.orchestrator.driver import run_job
-    from cbpo_orch.orchestrator.workspace import Workspace
     from cbpo_orch.orchestrator.spec import Resources
+    from cbpo_orch.orchestrator.workspace import Workspace
 
     job = _create_job(home, tiny_model_dir, dev_users[:3])
     local_ray.write_text(json.dumps({"db": f"sqlite:///{home / 'registry.db'}", "job_id": job}))

@@ -8,11 +8,11 @@ import pytest
 import torch
 from peft import PeftModel
 
-from cbpo_orch.method.config import TrainConfig
-from cbpo_orch.training.evaluation import generate
-from cbpo_orch.method.methods import METHODS
-from cbpo_orch.training.models import load_model
 from cbpo_orch.data.tasks import load_task
+from cbpo_orch.method.config import TrainConfig
+from cbpo_orch.method.methods import METHODS
+from cbpo_orch.training.evaluation import generate
+from cbpo_orch.training.models import load_model
 from cbpo_orch.workers.personalize import UserContext, personalize_user
 
 METRIC_KEYS = {"rouge1", "rougeL", "gamma", "gamma_reason", "n_pos", "n_aux", "selection", "train_seconds", "seconds", "phase_seconds", "method", "config", "losses", "user_id"}

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cbpo_orch.method.config import TrainConfig
-from cbpo_orch.training.models import load_model
-from cbpo_orch.method.selection import best_epoch, holdout_size, split_holdout
 from cbpo_orch.data.tasks import Budgets
+from cbpo_orch.method.config import TrainConfig
+from cbpo_orch.method.selection import best_epoch, holdout_size, split_holdout
 from cbpo_orch.training.encoding import encode_pair
+from cbpo_orch.training.models import load_model
 from cbpo_orch.training.multi_lora import attached_multi_lora
 from cbpo_orch.training.trainer import UserTraining, encode_samples, held_out_logp, train_adapters
 

@@ -141,9 +141,9 @@ def _registered_adapter_job(job, tiny_model_dir, edit=lambda config: config, r: 
     """A job in the same registry whose one user's adapter (a real export of a LoRA of rank
     ``r`` on the tiny model, its config changed by ``edit``) is registered as succeeded."""
     from cbpo_orch.method.config import LoraSettings, TrainConfig
+    from cbpo_orch.orchestrator.spec import JobSpec, Resources
     from cbpo_orch.training.models import load_model
     from cbpo_orch.training.multi_lora import attached_multi_lora
-    from cbpo_orch.orchestrator.spec import JobSpec, Resources
 
     lora = LoraSettings(r=r, alpha=r)
     user = "ad7c7cfda48"
@@ -197,9 +197,9 @@ def test_export_of_what_does_not_exist_is_one_error_line(argv, hint, job, tmp_pa
 
 
 def test_batched_generation_equals_one_at_a_time_and_the_recorded_predictions(job, catalog, dataset):
+    from cbpo_orch.serving.generator import BatchedGenerator, Row, load_user_adapter
     from cbpo_orch.training.encoding import prompt_ids
     from cbpo_orch.training.task_adapter import starting_model
-    from cbpo_orch.serving.generator import BatchedGenerator, Row, load_user_adapter
 
     loaded = starting_model(catalog.model_path, catalog.task_adapter, "cpu")
     adapters = {u: load_user_adapter(u, catalog.adapter(u).adapter_path, catalog.lora, "cpu") for u in job.served}

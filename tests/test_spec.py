@@ -4,11 +4,11 @@ from dataclasses import replace
 
 import pytest
 
+from cbpo_orch.data.dataset import DataError, load_split
+from cbpo_orch.data.tasks import load_task
 from cbpo_orch.home import SAMPLE_DATA
 from cbpo_orch.method.config import ConfigError, TrainConfig
-from cbpo_orch.data.dataset import DataError, load_split
 from cbpo_orch.method.methods import UnknownMethod
-from cbpo_orch.data.tasks import load_task
 from cbpo_orch.orchestrator.driver import task_adapter_key
 from cbpo_orch.orchestrator.spec import JobSpec, Resources, parse_methods, resolve_users
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cbpo_orch.data.tasks import Budgets
 from cbpo_orch.method.config import LoraSettings, TrainConfig
 from cbpo_orch.training.models import load_model
 from cbpo_orch.training.multi_lora import attached_multi_lora
-from cbpo_orch.data.tasks import Budgets
 from cbpo_orch.training.trainer import UserTraining, encode_samples, held_out_logp, mismatched_pairs, train_adapters
 
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0)

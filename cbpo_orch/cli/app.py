@@ -15,17 +15,17 @@ from typing import Annotated, Optional
 
 import typer
 
+from cbpo_orch.data.dataset import DataError
 from cbpo_orch.home import FolderError, check_folder, default_model_dir, home_dir
 from cbpo_orch.method.config import ConfigError
-from cbpo_orch.data.dataset import DataError
 from cbpo_orch.method.methods import UnknownMethod
-from cbpo_orch.training.model_dirs import ModelError, check_model_dir
 from cbpo_orch.orchestrator.spec import UnreachableCluster
 from cbpo_orch.serving.catalog import NotServable
 from cbpo_orch.serving.keys import KeyFileError
 from cbpo_orch.storage.engine import RegistryUnavailable
 from cbpo_orch.storage.registry import LeaseHeld, UnknownJob
 from cbpo_orch.storage.schema import SchemaVersionError
+from cbpo_orch.training.model_dirs import ModelError, check_model_dir
 
 app = typer.Typer(
     help="Per-user LLM personalization with C-BPO: train one LoRA adapter per user, for many users, over Ray.",

@@ -291,9 +291,9 @@ def generate(
 ) -> None:
     """Answer one input with one user's adapter from a finished job."""
     from cbpo_orch.data.dataset import Query
-    from cbpo_orch.training.evaluation import generate as greedy
     from cbpo_orch.data.tasks import load_task
     from cbpo_orch.orchestrator.driver import loaded_for_job
+    from cbpo_orch.training.evaluation import generate as greedy
 
     space = _workspace(home, db, None)
     info = space.registry.job(job)

@@ -12,11 +12,11 @@ import typer
 from cbpo_orch.cli.app import DataOpt, DeviceOpt, HomeOpt, ModelOpt, TaskOpt, app, fresh_output_dir, resolve_model, write_folder
 from cbpo_orch.cli.progress import step_progress
 from cbpo_orch.cli.training_options import build_config, with_training_options
-from cbpo_orch.home import check_folder, default_model_dir, downloads_dir, home_dir
 from cbpo_orch.data.dataset import load_split
-from cbpo_orch.training.model_dirs import ModelError, check_adapter_dir
 from cbpo_orch.data.tasks import load_task
+from cbpo_orch.home import check_folder, default_model_dir, downloads_dir, home_dir
 from cbpo_orch.orchestrator.spec import check_budgets
+from cbpo_orch.training.model_dirs import ModelError, check_adapter_dir
 
 
 @app.command("setup-model")

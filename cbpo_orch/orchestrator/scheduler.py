@@ -29,12 +29,12 @@ from ray.exceptions import (
     WorkerCrashedError,
 )
 
-from cbpo_orch.method.config import ConfigError, TrainConfig
 from cbpo_orch.data.dataset import DataError
+from cbpo_orch.method.config import ConfigError, TrainConfig
 from cbpo_orch.method.methods import UnknownMethod
+from cbpo_orch.orchestrator.spec import UnreachableCluster, check_address
 from cbpo_orch.training.model_dirs import ModelError
 from cbpo_orch.training.trainer import NumericalError
-from cbpo_orch.orchestrator.spec import UnreachableCluster, check_address
 
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}
 

@@ -11,11 +11,11 @@ import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cbpo_orch.method.config import ConfigError, TrainConfig
 from cbpo_orch.data.dataset import DataError, Dataset
+from cbpo_orch.data.tasks import Task
+from cbpo_orch.method.config import ConfigError, TrainConfig
 from cbpo_orch.method.methods import method_spec
 from cbpo_orch.training.model_dirs import ModelError, check_adapter_dir, check_model_dir
-from cbpo_orch.data.tasks import Task
 
 TASK_ADAPTER_MODES = ("none", "auto")
 REACH_TIMEOUT_S = 10.0

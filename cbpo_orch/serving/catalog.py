@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cbpo_orch.method.config import LoraSettings
 from cbpo_orch.data.tasks import Budgets, Task
+from cbpo_orch.method.config import LoraSettings
 
 
 class NotServable(ValueError):
@@ -77,8 +77,8 @@ class Catalog:
 def load_catalog(space, job_id: str, method: str) -> Catalog:
     """The catalog of ``job_id`` for ``method`` (UnknownJob for an unknown job, NotServable
     for a method the job did not run or that trains no adapter)."""
-    from cbpo_orch.method.methods import method_spec
     from cbpo_orch.data.tasks import load_task
+    from cbpo_orch.method.methods import method_spec
     from cbpo_orch.orchestrator.driver import job_task_adapter
     from cbpo_orch.orchestrator.spec import JobSpec
 

@@ -13,10 +13,10 @@ import json
 import shutil
 from pathlib import Path
 
-from cbpo_orch.training.model_dirs import check_adapter_dir
-from cbpo_orch.training.multi_lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from cbpo_orch.serving.catalog import Catalog, NotServable, UserAdapterEntry
 from cbpo_orch.storage.artifacts import directory_sha256
+from cbpo_orch.training.model_dirs import check_adapter_dir
+from cbpo_orch.training.multi_lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 """The LoRA ranks vLLM serves (its ``max_lora_rank`` choices); Ray Serve LLM runs on vLLM."""

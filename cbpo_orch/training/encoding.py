@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cbpo_orch.method.config import ConfigError
 from cbpo_orch.data.tasks import Budgets
+from cbpo_orch.method.config import ConfigError
 
 
 class BudgetError(ConfigError):

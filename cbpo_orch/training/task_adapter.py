@@ -9,8 +9,8 @@ from pathlib import Path
 
 from peft import PeftModel
 
-from cbpo_orch.method.config import TASK_ADAPTER_LORA, TrainConfig
 from cbpo_orch.data.dataset import Dataset
+from cbpo_orch.method.config import TASK_ADAPTER_LORA, TrainConfig
 from cbpo_orch.training.encoding import within_budget
 from cbpo_orch.training.models import LoadedModel, load_model
 from cbpo_orch.training.multi_lora import attached_multi_lora

@@ -25,14 +25,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from cbpo_orch.data.tasks import Budgets
 from cbpo_orch.method import objectives
 from cbpo_orch.method.config import TrainConfig
+from cbpo_orch.method.reference import kto_reference, make_reference
+from cbpo_orch.method.selection import best_epoch
 from cbpo_orch.training.encoding import EncodedPair, collate, completion_logps, encode_pair
 from cbpo_orch.training.multi_lora import MultiLora
 from cbpo_orch.training.multi_optim import SlotAdamW, slots_present
-from cbpo_orch.method.reference import kto_reference, make_reference
-from cbpo_orch.method.selection import best_epoch
-from cbpo_orch.data.tasks import Budgets
 
 StepCallback = Callable[[int, int, float], None]
 

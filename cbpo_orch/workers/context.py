@@ -14,8 +14,8 @@ import numpy as np
 
 from cbpo_orch.data.dataset import Dataset, find_splits, load_split
 from cbpo_orch.data.history import HistoryIndex, build_history_index
-from cbpo_orch.training.task_adapter import starting_model
 from cbpo_orch.data.tasks import Task
+from cbpo_orch.training.task_adapter import starting_model
 from cbpo_orch.workers.personalize import UserContext
 
 TASK_ADAPTER_SPLIT = "train"

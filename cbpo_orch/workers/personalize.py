@@ -13,17 +13,17 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from cbpo_orch.method.config import TrainConfig
 from cbpo_orch.data.dataset import Dataset
-from cbpo_orch.training.encoding import BudgetError, encode_pair, within_budget
-from cbpo_orch.training.evaluation import generate, rouge
 from cbpo_orch.data.history import HistoryIndex
+from cbpo_orch.data.tasks import Budgets, Task
+from cbpo_orch.method.config import TrainConfig
 from cbpo_orch.method.methods import method_spec
-from cbpo_orch.training.models import LoadedModel
-from cbpo_orch.training.multi_lora import attached_multi_lora
 from cbpo_orch.method.prior import PriorConfig, estimate_gamma
 from cbpo_orch.method.selection import split_holdout
-from cbpo_orch.data.tasks import Budgets, Task
+from cbpo_orch.training.encoding import BudgetError, encode_pair, within_budget
+from cbpo_orch.training.evaluation import generate, rouge
+from cbpo_orch.training.models import LoadedModel
+from cbpo_orch.training.multi_lora import MultiLora, attached_multi_lora
 from cbpo_orch.training.trainer import (
     StepCallback,
     TrainResult,
@@ -96,18 +96,15 @@ def personalize_users(
 ) -> list[UserOutcome]:
     """Personalize ``user_ids`` with one method, their adapters trained in the same passes
     (``train_adapters``: each user's result is the one it gets alone). Each user's aux, γ,
-    generation and scores are its own; the train phase's seconds are the shared pass's."""
+    generation and scores are its own; their queries are answered in shared batches too, each
+    row by its own user's adapter. The train and generate phases' seconds are the shared ones."""
     spec = method_spec(config.method)
     loaded, tokenizer = context.loaded, context.loaded.tokenizer
     budgets = context.task.budgets(config.max_prompt_tokens, config.max_new_tokens)
     prepared = [_prepare(context, user_id, config, spec) for user_id in user_ids]
     if not spec.trains:
-        outcomes = []
-        for item in prepared:
-            with _phase(item.phases, "generate"):
-                outputs = generate(loaded.model, tokenizer, _prompts(context, item.user_id), budgets, config.eval_batch_size, loaded.device)
-            outcomes.append(_outcome(context, item, config, outputs, None, None))
-        return outcomes
+        answers = _answer(context, prepared, config, budgets)
+        return [_outcome(context, item, config, outputs, None, None) for item, outputs in zip(prepared, answers)]
 
     with attached_multi_lora(loaded.model, config.lora, n_slots=len(prepared)) as multi:
         started = time.perf_counter()
@@ -115,15 +112,28 @@ def personalize_users(
             _add_work(item, tokenizer, budgets, config, loaded)
         results = train_adapters(multi, tokenizer, [item.work for item in prepared], config, loaded.device, on_step)
         train_seconds = round(time.perf_counter() - started, 3)
+        answers = _answer(context, prepared, config, budgets, multi)
         outcomes = []
-        for slot, (item, result) in enumerate(zip(prepared, results)):
+        for slot, (item, result, outputs) in enumerate(zip(prepared, results, answers)):
             item.phases["train"] = train_seconds
-            with _phase(item.phases, "generate"), multi.only(slot):
-                outputs = generate(loaded.model, tokenizer, _prompts(context, item.user_id), budgets, config.eval_batch_size, loaded.device)
             selection = _selection(item, result)
             files = adapter_files(multi, slot, {"reference_state": result.reference_state, "losses": result.losses, **selection})
             outcomes.append(_outcome(context, item, config, outputs, result, files, selection))
     return outcomes
+
+
+def _answer(context: UserContext, prepared: list[_Prepared], config: TrainConfig, budgets: Budgets, multi: MultiLora | None = None) -> list[list[str]]:
+    """Every user's queries answered in shared batches, each row by its user's slot of
+    ``multi`` (without one: by the starting model); each user's generate phase is the shared one's."""
+    loaded = context.loaded
+    prompts = [_prompts(context, item.user_id) for item in prepared]
+    slots = [slot for slot, own in enumerate(prompts) for _ in own] if multi is not None else None
+    shared: dict[str, float] = {}
+    with _phase(shared, "generate"):
+        flat = iter(generate(loaded.model, loaded.tokenizer, [p for own in prompts for p in own], budgets, config.eval_batch_size, loaded.device, slots, multi))
+    for item in prepared:
+        item.phases.update(shared)
+    return [[next(flat) for _ in own] for own in prompts]
 
 
 def _prepare(context: UserContext, user_id: str, config: TrainConfig, spec) -> _Prepared:

@@ -6,11 +6,11 @@ from dataclasses import replace
 
 import torch
 
-from cbpo_orch.method.config import TrainConfig
 from cbpo_orch.data.dataset import load_split
+from cbpo_orch.data.tasks import load_task
+from cbpo_orch.method.config import TrainConfig
 from cbpo_orch.training.models import load_model
 from cbpo_orch.training.task_adapter import TASK_ADAPTER_CONFIG, train_task_adapter
-from cbpo_orch.data.tasks import load_task
 from cbpo_orch.training.trainer import StepCallback
 from cbpo_orch.workers.context import TASK_ADAPTER_SPLIT
 
