@@ -1,8 +1,10 @@
 """The catalogue of personalization methods (METHOD.md §3, §6).
 
 Every method runs through the same trainer; a method only decides whether it trains,
-whether it reads auxiliary items, which objective its step descends and its default
-number of epochs (the paper: SFT 2 epochs, preference methods 3).
+whether it reads auxiliary items, whether its objective compares with the reference model
+π_ref (the preference methods; SFT does not, so its π_ref pass is skipped), which objective
+its step descends and its default number of epochs (the paper: SFT 2 epochs, preference
+methods 3).
 """
 
 from __future__ import annotations
@@ -16,15 +18,16 @@ class MethodSpec:
     summary: str
     trains: bool = True
     uses_aux: bool = True
+    uses_reference: bool = True
     default_epochs: int = 3
 
 
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
-        MethodSpec("base", "the untouched starting model (base, or base + task adapter)", trains=False, uses_aux=False),
-        MethodSpec("sft", "OPPU: token cross-entropy on the user's own history", uses_aux=False, default_epochs=2),
-        MethodSpec("sft-aux", "ablation: SFT on the user's history plus the auxiliary items", default_epochs=2),
+        MethodSpec("base", "the untouched starting model (base, or base + task adapter)", trains=False, uses_aux=False, uses_reference=False),
+        MethodSpec("sft", "OPPU: token cross-entropy on the user's own history", uses_aux=False, uses_reference=False, default_epochs=2),
+        MethodSpec("sft-aux", "ablation: SFT on the user's history plus the auxiliary items", uses_reference=False, default_epochs=2),
         MethodSpec("kto", "KTO: desirable = own history, undesirable = auxiliary items"),
         MethodSpec("bco", "BCO: binary classifier loss, joint running-mean reference point"),
         MethodSpec("cbpo", "C-BPO, non-negative PU risk (the default)"),

@@ -28,6 +28,7 @@ import torch
 from cbpo_orch.data.tasks import Budgets
 from cbpo_orch.method import objectives
 from cbpo_orch.method.config import TrainConfig
+from cbpo_orch.method.methods import method_spec
 from cbpo_orch.method.reference import kto_reference, make_reference
 from cbpo_orch.method.selection import best_epoch
 from cbpo_orch.training.encoding import EncodedPair, collate, completion_logps, encode_pair
@@ -226,9 +227,7 @@ def train_adapters(
     for slot, user in enumerate(users):
         multi.init_slot(slot, user.seed)
 
-    with multi.disabled():
-        ref_logps = [sequence_logps(model, [s.pair for s in u.samples], pad_id, config.eval_batch_size, device) for u in users]
-        ref_kl = [sequence_logps(model, u.kl_pairs, pad_id, config.eval_batch_size, device) if u.kl_pairs else None for u in users]
+    ref_logps, ref_kl = _reference_logps(multi, users, pad_id, config, device)
     plans = [_Plan.of(user, config) for user in users]
     optimizer = SlotAdamW(multi.parameters(), multi.n_slots, config.lr, config.max_grad_norm, config.weight_decay)
     for slot, plan in enumerate(plans):
@@ -252,7 +251,7 @@ def train_adapters(
         index = {u: torch.tensor(batch, device=device) for u, batch in batches.items()}
         batch = collate([users[u].samples[i].pair for u, i in rows], pad_id).to(device)
         positive = torch.tensor([users[u].samples[i].positive for u, i in rows], device=device)
-        ref = torch.cat([ref_logps[u][index[u]] for u in active])
+        ref = torch.cat([ref_logps[u][index[u]] for u in active]) if ref_logps else None
         with multi.routed(slots):
             logp, n_tokens = completion_logps(model, batch)
             kl_logratio = None
@@ -292,6 +291,18 @@ def train_adapters(
         result.reference_state = loss_fn.reference.user_state(slot)
         result.seconds = seconds
     return results
+
+
+def _reference_logps(multi: MultiLora, users: list[UserTraining], pad_id: int, config: TrainConfig, device):
+    """π_ref's summed log-probs of every user's samples (and KTO's mismatched pairs), one pass
+    with the adapters off; none for a method that never compares with π_ref (SFT)."""
+    if not method_spec(config.method).uses_reference:
+        return None, None
+    model, batch = multi.model, config.eval_batch_size
+    with multi.disabled():
+        samples = [sequence_logps(model, [s.pair for s in u.samples], pad_id, batch, device) for u in users]
+        kl = [sequence_logps(model, u.kl_pairs, pad_id, batch, device) if u.kl_pairs else None for u in users]
+    return samples, kl
 
 
 def _check_finite(values: list[float], active: list[int], step: int, total_steps: int, method: str) -> None:

@@ -1,0 +1,32 @@
+"""The π_ref pass runs once per training, for the methods whose objective compares with π_ref
+only: SFT never reads it, so it is not computed (tiny random-weight model)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cbpo_orch.method.config import TrainConfig
+from cbpo_orch.training.multi_lora import MultiLora, attached_multi_lora
+from cbpo_orch.training.trainer import train_adapters
+from tests.test_trainer_packing import LORA, loaded, user_work  # noqa: F401 (loaded is a fixture)
+
+
+@pytest.mark.parametrize("method, passes", [("sft", 0), ("sft-aux", 0), ("kto", 1), ("bco", 1), ("cbpo", 1)])
+def test_the_reference_pass_runs_only_where_the_objective_reads_it(loaded, monkeypatch, method, passes):  # noqa: F811
+    entered = []
+    disabled = MultiLora.disabled
+
+    def counted(self):
+        entered.append(method)
+        return disabled(self)
+
+    monkeypatch.setattr(MultiLora, "disabled", counted)
+    tokenizer, pad_id = loaded.tokenizer, loaded.tokenizer.pad_token_id
+    work = [user_work(tokenizer, u, 4, 3, method, pad_id, loaded.model) for u in range(2)]
+    for user in work:
+        user.validate = None
+    config = TrainConfig(method=method, epochs=1, lr=1e-2, batch_size=4, lora=LORA)
+    with attached_multi_lora(loaded.model, LORA, len(work)) as multi:
+        results = train_adapters(multi, tokenizer, work, config, "cpu")
+    assert len(entered) == passes
+    assert all(r.steps > 0 and r.losses for r in results)
