@@ -19,7 +19,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -572,6 +574,40 @@ def test_a_remote_tasks_steps_reach_the_driver_while_it_runs(local_ray):
     assert result == "trained"
     steps = [step for step, _, _ in seen]
     assert len(set(steps)) >= 2 and steps == sorted(steps) and all(total == 6 for _, total, _ in seen), seen
+
+
+def test_work_goes_out_by_method_then_largest_history_first():
+    from cbpo_orch.method.config import TrainConfig
+    from cbpo_orch.orchestrator.scheduler import Work, largest_first
+
+    sft, cbpo = TrainConfig(method="sft"), TrainConfig(method="cbpo")
+    work = [Work(1, "a", sft), Work(2, "a", cbpo), Work(3, "b", sft), Work(4, "b", cbpo), Work(5, "c", sft), Work(6, "d", sft)]
+    order = largest_first(work, {"a": 3, "b": 40, "c": 3})
+    assert [unit.key for unit in order] == [4, 2, 3, 1, 5, 6]  # cbpo: b, a; sft: b, then a and c (tied, by id), d unknown
+
+
+def test_the_driver_sends_the_largest_users_first(home, tiny_model_dir, dev_users, sample_history, monkeypatch):
+    from cbpo_orch.orchestrator import driver, scheduler
+    from cbpo_orch.orchestrator.lease import JobLease
+    from cbpo_orch.orchestrator.spec import JobSpec
+    from cbpo_orch.orchestrator.workspace import Workspace
+
+    sent = []
+    monkeypatch.setattr(scheduler, "fan_out", lambda work, *args, **kwargs: sent.extend(unit.user_id for unit in work))
+    job = _create_job(home, tiny_model_dir, dev_users)
+    space = Workspace.open(home)
+    spec, resources = JobSpec.from_config(space.registry.job(job).config)
+    keep = {user: 5 * (n + 1) for n, user in enumerate(dev_users)}  # unequal histories: 5, 10, 15 … items
+    by_user: dict[str, list] = {}
+    for example in sample_history[1].examples:
+        by_user.setdefault(example.user_id, []).append(example)
+    examples = [e for user, own in by_user.items() for e in own[: keep.get(user, len(own))]]
+    history = SimpleNamespace(examples=examples)
+    with JobLease(space.registry, job, 60) as lease:
+        driver._fan_out(space, job, spec, resources, history, None, driver.Progress(), None, lease)
+    sizes = Counter(example.user_id for example in examples)
+    assert sorted(sent) == sorted(dev_users) and len({sizes[u] for u in dev_users}) > 1
+    assert [sizes[u] for u in sent] == sorted((sizes[u] for u in dev_users), reverse=True)
 
 
 @pytest.mark.parametrize("items, nodes, expected", [

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,7 +198,8 @@ def _fan_out(
     pending = registry.runs(job_id, states=("pending",))
     runs = {run.run_id: run for run in pending}
     tally = _Tally()
-    work = [scheduler.Work(run.run_id, run.user_id, spec.config_for(run.method)) for run in pending]
+    sizes = Counter(example.user_id for example in history.examples)
+    work = scheduler.largest_first([scheduler.Work(run.run_id, run.user_id, spec.config_for(run.method)) for run in pending], sizes)
     attempts: dict[int, int] = {}
 
     def report() -> None:

@@ -14,7 +14,7 @@ cluster itself goes away, :class:`ClusterLost` ends the fan-out.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -157,6 +157,13 @@ class Work:
     key: object
     user_id: str
     config: TrainConfig
+
+
+def largest_first(work: Iterable[Work], sizes: Mapping[str, int]) -> list[Work]:
+    """The order to send ``work`` in: by method, and within a method the users with the most
+    history items (``sizes``) first, so that the job's tail is short runs and a pack's users
+    have like numbers of steps; ties by user id."""
+    return sorted(work, key=lambda unit: (unit.config.method, -sizes.get(unit.user_id, 0), unit.user_id))
 
 
 @dataclass(frozen=True)
