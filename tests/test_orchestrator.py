@@ -576,6 +576,44 @@ def test_a_remote_tasks_steps_reach_the_driver_while_it_runs(local_ray):
     assert len(set(steps)) >= 2 and steps == sorted(steps) and all(total == 6 for _, total, _ in seen), seen
 
 
+@pytest.mark.parametrize("nodes, cpus, gpus, expected", [
+    ([{"CPU": 3}, {"CPU": 3}], 2, 0, 2),                     # node by node: 1 + 1, not 6 // 2
+    ([{"CPU": 8, "GPU": 1}, {"CPU": 8}], 1, 0.5, 2),         # two half-GPU workers on the GPU node
+    ([{"CPU": 16}, {"CPU": 16, "dead": True}], 4, 0, 4),     # a dead node holds none
+    ([{"CPU": 1}], 2, 0, 1),                                 # at least one
+])
+def test_cluster_slots_count_what_each_node_holds(monkeypatch, nodes, cpus, gpus, expected):
+    import ray
+
+    from cbpo_orch.orchestrator import scheduler
+
+    listed = [{"Alive": not node.pop("dead", False), "Resources": node} for node in [dict(n) for n in nodes]]
+    monkeypatch.setattr(ray, "nodes", lambda: listed)
+    assert scheduler.cluster_slots(cpus, gpus) == expected
+
+
+def test_more_workers_than_the_cluster_fits_runs_what_fits_and_says_so(local_ray, home, tiny_model_dir, dev_users, monkeypatch):
+    from dataclasses import replace
+
+    from cbpo_orch.orchestrator import driver, scheduler
+    from cbpo_orch.orchestrator.lease import JobLease
+    from cbpo_orch.orchestrator.spec import JobSpec
+    from cbpo_orch.orchestrator.workspace import Workspace
+
+    asked = []
+    monkeypatch.setattr(scheduler, "fan_out", lambda work, context, history, fn, slots, *rest, **kw: asked.append(slots))
+    job = _create_job(home, tiny_model_dir, dev_users[:2])
+    space = Workspace.open(home)
+    spec, resources = JobSpec.from_config(space.registry.job(job).config)
+    notices = []
+    with JobLease(space.registry, job, 60) as lease:
+        driver._fan_out(space, job, spec, replace(resources, workers=50), SimpleNamespace(examples=[]), None,
+                        driver.Progress(notice=notices.append), None, lease)
+    fits = scheduler.cluster_slots(1, 0)
+    assert asked == [fits] and fits < 50
+    assert notices == [f"--workers 50 is more than the cluster fits now ({fits} at 1 CPU each): running {fits}"]
+
+
 def test_work_goes_out_by_method_then_largest_history_first():
     from cbpo_orch.method.config import TrainConfig
     from cbpo_orch.orchestrator.scheduler import Work, largest_first

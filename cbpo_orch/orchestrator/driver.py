@@ -242,7 +242,12 @@ def _fan_out(
         "model": spec.model,
         "task_adapter": tam_path,
     }
-    slots = resources.workers or scheduler.cluster_slots(resources.cpus_per_user, resources.gpus_per_user)
+    fits = scheduler.cluster_slots(resources.cpus_per_user, resources.gpus_per_user)
+    slots = resources.workers or fits
+    if slots > fits:  # an actor that cannot be placed never starts, and the work sent to it would wait forever
+        each = f"{resources.gpus_per_user:g} GPU" if resources.gpus_per_user else f"{resources.cpus_per_user:g} CPU"
+        progress.notice(f"--workers {slots} is more than the cluster fits now ({fits} at {each} each): running {fits}")
+        slots = fits
     report()
     scheduler.fan_out(
         work, context_args, history, worker_fn, slots, resources.cpus_per_user, resources.gpus_per_user, start, finish, tick,

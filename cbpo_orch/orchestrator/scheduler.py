@@ -104,10 +104,18 @@ def _token_auth() -> bool:
 
 
 def cluster_slots(cpus_per_user: float, gpus_per_user: float) -> int:
-    total = ray.cluster_resources()
-    if gpus_per_user > 0:
-        return max(1, int(total.get("GPU", 0) / gpus_per_user))
-    return max(1, int(total.get("CPU", 1) / cpus_per_user))
+    """How many workers of ``cpus_per_user`` CPUs (and ``gpus_per_user`` GPUs) the cluster's
+    alive nodes hold, node by node (a worker never spans two nodes); at least 1."""
+    fits = 0
+    for node in ray.nodes():
+        if not node["Alive"]:
+            continue
+        have = node["Resources"]
+        per_node = int(have.get("CPU", 0) / cpus_per_user)
+        if gpus_per_user > 0:
+            per_node = min(per_node, int(have.get("GPU", 0) / gpus_per_user))
+        fits += per_node
+    return max(1, fits)
 
 
 class WorkerCannotStart(Exception):
