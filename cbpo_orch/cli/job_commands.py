@@ -32,7 +32,7 @@ if not OUT.is_terminal:
     OUT.width = 200
 
 
-def _workspace(home: Path | None, db: str | None, artifacts: Path | None, writes: bool = False):
+def open_workspace(home: Path | None, db: str | None, artifacts: Path | None, writes: bool = False):
     from cbpo_orch.orchestrator.workspace import Workspace
 
     return Workspace.open(home_dir(home), db, artifacts, writes)
@@ -154,7 +154,7 @@ def submit(
     spec = JobSpec(task_ref, data_path, split, model_path, methods, chosen, train, tam, task_adapter_lr, task_adapter_epochs, embedder)
     check_address(address)
 
-    space = _workspace(home, db, artifacts, writes=True)
+    space = open_workspace(home, db, artifacts, writes=True)
     job_id = space.registry.create_job(task_def.name, list(methods), list(chosen), spec.to_config(resources))
     typer.echo(job_id)
     _run(space, job_id, resources, examples)
@@ -170,7 +170,7 @@ def resume(
     artifacts: ArtifactsOpt = None,
 ) -> None:
     """Finish a job after a crash or Ctrl-C: runs what has not succeeded; nothing is redone."""
-    space = _workspace(home, db, artifacts, writes=True)
+    space = open_workspace(home, db, artifacts, writes=True)
     info = space.registry.job(job)
     if info.state == "cancelled":
         raise UsageError(f"job {job} was cancelled; submit it again instead")
@@ -182,7 +182,7 @@ def resume(
 @app.command()
 def cancel(job: JobArg, home: HomeOpt = None, db: DbOpt = None) -> None:
     """Cancel a job: its pending users are not started; running ones finish."""
-    space = _workspace(home, db, None)
+    space = open_workspace(home, db, None)
     n = space.registry.cancel(job)
     typer.echo(f"job {job}: {n} pending runs cancelled")
 
@@ -209,7 +209,7 @@ def status(
     db: DbOpt = None,
 ) -> None:
     """Show jobs and their progress (all jobs, newest first, or one job in detail)."""
-    registry = _workspace(home, db, None).registry
+    registry = open_workspace(home, db, None).registry
     jobs = [registry.job(job)] if job else registry.jobs()
     if as_json:
         typer.echo(json.dumps([_job_dict(j) for j in jobs], indent=2))
@@ -273,7 +273,7 @@ def results(
     """A job's metrics: one row per (user, method), or means per method."""
     if fmt not in ("table", "csv", "json"):
         raise UsageError("--format must be table, csv or json")
-    registry = _workspace(home, db, None).registry
+    registry = open_workspace(home, db, None).registry
     registry.job(job)
     _print_results(registry.results(job), fmt, aggregate)
 
@@ -295,7 +295,7 @@ def generate(
     from cbpo_orch.orchestrator.driver import loaded_for_job
     from cbpo_orch.training.evaluation import generate as greedy
 
-    space = _workspace(home, db, None)
+    space = open_workspace(home, db, None)
     info = space.registry.job(job)
     rows = [r for r in space.registry.results(job) if r["user_id"] == user and r["adapter_path"] and (method is None or r["method"] == method)]
     if not rows:

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from cbpo_orch.cli.app import HomeOpt, app, fresh_output_dir, staged_folder
-from cbpo_orch.cli.job_commands import DbOpt, _workspace
+from cbpo_orch.cli.job_commands import DbOpt, open_workspace
 
 JobOpt = Annotated[str, typer.Option(help="Job id (see `cbpo-orch status`).")]
 MethodOpt = Annotated[str, typer.Option(help="Which of the job's methods' adapters (one that trains: sft, kto, bco, cbpo, …).")]
@@ -30,7 +30,7 @@ def export(
     from cbpo_orch.serving.export import export_job
 
     out = fresh_output_dir(out)
-    space = _workspace(home, db, None)
+    space = open_workspace(home, db, None)
     catalog = load_catalog(space, job, method)
     with staged_folder(out) as staging:
         manifest = export_job(space, catalog, staging)
@@ -81,7 +81,7 @@ def serve(
         raise UsageError("--port must be from 1 to 65535")
     options = serving.ServeOptions(replicas, max_adapters_per_replica, max_batch_size, batch_wait_ms / 1000, cpus_per_replica, gpus_per_replica)
     keys = load_api_keys(api_keys) if api_keys is not None else None
-    catalog = load_catalog(_workspace(home, db, None), job, method)
+    catalog = load_catalog(open_workspace(home, db, None), job, method)
     typer.echo(f"job {job}: starting {replicas} replica(s) of {catalog.base_name} with {len(catalog.servable)} {method} adapters …", err=True)
     dashboard = serving.start(catalog, keys, options, host, port, address)
     try:

@@ -76,9 +76,8 @@ class JobLease:
 
 def dead_here(owner: str | None) -> bool:
     """Whether lease ``owner`` (``host:pid:nonce``) is a driver of this machine that is gone."""
-    if owner is None or owner.partition(":")[0] != socket.gethostname() or owner_pid(owner) is None:
-        return False
-    return not alive(owner_pid(owner))
+    pid = owner_pid(owner) if owner is not None and owner.partition(":")[0] == socket.gethostname() else None
+    return pid is not None and not alive(pid)
 
 
 def owner_pid(owner: str) -> int | None:
