@@ -559,3 +559,21 @@ def test_numpy_values_are_stored_as_plain_numbers(registry: Registry) -> None:
     assert (row["rouge1"], row["n_pos"]) == (0.25, 3)
     assert registry.job(job_id).config == {"lr": 0.5}
     assert registry.extras(job_id) == {("u1", "cbpo"): {"loss": [1.0, 0.5]}}
+
+
+def test_an_open_that_finds_the_file_locked_tries_again(tmp_path, monkeypatch):
+    """Two processes opening a fresh SQLite file at once: the WAL switch of one may report
+    "database is locked" at once; the open tries again instead of failing."""
+    from cbpo_orch.storage import engine as engine_module
+
+    configure, calls = engine_module._configure_sqlite_connection, []
+
+    def locked_once(dbapi_connection, record):
+        calls.append(1)
+        if len(calls) == 1:
+            raise sqlite3.OperationalError("database is locked")
+        configure(dbapi_connection, record)
+
+    monkeypatch.setattr(engine_module, "_configure_sqlite_connection", locked_once)
+    with Registry(f"sqlite:///{tmp_path / 'registry.db'}") as registry:
+        assert registry.create_job("lamp4", ["sft"], ["u1"], {}) and len(calls) >= 2

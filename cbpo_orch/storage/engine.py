@@ -59,14 +59,21 @@ def make_engine(url: str) -> Engine:
         raise RegistryUnavailable(f"registry URL {shown}: its database driver is not installed ({error}){hint}") from None
     except OSError as error:
         raise RegistryUnavailable(f"cannot open the registry at {shown}: {error}") from None
-    try:
-        with engine.connect():
-            pass
-    except DBAPIError as error:
-        engine.dispose()
-        reason = str(error.orig).strip().partition("\n")[0]
-        raise RegistryUnavailable(f"cannot open the registry at {shown}: {reason}") from None
-    return engine
+    attempt = 0
+    while True:
+        try:
+            with engine.connect():
+                return engine
+        except DBAPIError as error:
+            # Two processes opening a fresh SQLite file at once: switching it to WAL can report
+            # "locked" at once instead of waiting, so a locked open is tried again.
+            if attempt < LOCK_RETRIES and isinstance(error, OperationalError) and _is_transient(error):
+                time.sleep(random.uniform(0.05, 0.2) * (2**attempt))
+                attempt += 1
+                continue
+            engine.dispose()
+            reason = str(error.orig).strip().partition("\n")[0]
+            raise RegistryUnavailable(f"cannot open the registry at {shown}: {reason}") from None
 
 
 def _create_engine(parsed: URL) -> Engine:
