@@ -59,21 +59,20 @@ def make_engine(url: str) -> Engine:
         raise RegistryUnavailable(f"registry URL {shown}: its database driver is not installed ({error}){hint}") from None
     except OSError as error:
         raise RegistryUnavailable(f"cannot open the registry at {shown}: {error}") from None
-    attempt = 0
-    while True:
-        try:
-            with engine.connect():
-                return engine
-        except DBAPIError as error:
-            # Two processes opening a fresh SQLite file at once: switching it to WAL can report
-            # "locked" at once instead of waiting, so a locked open is tried again.
-            if attempt < LOCK_RETRIES and isinstance(error, OperationalError) and _is_transient(error):
-                time.sleep(random.uniform(0.05, 0.2) * (2**attempt))
-                attempt += 1
-                continue
-            engine.dispose()
-            reason = str(error.orig).strip().partition("\n")[0]
-            raise RegistryUnavailable(f"cannot open the registry at {shown}: {reason}") from None
+
+    def connect() -> None:
+        with engine.connect():
+            pass
+
+    try:
+        # Two processes opening a fresh SQLite file at once: switching it to WAL can report
+        # "locked" at once instead of waiting, so a locked open is tried again.
+        _retry_when_locked(connect)
+    except DBAPIError as error:
+        engine.dispose()
+        reason = str(error.orig).strip().partition("\n")[0]
+        raise RegistryUnavailable(f"cannot open the registry at {shown}: {reason}") from None
+    return engine
 
 
 def _create_engine(parsed: URL) -> Engine:
@@ -104,11 +103,20 @@ def transact(engine: Engine, work: Callable[[Session], T]) -> T:
     serialization failure (PostgreSQL), the whole transaction is rolled back and
     retried with jittered backoff, up to ``LOCK_RETRIES`` times.
     """
+    def once() -> T:
+        with Session(engine, expire_on_commit=False) as session, session.begin():
+            return work(session)
+
+    return _retry_when_locked(once)
+
+
+def _retry_when_locked(action: Callable[[], T]) -> T:
+    """Run ``action``; when the database reports it locked or aborted it as transient
+    (:func:`_is_transient`), run it again with jittered backoff, up to ``LOCK_RETRIES`` times."""
     attempt = 0
     while True:
         try:
-            with Session(engine, expire_on_commit=False) as session, session.begin():
-                return work(session)
+            return action()
         except OperationalError as exc:
             if attempt == LOCK_RETRIES or not _is_transient(exc):
                 raise
