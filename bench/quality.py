@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> None:
     validation, report = split_users(args)
     stem = f"{args.data.name}-{args.model.name}.{'tune' if args.mode == 'tune' else 'run'}"
     pin_task_adapters(args.home, TASK_ADAPTERS)
-    jobs = Jobs(args, out / f"{stem}.jobs.json", Ledger(out / f"{stem}.runs.json"))
+    jobs = Jobs(args, args.home / f"{stem}.jobs.json", Ledger(out / f"{stem}.runs.json"))
 
     if args.mode == "tune":
         grid = {k: v.split(",") for k, v in parse_pairs(args.grid).items()}
