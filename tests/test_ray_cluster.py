@@ -198,9 +198,9 @@ def test_runs_of_a_lost_node_are_retried_on_a_node_that_joins(ray_cluster, cli, 
         # A run done and both nodes busy again: the driver has handed each slot its next run, so
         # the node lost next has one in flight (not a gap between its run's end and the next).
         deadline = time.monotonic() + JOB_TIMEOUT
-        while not (registry.runs(job, states=("succeeded",)) and len(registry.runs(job, states=("running",))) == 2):
+        while not ((counts := registry.job(job).counts)["succeeded"] and counts["running"] == 2):
             assert proc.poll() is None, f"the driver ended before the node could be removed:\n{proc.stderr.read()[-4000:]}"
-            assert time.monotonic() < deadline, "no run succeeded in time"
+            assert time.monotonic() < deadline, f"no run succeeded with both slots busy again in time: {counts}"
             time.sleep(0.05)
         before = {(r.user_id, r.method): r for r in registry.runs(job, states=("succeeded",))}
         recorded = {(r["user_id"], r["method"]): r for r in registry.results(job)}
