@@ -18,6 +18,7 @@ session, on a machine whose bench/.home is empty, trains only the runs the ledge
     # 3. the same tables from the runs finished so far (while 2 runs, or after it was
     #    stopped): the same arguments with `report`; it starts and resumes nothing
     python bench/quality.py report --task commit-subject ...
+    #    (`report` with tune's arguments, --grid included, files and prints the tune's rows)
 
 Outputs under bench/results/: NAME.json (per-user ROUGE and γ per arm, means, paired
 bootstrap 95% CIs of arm − sft), NAME.md (the table) and NAME.png (bars with CIs; γ vs gain).
@@ -237,6 +238,27 @@ def run_arms(jobs: Jobs, arms: dict[str, tuple[str, dict[str, str]]], users: lis
     return per_arm
 
 
+def tune_rows(jobs: Jobs, grid: dict[str, str], shared: dict[str, str], methods: list[str], users: list[str], seeds: list[int], submit: bool = True) -> list[dict]:
+    """One row per (grid point, method): its mean ROUGE over the validation users, each user's
+    score its mean over the seeds. With ``submit`` off only finished runs count, and a point
+    that lacks a user is printed as partial and left out of the rows (a mean over fewer users
+    is not comparable)."""
+    rows = []
+    for values in itertools.product(*(v.split(",") for v in grid.values())):
+        options = {**shared, **dict(zip(grid, values))}
+        arms = {m: (m, options) for m in methods}
+        per_arm = average_seeds({seed: run_arms(jobs, arms, users, {}, seed, submit) for seed in seeds})
+        for method in methods:
+            scores = per_arm.get(method, {})
+            if len(scores) < len(users):
+                print(f"{method:6s} {options}  partial: {len(scores)} of {len(users)} users finished", flush=True)
+                continue
+            mean = {m: sum(s[m] for s in scores.values()) / len(scores) for m in ("rouge1", "rougeL")}
+            rows.append({"options": options, "method": method, **mean})
+            print(f"{method:6s} {options}  R-1 {mean['rouge1']:.4f}  R-L {mean['rougeL']:.4f}", flush=True)
+    return rows
+
+
 def trainer_state(adapter_path: str | None) -> dict[str, float]:
     """What the run's ``trainer_state.json`` kept: the epoch selection chose (0 = the
     starting model), and the final EMA reward means m₊ (own items), m_U (aux) and δ.
@@ -372,7 +394,7 @@ def plot(summary: dict, title: str, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["tune", "run", "report"], help="report: run's tables from the runs finished so far, starting nothing")
+    parser.add_argument("mode", choices=["tune", "run", "report"], help="report: the tables of run (or, with --grid, of tune) from the runs finished so far, starting nothing")
     parser.add_argument("--task", required=True)
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--model", type=Path, required=True)
@@ -389,6 +411,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--home", type=Path, default=HERE / ".home")
     parser.add_argument("--name", default=None, help="results file name (default: TASK-MODEL)")
     args = parser.parse_args(argv)
+    if args.mode == "tune" and not args.grid:
+        parser.error("tune needs at least one --grid KEY=V1,V2")
     args.data, args.model = args.data.resolve(), args.model.resolve()
 
     name = args.name or f"{args.task}-{args.model.name}"
@@ -396,21 +420,12 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     shared = parse_pairs(args.set)
     validation, report = split_users(args)
-    stem = f"{args.data.name}-{args.model.name}.{'tune' if args.mode == 'tune' else 'run'}"
+    stem = f"{args.data.name}-{args.model.name}.{'tune' if args.grid else 'run'}"
     pin_task_adapters(args.home, TASK_ADAPTERS)
     jobs = Jobs(args, args.home / f"{stem}.jobs.json", Ledger(out / f"{stem}.runs.json"))
 
-    if args.mode == "tune":
-        grid = {k: v.split(",") for k, v in parse_pairs(args.grid).items()}
-        rows = []
-        for values in itertools.product(*grid.values()):
-            options = {**shared, **dict(zip(grid, values))}
-            arms = {m: (m, options) for m in args.tune_methods.split(",")}
-            per_arm = average_seeds({seed: run_arms(jobs, arms, validation, {}, seed) for seed in args.seeds})
-            for method, scores in per_arm.items():
-                mean = {m: sum(s[m] for s in scores.values()) / len(scores) for m in ("rouge1", "rougeL")}
-                rows.append({"options": options, "method": method, **mean})
-                print(f"{method:6s} {options}  R-1 {mean['rouge1']:.4f}  R-L {mean['rougeL']:.4f}", flush=True)
+    if args.grid:
+        rows = tune_rows(jobs, parse_pairs(args.grid), shared, args.tune_methods.split(","), validation, args.seeds, submit=args.mode == "tune")
         path = out / f"{name}-tuning.json"
         earlier = json.loads(path.read_text())["rows"] if path.exists() else []
         seen = {(json.dumps(r["options"], sort_keys=True), r["method"]) for r in rows}
@@ -418,7 +433,6 @@ def main(argv: list[str] | None = None) -> None:
         result = {"task": args.task, "model": str(args.model), "validation_users": validation, "seeds": args.seeds, "rows": rows}
         path.write_text(json.dumps(result, indent=2))
         return
-
     arms = {a: ARMS[a] for a in args.arms.split(",")}
     if "sft" not in arms:
         raise SystemExit("the arms must include sft: every arm is compared with it")

@@ -177,3 +177,23 @@ def test_a_fresh_home_adopts_the_committed_task_adapter(tmp_path):
     _adapter(tmp_path / "committed" / ("d" * 24), "committed")
     quality.pin_task_adapters(tmp_path / "home", tmp_path / "committed")
     assert (tmp_path / "home" / "artifacts" / "task-adapters" / ("d" * 24) / "adapter_model.safetensors").read_text() == "committed"
+
+
+def test_tune_report_files_finished_runs_and_leaves_out_a_point_that_lacks_a_user(tmp_path, monkeypatch, capsys):
+    probe = _jobs(tmp_path)
+    on, off = probe.key({"lr": "3e-3", "selection": "on"}, 0), probe.key({"lr": "3e-3", "selection": "off"}, 0)
+    jobs = _jobs(tmp_path, {on: [{"job": "j1", "users": ["a", "b"], "methods": ["sft"]}],
+                            off: [{"job": "j2", "users": ["a", "b"], "methods": ["sft"]}]})
+    monkeypatch.setattr(quality.subprocess, "Popen", None)  # a report submits nothing
+    jobs.results = lambda job: {"j1": [_row("a", "sft", 0.2), _row("b", "sft", 0.4)], "j2": [_row("a", "sft", 0.9)]}[job]
+    rows = quality.tune_rows(jobs, {"selection": "on,off"}, {"lr": "3e-3"}, ["sft"], ["a", "b"], [0], submit=False)
+    assert rows == [{"options": {"lr": "3e-3", "selection": "on"}, "method": "sft", "rouge1": pytest.approx(0.3), "rougeL": pytest.approx(0.15)}]
+    assert "partial: 1 of 2 users finished" in capsys.readouterr().out
+    filed = quality.json.loads((tmp_path / "ledger.json").read_text())
+    assert set(filed[off]) == {"sft/a"}, "the unfinished point's finished run is filed for the next session"
+
+
+def test_tune_without_a_grid_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        quality.main(["tune", "--task", "lamp4", "--data", str(tmp_path), "--model", str(tmp_path), "--home", str(tmp_path / "h")])
+    assert exit_info.value.code == 2 and "tune needs at least one --grid" in capsys.readouterr().err
