@@ -759,3 +759,17 @@ def test_cancel_while_running_finishes_started_run_only(local_ray, home, tiny_mo
     started = [r for r in runs if r.attempts]
     assert len(started) == 1 and started[0].state == "succeeded"
     assert len(space.registry.results(job)) == 1
+
+
+def test_packs_default_to_one_user_on_a_cpu_and_a_full_pack_on_a_whole_gpu_and_even_out_at_the_end():
+    from cbpo_orch.orchestrator.scheduler import pack_size
+    from cbpo_orch.orchestrator.spec import GPU_PACK, Resources
+
+    assert Resources().pack_size == 1
+    assert Resources(gpus_per_user=0.5).pack_size == 1, "workers sharing a GPU cannot size packs from its memory"
+    assert Resources(gpus_per_user=1).pack_size == GPU_PACK
+    assert Resources(gpus_per_user=1, users_per_step=4).pack_size == 4
+    assert pack_size(waiting=100, actors=2, users_per_step=32) == 32
+    assert pack_size(waiting=36, actors=2, users_per_step=32) == 18  # the last 36 split over both workers
+    assert pack_size(waiting=1, actors=4, users_per_step=32) == 1
+    assert pack_size(waiting=5, actors=1, users_per_step=1) == 1

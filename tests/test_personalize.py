@@ -131,12 +131,17 @@ def test_selection_falls_back_to_the_starting_model_when_no_epoch_beats_it(conte
     assert [p["prediction"] for p in trained.predictions] == [p["prediction"] for p in base.predictions]
 
 
-def test_users_personalized_together_get_what_each_gets_alone(context):
+@pytest.mark.parametrize("slots", [3, 2])
+def test_users_personalized_together_get_what_each_gets_alone(context, monkeypatch, slots):
     """personalize_users trains several users' adapters in the same passes; each user's
-    γ, losses, chosen epoch and outputs are the ones it gets alone (LoRA dropout 0)."""
+    γ, losses, chosen epoch and outputs are the ones it gets alone (LoRA dropout 0), also
+    when the device holds fewer slots than the pack has users (a slot whose user ends takes
+    the next, and the answers are given group by group)."""
     from cbpo_orch.method.config import LoraSettings
+    from cbpo_orch.workers import personalize
     from cbpo_orch.workers.personalize import personalize_users
 
+    monkeypatch.setattr(personalize, "pack_slots", lambda model, lora, works, *_: min(slots, len(works)))
     user_ids = list(context.dataset.users)[:3]
     config = TrainConfig(method="cbpo", lr=_lr(context), lora=LoraSettings(dropout=0.0), **{**FAST, "epochs": 2, "selection": True})
     together = personalize_users(context, user_ids, config)

@@ -1,6 +1,7 @@
 """Packing users never changes a user's result: train_adapters with 4 users of unequal
-sizes in one pass gives each the losses, weights, reference state and chosen epoch it
-gets trained alone (one slot), for every method (tiny random-weight model, fp32, dropout 0)."""
+sizes in one pass, or streamed through 2 slots (a slot whose user ends takes the next),
+gives each the losses, weights, reference state and chosen epoch it gets trained alone
+(one slot), for every method (tiny random-weight model, fp32, dropout 0)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from cbpo_orch.data.tasks import Budgets
 from cbpo_orch.method.config import LoraSettings, TrainConfig
 from cbpo_orch.training.models import load_model
 from cbpo_orch.training.multi_lora import attached_multi_lora
-from cbpo_orch.training.trainer import UserTraining, encode_samples, held_out_logp, mismatched_pairs, train_adapters
+from cbpo_orch.training.trainer import UserTraining, encode_samples, held_out_logp, mismatched_pairs, slot_schedule, train_adapters
 
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
 BUDGETS = Budgets(48, 12)
@@ -56,18 +57,39 @@ def test_users_trained_together_get_what_each_gets_alone(loaded, method):
         with attached_multi_lora(loaded.model, LORA, len(work)) as multi:
             together = train_adapters(multi, tokenizer, work, config, "cpu")
             packed = [multi.slot_state(slot) for slot in range(len(work))]
+        ended = {}
+        with attached_multi_lora(loaded.model, LORA, 2) as multi:
+            refilled = train_adapters(multi, tokenizer, work, config, "cpu", on_done=lambda u, slot, _: ended.setdefault(u, multi.slot_state(slot)))
+        assert sorted(ended) == [0, 1, 2, 3], "every user's adapter is handed over once, when it ends"
         for u, user in enumerate(work):
             with attached_multi_lora(loaded.model, LORA, 1) as multi:
                 [alone] = train_adapters(multi, tokenizer, [user], config, "cpu")
                 weights = multi.slot_state(0)
-            assert together[u].steps == alone.steps
-            assert together[u].losses == pytest.approx(alone.losses, rel=RTOL, abs=ATOL)
-            assert together[u].validation_scores == pytest.approx(alone.validation_scores, rel=RTOL)
-            assert together[u].selected_epoch == alone.selected_epoch
-            assert same_state(together[u].reference_state, alone.reference_state)
-            for key, value in weights.items():
-                torch.testing.assert_close(packed[u][key], value, rtol=RTOL, atol=ATOL)
+            for result, state in ((together[u], packed[u]), (refilled[u], ended[u])):
+                assert result.steps == alone.steps
+                assert result.losses == pytest.approx(alone.losses, rel=RTOL, abs=ATOL)
+                assert result.validation_scores == pytest.approx(alone.validation_scores, rel=RTOL)
+                assert result.selected_epoch == alone.selected_epoch
+                assert same_state(result.reference_state, alone.reference_state)
+                for key, value in weights.items():
+                    torch.testing.assert_close(state[key], value, rtol=RTOL, atol=ATOL)
         assert len({r.steps for r in together}) > 1, "the users must have unequal numbers of steps"
         assert any(float(v.abs().max()) > 0 for state in packed for k, v in state.items() if "lora_B" in k), "some adapter must move"
     finally:
         torch.set_num_threads(threads)
+
+
+def test_slot_schedule_gives_each_freed_slot_the_next_user_at_the_next_step():
+    # 2 slots, users of 3, 1, 2 and 2 steps: user 1 frees slot 1 after step 0, user 2 takes it
+    # at step 1 until step 3, when slot 0 (free since 3, the lower slot on the tie) takes user 3
+    assert slot_schedule([3, 1, 2, 2], 2) == [(0, 0), (1, 0), (1, 1), (0, 3)]
+    assert slot_schedule([2, 2], 4) == [(0, 0), (1, 0)]
+    with pytest.raises(ValueError, match="at least one training step"):
+        slot_schedule([2, 0], 2)
+
+
+def test_more_users_than_slots_need_someone_to_take_each_ended_adapter(loaded):
+    tokenizer, pad_id = loaded.tokenizer, loaded.tokenizer.pad_token_id
+    work = [user_work(tokenizer, u, 3, 3, "sft", pad_id, loaded.model) for u in range(3)]
+    with attached_multi_lora(loaded.model, LORA, 2) as multi, pytest.raises(ValueError, match="3 users for 2 adapter slots need an on_done"):
+        train_adapters(multi, tokenizer, work, TrainConfig(method="sft", epochs=1, lora=LORA), "cpu")

@@ -1,4 +1,4 @@
-"""The π_ref pass runs once per training, for the methods whose objective compares with π_ref
+"""The π_ref pass runs once per user trained, for the methods whose objective compares with π_ref
 only: SFT never reads it, so it is not computed (tiny random-weight model)."""
 
 from __future__ import annotations
@@ -28,5 +28,5 @@ def test_the_reference_pass_runs_only_where_the_objective_reads_it(loaded, monke
     config = TrainConfig(method=method, epochs=1, lr=1e-2, batch_size=4, lora=LORA)
     with attached_multi_lora(loaded.model, LORA, len(work)) as multi:
         results = train_adapters(multi, tokenizer, work, config, "cpu")
-    assert len(entered) == passes
+    assert len(entered) == passes * len(work)
     assert all(r.steps > 0 and r.losses for r in results)

@@ -129,7 +129,7 @@ def submit(
     gpus_per_user: Annotated[float, typer.Option(help="GPUs per user's worker; fractional packs several users on one GPU.", rich_help_panel=PANEL)] = 0.0,
     workers: Annotated[Optional[int], typer.Option(help="Worker processes (each loads the model once). Default: as many as the cluster fits.", rich_help_panel=PANEL)] = None,
     max_retries: Annotated[int, typer.Option(help="Retries of a failed user before it is marked failed.", rich_help_panel=PANEL)] = 2,
-    users_per_step: Annotated[int, typer.Option(help="Users of one method a worker trains together, in the same forward/backward passes (each user's result is the one it gets alone); pays on a GPU, not on a CPU.", rich_help_panel=PANEL)] = 1,
+    users_per_step: Annotated[Optional[int], typer.Option(help="Users of one method sent to a worker at once, trained in the same forward/backward passes, as many at a time as the GPU's memory holds (each user's result is the one it gets alone). Default: 32 for a worker with a whole GPU, else 1 (packing pays on a GPU, not on a CPU).", rich_help_panel=PANEL)] = None,
     examples: Annotated[int, typer.Option(help="At the end, show one query of the first N users: the gold and each method's output.")] = 3,
     options: Optional[dict] = None,
 ) -> None:

@@ -251,7 +251,7 @@ def _fan_out(
     report()
     scheduler.fan_out(
         work, context_args, history, worker_fn, slots, resources.cpus_per_user, resources.gpus_per_user, start, finish, tick,
-        resources.users_per_step,
+        resources.pack_size,
     )
     report()
 

@@ -274,7 +274,8 @@ def fan_out(
     users_per_step: int = 1,
 ) -> None:
     """Run every unit of ``work`` on a pool of at most ``slots`` actors, each call a pack of
-    up to ``users_per_step`` units of the same config (trained in the same passes).
+    up to ``users_per_step`` units of the same config (trained in the same passes; fewer
+    when less waits than fills every actor, :func:`pack_size`).
 
     ``start(w)`` is asked before a unit is sent (False skips it, e.g. cancelled);
     ``finish(w, result_or_failure)`` receives each result or :class:`Failure` and
@@ -295,12 +296,14 @@ def fan_out(
         return PersonalizeWorker.options(**options).remote(context_args, history_ref, threads, worker_fn)
 
     idle = [new_actor() for _ in range(min(max(1, slots), len(queue)))]
+    n_actors = len(idle)
     in_flight: dict = {}
     alone: set = set()
 
     def dispatch() -> None:
         while queue and idle:
-            pack = [unit for unit in _next_pack(queue, 1 if queue[0].key in alone else users_per_step, alone) if start(unit)]
+            size = 1 if queue[0].key in alone else pack_size(len(queue), n_actors, users_per_step)
+            pack = [unit for unit in _next_pack(queue, size, alone) if start(unit)]
             if pack:
                 actor = idle.pop()
                 in_flight[actor.personalize.remote([unit.user_id for unit in pack], pack[0].config)] = (pack, actor)
@@ -339,6 +342,12 @@ def fan_out(
         tick()
     for actor in idle:
         ray.kill(actor, no_restart=True)
+
+
+def pack_size(waiting: int, actors: int, users_per_step: int) -> int:
+    """Units in the next pack: ``users_per_step``, but no more than an even share of what
+    waits over the actors, so that a job's last packs keep every worker busy."""
+    return max(1, min(users_per_step, -(-waiting // max(1, actors))))
 
 
 def _next_pack(queue: deque, size: int, alone: set) -> list[Work]:

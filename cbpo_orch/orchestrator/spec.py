@@ -25,6 +25,10 @@ class UnreachableCluster(ConnectionError):
     """Nothing answers at the Ray cluster address a job was given."""
 
 
+GPU_PACK = 32
+"""Users sent at once to a worker that owns a GPU, when ``--users-per-step`` is not given."""
+
+
 @dataclass(frozen=True)
 class Resources:
     """How the fan-out is scheduled; not part of what the job computes."""
@@ -34,7 +38,7 @@ class Resources:
     gpus_per_user: float = 0.0
     workers: int | None = None
     max_retries: int = 2
-    users_per_step: int = 1
+    users_per_step: int | None = None
 
     def __post_init__(self) -> None:
         if self.cpus_per_user <= 0 or self.gpus_per_user < 0:
@@ -43,8 +47,18 @@ class Resources:
             raise ConfigError("workers must be ≥ 1")
         if self.max_retries < 0:
             raise ConfigError("max-retries must be ≥ 0")
-        if self.users_per_step < 1:
+        if self.users_per_step is not None and self.users_per_step < 1:
             raise ConfigError("users-per-step must be ≥ 1")
+
+    @property
+    def pack_size(self) -> int:
+        """Users a worker is sent at once: ``users_per_step``, or by default one on a CPU
+        (packing buys nothing there) and ``GPU_PACK`` for a worker that owns a whole GPU
+        (it trains as many of them at once as its memory holds). Workers that share a GPU
+        are sent one user each: their free memory is not theirs to size against."""
+        if self.users_per_step is not None:
+            return self.users_per_step
+        return GPU_PACK if self.gpus_per_user >= 1 else 1
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,12 @@ every line, and packing never changes a user's result (tests/test_trainer_packin
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import random
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -206,6 +208,24 @@ class _Plan:
         return cls(steps)
 
 
+def slot_schedule(lengths: list[int], n_slots: int) -> list[tuple[int, int]]:
+    """(slot, first step) of each user, in order, when ``n_slots`` slots train users of
+    ``lengths`` steps: the first users take the slots at step 0, and each slot, when its user
+    ends, takes the next waiting user at the next step (the lowest slot first on a tie)."""
+    if any(length < 1 for length in lengths):
+        raise ValueError("every user needs at least one training step")
+    free = [(0, slot) for slot in range(min(n_slots, len(lengths)))]
+    schedule = []
+    for length in lengths:
+        start, slot = heapq.heappop(free)
+        schedule.append((slot, start))
+        heapq.heappush(free, (start + length, slot))
+    return schedule
+
+
+DoneCallback = Callable[[int, int, TrainResult], None]
+
+
 def train_adapters(
     multi: MultiLora,
     tokenizer,
@@ -213,95 +233,123 @@ def train_adapters(
     config: TrainConfig,
     device: torch.device,
     on_step: StepCallback | None = None,
+    on_done: DoneCallback | None = None,
 ) -> list[TrainResult]:
-    """Train slot ``u`` of ``multi`` on ``users[u]`` with ``config.method``, every user in the
-    same forward/backward passes; each slot starts from a fresh adapter (its user's seed).
+    """Train ``users`` with ``config.method`` in the slots of ``multi``, every user in a slot
+    in the same forward/backward passes; each user starts from a fresh adapter (its seed).
 
-    A user with ``validate`` is scored at the start and after every epoch, and its slot ends
-    at the best of them. Results come back in the order of ``users``."""
-    if len(users) > multi.n_slots:
-        raise ValueError(f"{len(users)} users for {multi.n_slots} adapter slots")
+    With more users than slots, a slot whose user ends takes the next one (``slot_schedule``);
+    ``on_done(user, slot, result)`` is then called while the slot still holds the ended
+    user's adapter (export it there), and is required. A user with ``validate`` is scored at
+    its start and after every epoch, and its slot ends at the best of them. Results come
+    back in the order of ``users``."""
+    if len(users) > multi.n_slots and on_done is None:
+        raise ValueError(f"{len(users)} users for {multi.n_slots} adapter slots need an on_done that takes each ended adapter")
     seed_everything(config.seed)
     started = time.perf_counter()
-    model, pad_id, n = multi.model, tokenizer.pad_token_id, len(users)
-    for slot, user in enumerate(users):
-        multi.init_slot(slot, user.seed)
-
-    ref_logps, ref_kl = _reference_logps(multi, users, pad_id, config, device)
+    model, pad_id = multi.model, tokenizer.pad_token_id
     plans = [_Plan.of(user, config) for user in users]
+    schedule = slot_schedule([len(plan.steps) for plan in plans], multi.n_slots)
+    starting: dict[int, list[int]] = defaultdict(list)
+    for u, (_, start) in enumerate(schedule):
+        starting[start].append(u)
     optimizer = SlotAdamW(multi.parameters(), multi.n_slots, config.lr, config.max_grad_norm, config.weight_decay)
-    for slot, plan in enumerate(plans):
-        optimizer.reset_slot(slot, len(plan.steps), math.ceil(config.warmup_ratio * len(plan.steps)))
-    loss_fn = MethodLoss(config, torch.tensor([u.gamma for u in users], dtype=torch.float32, device=device))
+    gammas = torch.zeros(multi.n_slots, dtype=torch.float32, device=device)
+    loss_fn = MethodLoss(config, gammas)
+    fresh_reference = loss_fn.reference.user_state(0)
     results = [TrainResult() for _ in users]
     epoch_losses: list[list[float]] = [[] for _ in users]
-    selections = {
-        slot: _BestEpoch(multi, slot, loss_fn.reference, user.validate) for slot, user in enumerate(users) if user.validate is not None
-    }
-    for selection in selections.values():
-        selection.score()
+    ref_logps: dict[int, torch.Tensor | None] = {}
+    ref_kl: dict[int, torch.Tensor | None] = {}
+    selections: dict[int, _BestEpoch] = {}
+    in_slot: dict[int, int] = {}  # slot → user
+    begun: dict[int, int] = {}  # user → its first step
 
-    total_steps = max(len(plan.steps) for plan in plans)
-    model.train()
+    def begin(u: int, t: int) -> None:
+        slot, user = schedule[u][0], users[u]
+        in_slot[slot], begun[u] = u, t
+        multi.reset_slot(slot, user.seed)
+        optimizer.reset_slot(slot, len(plans[u].steps), math.ceil(config.warmup_ratio * len(plans[u].steps)))
+        loss_fn.reference.load_user_state(slot, fresh_reference)
+        gammas[slot] = user.gamma
+        ref_logps[u], ref_kl[u] = _reference_logps(multi, user, pad_id, config, device)
+        if user.validate is not None:
+            selections[u] = _BestEpoch(multi, slot, loss_fn.reference, user.validate)
+            selections[u].score()
+
+    def end(u: int) -> None:
+        slot, result = schedule[u][0], results[u]
+        if u in selections:
+            selection = selections.pop(u)
+            result.selected_epoch = selection.restore()
+            result.validation_scores = selection.scores
+        if not all(bool(torch.isfinite(p[slot]).all()) for p in multi.parameters()):
+            raise NumericalError(f"the {config.method} adapter's weights are not finite after training (slot {slot} of the pack)")
+        result.reference_state = loss_fn.reference.user_state(slot)
+        result.seconds = time.perf_counter() - started
+        del in_slot[slot], ref_logps[u], ref_kl[u]
+        if on_done is not None:
+            on_done(u, slot, result)
+
+    total_steps = max(start + len(plan.steps) for (_, start), plan in zip(schedule, plans))
     for t in range(total_steps):
-        batches = {u: plans[u].steps[t][0] for u in range(n) if t < len(plans[u].steps)}
-        active = list(batches)
-        rows = [(u, i) for u, batch in batches.items() for i in batch]
-        slots = torch.tensor([u for u, _ in rows], device=device)
-        index = {u: torch.tensor(batch, device=device) for u, batch in batches.items()}
-        batch = collate([users[u].samples[i].pair for u, i in rows], pad_id).to(device)
-        positive = torch.tensor([users[u].samples[i].positive for u, i in rows], device=device)
-        ref = torch.cat([ref_logps[u][index[u]] for u in active]) if ref_logps else None
+        for u in starting[t]:
+            begin(u, t)
+        model.train()
+        active = sorted(in_slot)
+        batches = {slot: plans[in_slot[slot]].steps[t - begun[in_slot[slot]]] for slot in active}
+        rows = [(slot, i) for slot in active for i in batches[slot][0]]
+        samples = {slot: users[in_slot[slot]].samples for slot in active}
+        slots = torch.tensor([slot for slot, _ in rows], device=device)
+        index = {slot: torch.tensor(batches[slot][0], device=device) for slot in active}
+        batch = collate([samples[slot][i].pair for slot, i in rows], pad_id).to(device)
+        positive = torch.tensor([samples[slot][i].positive for slot, i in rows], device=device)
+        uses_reference = ref_logps[in_slot[active[0]]] is not None
+        ref = torch.cat([ref_logps[in_slot[slot]][index[slot]] for slot in active]) if uses_reference else None
         with multi.routed(slots):
             logp, n_tokens = completion_logps(model, batch)
             kl_logratio = None
             if config.method == "kto":
-                kl_batch = [users[u].kl_pairs[i] for u, i in rows]
-                kl_logratio = sequence_logps(model, kl_batch, pad_id, len(rows), device) - torch.cat([ref_kl[u][index[u]] for u in active])
+                kl_batch = [users[in_slot[slot]].kl_pairs[i] for slot, i in rows]
+                kl_ref = torch.cat([ref_kl[in_slot[slot]][index[slot]] for slot in active])
+                kl_logratio = sequence_logps(model, kl_batch, pad_id, len(rows), device) - kl_ref
             losses = loss_fn(logp, n_tokens, ref, positive, slots, kl_logratio)
             values = losses.detach().tolist()
             _check_finite(values, active, t, total_steps, config.method)
             optimizer.zero_grad()
             losses.sum().backward()
         optimizer.step(slots_present(slots, multi.n_slots))
-        for u in active:
-            value = values[u]
+        ended = []
+        for slot in active:
+            u, (_, ends_epoch) = in_slot[slot], batches[slot]
             results[u].steps += 1
-            results[u].losses.append(value)
-            epoch_losses[u].append(value)
-            if plans[u].steps[t][1]:
+            results[u].losses.append(values[slot])
+            epoch_losses[u].append(values[slot])
+            if ends_epoch:
                 results[u].epoch_losses.append(float(np.mean(epoch_losses[u])))
                 epoch_losses[u] = []
                 if u in selections:
                     selections[u].score()
-                    model.train()
+            if results[u].steps == len(plans[u].steps):
+                ended.append(u)
         if on_step is not None:
-            on_step(t + 1, total_steps, float(np.mean([values[u] for u in active])))
-
-    for slot, selection in selections.items():
-        results[slot].selected_epoch = selection.restore()
-        results[slot].validation_scores = selection.scores
-    for slot in range(n):
-        if not all(bool(torch.isfinite(p[slot]).all()) for p in multi.parameters()):
-            raise NumericalError(f"the {config.method} adapter's weights are not finite after training (slot {slot} of the pack)")
+            on_step(t + 1, total_steps, float(np.mean([values[slot] for slot in active])))
+        for u in ended:
+            end(u)
     model.eval()
     loss_fn.reference.eval()
-    seconds = time.perf_counter() - started
-    for slot, result in enumerate(results):
-        result.reference_state = loss_fn.reference.user_state(slot)
-        result.seconds = seconds
     return results
 
 
-def _reference_logps(multi: MultiLora, users: list[UserTraining], pad_id: int, config: TrainConfig, device):
-    """π_ref's summed log-probs of every user's samples (and KTO's mismatched pairs), one pass
-    with the adapters off; none for a method that never compares with π_ref (SFT)."""
+def _reference_logps(multi: MultiLora, user: UserTraining, pad_id: int, config: TrainConfig, device):
+    """π_ref's summed log-probs of the user's samples (and KTO's mismatched pairs), with the
+    adapters off; none for a method that never compares with π_ref (SFT)."""
     if not method_spec(config.method).uses_reference:
         return None, None
     model, batch = multi.model, config.eval_batch_size
     with multi.disabled():
-        samples = [sequence_logps(model, [s.pair for s in u.samples], pad_id, batch, device) for u in users]
-        kl = [sequence_logps(model, u.kl_pairs, pad_id, batch, device) if u.kl_pairs else None for u in users]
+        samples = sequence_logps(model, [s.pair for s in user.samples], pad_id, batch, device)
+        kl = sequence_logps(model, user.kl_pairs, pad_id, batch, device) if user.kl_pairs else None
     return samples, kl
 
 

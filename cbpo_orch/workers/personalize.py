@@ -24,6 +24,7 @@ from cbpo_orch.training.encoding import BudgetError, encode_pair, within_budget
 from cbpo_orch.training.evaluation import generate, rouge
 from cbpo_orch.training.models import LoadedModel
 from cbpo_orch.training.multi_lora import MultiLora, attached_multi_lora
+from cbpo_orch.training.pack_memory import pack_slots
 from cbpo_orch.training.trainer import (
     StepCallback,
     TrainResult,
@@ -95,9 +96,11 @@ def personalize_users(
     context: UserContext, user_ids: list[str], config: TrainConfig, on_step: StepCallback | None = None
 ) -> list[UserOutcome]:
     """Personalize ``user_ids`` with one method, their adapters trained in the same passes
-    (``train_adapters``: each user's result is the one it gets alone). Each user's aux, γ,
-    generation and scores are its own; their queries are answered in shared batches too, each
-    row by its own user's adapter. The train and generate phases' seconds are the shared ones."""
+    (``train_adapters``: each user's result is the one it gets alone), as many at once as the
+    device's memory holds (``pack_slots``; a slot whose user ends takes the next). Each user's
+    aux, γ, generation and scores are its own; their queries are answered in shared batches
+    too, each row by its own user's adapter. The train and generate phases' seconds are the
+    shared ones."""
     spec = method_spec(config.method)
     loaded, tokenizer = context.loaded, context.loaded.tokenizer
     budgets = context.task.budgets(config.max_prompt_tokens, config.max_new_tokens)
@@ -106,19 +109,27 @@ def personalize_users(
         answers = _answer(context, prepared, config, budgets)
         return [_outcome(context, item, config, outputs, None, None) for item, outputs in zip(prepared, answers)]
 
-    with attached_multi_lora(loaded.model, config.lora, n_slots=len(prepared)) as multi:
+    for item in prepared:
+        _add_work(item, tokenizer, budgets, config, loaded)
+    works = [item.work for item in prepared]
+    n_slots = pack_slots(loaded.model, config.lora, works, config.batch_size, loaded.device)
+    with attached_multi_lora(loaded.model, config.lora, n_slots=n_slots) as multi:
         started = time.perf_counter()
-        for item in prepared:
-            _add_work(item, tokenizer, budgets, config, loaded)
-        results = train_adapters(multi, tokenizer, [item.work for item in prepared], config, loaded.device, on_step)
+        trained: dict[int, dict] = {}
+        results = train_adapters(multi, tokenizer, works, config, loaded.device, on_step, on_done=lambda u, slot, _: trained.setdefault(u, multi.slot_state(slot)))
         train_seconds = round(time.perf_counter() - started, 3)
-        answers = _answer(context, prepared, config, budgets, multi)
         outcomes = []
-        for slot, (item, result, outputs) in enumerate(zip(prepared, results, answers)):
-            item.phases["train"] = train_seconds
-            selection = _selection(item, result)
-            files = adapter_files(multi, slot, {"reference_state": result.reference_state, "losses": result.losses, **selection})
-            outcomes.append(_outcome(context, item, config, outputs, result, files, selection))
+        for first in range(0, len(prepared), n_slots):
+            group = list(range(first, min(first + n_slots, len(prepared))))
+            for slot, u in enumerate(group):
+                multi.load_slot(slot, trained.pop(u))
+            answers = _answer(context, [prepared[u] for u in group], config, budgets, multi)
+            for slot, (u, outputs) in enumerate(zip(group, answers)):
+                item, result = prepared[u], results[u]
+                item.phases["train"] = train_seconds
+                selection = _selection(item, result)
+                files = adapter_files(multi, slot, {"reference_state": result.reference_state, "losses": result.losses, **selection})
+                outcomes.append(_outcome(context, item, config, outputs, result, files, selection))
     return outcomes
 
 
