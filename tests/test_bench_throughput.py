@@ -1,24 +1,54 @@
 """bench/throughput.py end to end on a tiny random-weight shape: its check finds packed and
 alone training equal, and its report has the documented JSON contract."""
 
+import argparse
 import importlib.util
 import json
+import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 SPEC = importlib.util.spec_from_file_location("throughput", Path(__file__).parent.parent / "bench" / "throughput.py")
 throughput = importlib.util.module_from_spec(SPEC)
+sys.modules["throughput"] = throughput  # its dataclasses look their module up there
 SPEC.loader.exec_module(throughput)
 
 
 def test_throughput_report_and_check_on_cpu(tmp_path):
-    assert throughput.main(["--shape", "tiny", "--users", "4", "--device", "cpu", "--check", "--out", str(tmp_path)]) == 0
+    argv = ["--shape", "tiny", "--users", "4", "--queries", "1", "--new-tokens", "4", "--device", "cpu", "--check", "--out", str(tmp_path)]
+    assert throughput.main(argv) == 0
     [report_file] = tmp_path.glob("throughput-cpu-tiny-random-weights.json")
     report = json.loads(report_file.read_text())
-    assert {"device", "model", "users", "single", "multi", "ratio", "check"} <= report.keys()
+    assert {"device", "model", "users", "single", "multi", "ratio", "check", "shared_phase_seconds"} <= report.keys()
     assert report["check"]["passed"] and report["check"]["loss_rel_diff"] <= report["check"]["tolerance"][0]
+    assert report["slots"] == 4  # a CPU gives every user of the pack a slot
+    shared = report["shared_phase_seconds"]
+    assert set(shared) == {"index", "gamma", "registry"} and shared["gamma"] > 0 and shared["registry"] > 0
     for mode in ("single", "multi"):
-        assert report[mode]["users_per_hour"] > 0 and report[mode]["train_tokens_per_s"] > 0
+        phases = report[mode]["phase_seconds"]
+        assert set(phases) == {"reference", "training", "generation", "export"}
+        assert phases["reference"] > 0 and phases["training"] > 0 and phases["generation"] > 0  # cbpo reads π_ref
+        assert report[mode]["seconds"] == pytest.approx(sum(phases.values()) + sum(shared.values()), abs=0.06)
+        assert report[mode]["users_per_hour"] == pytest.approx(3600 * 4 / report[mode]["seconds"], rel=1e-2)
+        assert report[mode]["train_tokens_per_s"] > 0
     assert report["ratio"] == round(report["multi"]["users_per_hour"] / report["single"]["users_per_hour"], 3)
+
+
+def test_each_user_answers_and_exports_from_its_own_adapter():
+    """The multi path's refill hands each user's own adapter to generation and export: the
+    files of users packed through fewer slots than users are the files each gets alone."""
+    model, _ = throughput.build_model(argparse.Namespace(model=None, shape="tiny"), torch.device("cpu"))
+    users = throughput.synthetic_users(3, 48, model.config.vocab_size)
+    prompts = throughput.synthetic_prompts(users, 1)
+    config = throughput.TrainConfig(method="sft", epochs=1, lora=throughput.LoraSettings(dropout=0.0))
+    packed = throughput.run_pack(model, users, prompts, config, torch.device("cpu"), 2, 2)
+    alone = throughput.run_alone(model, users, prompts, config, torch.device("cpu"), 2)
+    assert len(packed.files) == 3 and packed.files[0].keys() == alone.files[0].keys()
+    for together, own in zip(packed.weights, alone.weights):
+        assert all(torch.allclose(together[k], own[k], rtol=1e-4, atol=1e-6) for k in own)
+    assert packed.seconds["reference"] == 0  # sft never reads π_ref
 
 
 GENERATION_SPEC = importlib.util.spec_from_file_location("batched_generation", Path(__file__).parent.parent / "bench" / "batched_generation.py")

@@ -54,7 +54,7 @@ def test_prompts_of_several_users_share_batches_and_each_gets_its_own_answer(unt
 
     from cbpo_orch.data.tasks import Budgets
     from cbpo_orch.method.config import LoraSettings
-    from cbpo_orch.training.evaluation import generate
+    from cbpo_orch.training.generation import generate
     from cbpo_orch.training.multi_lora import attached_multi_lora
 
     loaded, budgets = untied_tiny, Budgets(prompt_tokens=64, new_tokens=6)
@@ -81,7 +81,7 @@ def test_prompts_of_several_users_share_batches_and_each_gets_its_own_answer(unt
 
 def test_slots_come_with_their_multi_lora_one_per_prompt(untied_tiny):
     from cbpo_orch.data.tasks import Budgets
-    from cbpo_orch.training.evaluation import generate
+    from cbpo_orch.training.generation import generate
 
     with pytest.raises(ValueError, match="one per prompt"):
         generate(untied_tiny.model, untied_tiny.tokenizer, ["a", "b"], Budgets(64, 4), 2, "cpu", slots=[0])

@@ -11,7 +11,7 @@ from peft import PeftModel
 from cbpo_orch.data.tasks import load_task
 from cbpo_orch.method.config import TrainConfig
 from cbpo_orch.method.methods import METHODS
-from cbpo_orch.training.evaluation import generate
+from cbpo_orch.training.generation import generate
 from cbpo_orch.training.models import load_model
 from cbpo_orch.workers.personalize import UserContext, personalize_user
 

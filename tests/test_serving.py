@@ -103,7 +103,7 @@ def test_export_writes_each_servable_adapter_the_merged_base_and_a_manifest(job,
     import torch
     from peft import PeftModel
 
-    from cbpo_orch.training.evaluation import generate
+    from cbpo_orch.training.generation import generate
     from cbpo_orch.training.models import load_model
 
     out = tmp_path / "export"

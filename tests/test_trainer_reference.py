@@ -30,3 +30,5 @@ def test_the_reference_pass_runs_only_where_the_objective_reads_it(loaded, monke
         results = train_adapters(multi, tokenizer, work, config, "cpu")
     assert len(entered) == passes * len(work)
     assert all(r.steps > 0 and r.losses for r in results)
+    assert all((r.reference_seconds > 0) == bool(passes) for r in results)  # each user's own pass is timed
+    assert all(r.reference_seconds < r.seconds for r in results)

@@ -293,7 +293,7 @@ def generate(
     from cbpo_orch.data.dataset import Query
     from cbpo_orch.data.tasks import load_task
     from cbpo_orch.orchestrator.driver import loaded_for_job
-    from cbpo_orch.training.evaluation import generate as greedy
+    from cbpo_orch.training.generation import generate as greedy
 
     space = open_workspace(home, db, None)
     info = space.registry.job(job)

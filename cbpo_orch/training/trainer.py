@@ -72,6 +72,7 @@ class TrainResult:
     epoch_losses: list[float] = field(default_factory=list)
     steps: int = 0
     seconds: float = 0.0
+    reference_seconds: float = 0.0
     reference_state: dict | None = None
     validation_scores: list[float] = field(default_factory=list)
     selected_epoch: int | None = None
@@ -272,7 +273,10 @@ def train_adapters(
         optimizer.reset_slot(slot, len(plans[u].steps), math.ceil(config.warmup_ratio * len(plans[u].steps)))
         loss_fn.reference.load_user_state(slot, fresh_reference)
         gammas[slot] = user.gamma
+        reference_started = time.perf_counter()
         ref_logps[u], ref_kl[u] = _reference_logps(multi, user, pad_id, config, device)
+        if ref_logps[u] is not None:
+            results[u].reference_seconds = time.perf_counter() - reference_started
         if user.validate is not None:
             selections[u] = _BestEpoch(multi, slot, loss_fn.reference, user.validate)
             selections[u].score()
@@ -350,6 +354,8 @@ def _reference_logps(multi: MultiLora, user: UserTraining, pad_id: int, config: 
     with multi.disabled():
         samples = sequence_logps(model, [s.pair for s in user.samples], pad_id, batch, device)
         kl = sequence_logps(model, user.kl_pairs, pad_id, batch, device) if user.kl_pairs else None
+    if torch.device(device).type == "cuda":  # its seconds are the pass's, not its launch's
+        torch.cuda.synchronize(device)
     return samples, kl
 
 

@@ -21,7 +21,8 @@ from cbpo_orch.method.methods import method_spec
 from cbpo_orch.method.prior import PriorConfig, estimate_gamma
 from cbpo_orch.method.selection import split_holdout
 from cbpo_orch.training.encoding import BudgetError, encode_pair, within_budget
-from cbpo_orch.training.evaluation import generate, rouge
+from cbpo_orch.training.evaluation import rouge
+from cbpo_orch.training.generation import generate
 from cbpo_orch.training.models import LoadedModel
 from cbpo_orch.training.multi_lora import MultiLora, attached_multi_lora
 from cbpo_orch.training.pack_memory import pack_slots
@@ -100,7 +101,7 @@ def personalize_users(
     device's memory holds (``pack_slots``; a slot whose user ends takes the next). Each user's
     aux, γ, generation and scores are its own; their queries are answered in shared batches
     too, each row by its own user's adapter. The train and generate phases' seconds are the
-    shared ones."""
+    shared ones; the reference phase (π_ref's pass over the user's items) is the user's own."""
     spec = method_spec(config.method)
     loaded, tokenizer = context.loaded, context.loaded.tokenizer
     budgets = context.task.budgets(config.max_prompt_tokens, config.max_new_tokens)
@@ -117,7 +118,7 @@ def personalize_users(
         started = time.perf_counter()
         trained: dict[int, dict] = {}
         results = train_adapters(multi, tokenizer, works, config, loaded.device, on_step, on_done=lambda u, slot, _: trained.setdefault(u, multi.slot_state(slot)))
-        train_seconds = round(time.perf_counter() - started, 3)
+        train_seconds = round(time.perf_counter() - started - sum(r.reference_seconds for r in results), 3)
         outcomes = []
         for first in range(0, len(prepared), n_slots):
             group = list(range(first, min(first + n_slots, len(prepared))))
@@ -126,6 +127,7 @@ def personalize_users(
             answers = _answer(context, [prepared[u] for u in group], config, budgets, multi)
             for slot, (u, outputs) in enumerate(zip(group, answers)):
                 item, result = prepared[u], results[u]
+                item.phases["reference"] = round(result.reference_seconds, 3)
                 item.phases["train"] = train_seconds
                 selection = _selection(item, result)
                 files = adapter_files(multi, slot, {"reference_state": result.reference_state, "losses": result.losses, **selection})
