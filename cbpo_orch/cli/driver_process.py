@@ -44,6 +44,9 @@ def run_in_child(target: Callable[..., int], *args) -> int:
 
 
 def _child_main(parent: int, target: Callable[..., int], args: tuple) -> None:
+    # A command started in the background (nohup, a script's `&`, cron) inherits SIGINT
+    # ignored, and so would its child: the forwarded Ctrl-C must still stop the driver.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     os.setpgid(0, 0)
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
