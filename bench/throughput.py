@@ -55,7 +55,7 @@ from cbpo_orch.training.generation import greedy_ids
 from cbpo_orch.training.models import load_model, resolve_device, training_dtype
 from cbpo_orch.training.multi_lora import attached_multi_lora
 from cbpo_orch.training.pack_memory import pack_slots
-from cbpo_orch.training.trainer import Sample, TrainResult, UserTraining, adapter_files, train_adapters
+from cbpo_orch.training.trainer import Sample, TrainResult, UserTraining, adapter_files, slot_groups, train_and_hold
 
 HERE = Path(__file__).resolve().parent
 SHAPES = {
@@ -149,14 +149,10 @@ def run_pack(model, users: list[UserTraining], prompts: list[list[list[int]]], c
     pack = Pack()
     with attached_multi_lora(model, config.lora, n_slots) as multi:
         started = clock(device)
-        trained: dict[int, dict] = {}
-        pack.results = train_adapters(multi, PadOnly(), users, config, device, on_done=lambda u, slot, _: trained.setdefault(u, multi.slot_state(slot)))
+        pack.results, pack.weights = train_and_hold(multi, PadOnly(), users, config, device)
         pack.seconds["reference"] = sum(r.reference_seconds for r in pack.results)
         pack.seconds["training"] = clock(device) - started - pack.seconds["reference"]
-        for first in range(0, len(users), n_slots):
-            group = list(range(first, min(first + n_slots, len(users))))
-            for slot, u in enumerate(group):
-                multi.load_slot(slot, trained[u])
+        for group in slot_groups(multi, pack.weights):
             started = clock(device)
             encoded = [ids for u in group for ids in prompts[u]]
             slots = [slot for slot, u in enumerate(group) for _ in prompts[u]]
@@ -165,7 +161,6 @@ def run_pack(model, users: list[UserTraining], prompts: list[list[list[int]]], c
             started = clock(device)
             pack.files += [adapter_files(multi, slot) for slot in range(len(group))]
             pack.seconds["export"] += clock(device) - started
-        pack.weights = [trained[u] for u in range(len(users))]
     return pack
 
 

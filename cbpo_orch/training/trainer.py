@@ -295,6 +295,7 @@ def train_adapters(
         if on_done is not None:
             on_done(u, slot, result)
 
+    uses_reference = method_spec(config.method).uses_reference
     total_steps = max(start + len(plan.steps) for (_, start), plan in zip(schedule, plans))
     for t in range(total_steps):
         for u in starting[t]:
@@ -308,7 +309,6 @@ def train_adapters(
         index = {slot: torch.tensor(batches[slot][0], device=device) for slot in active}
         batch = collate([samples[slot][i].pair for slot, i in rows], pad_id).to(device)
         positive = torch.tensor([samples[slot][i].positive for slot, i in rows], device=device)
-        uses_reference = ref_logps[in_slot[active[0]]] is not None
         ref = torch.cat([ref_logps[in_slot[slot]][index[slot]] for slot in active]) if uses_reference else None
         with multi.routed(slots):
             logp, n_tokens = completion_logps(model, batch)
@@ -365,6 +365,27 @@ def _check_finite(values: list[float], active: list[int], step: int, total_steps
         if not math.isfinite(value):
             pack = f" (slot {u} of the pack)" if len(values) > 1 else ""
             raise NumericalError(f"the {method} loss became {value} at step {step + 1} of {total_steps}{pack}: training diverged")
+
+
+def train_and_hold(
+    multi: MultiLora, tokenizer, users: list[UserTraining], config: TrainConfig, device: torch.device, on_step: StepCallback | None = None
+) -> tuple[list[TrainResult], list[dict[str, torch.Tensor]]]:
+    """:func:`train_adapters` with each user's final adapter held as ``slot_state`` gives it,
+    so that a pack of more users than slots keeps every one: results and adapters, in the
+    order of ``users``."""
+    held: dict[int, dict[str, torch.Tensor]] = {}
+    results = train_adapters(multi, tokenizer, users, config, device, on_step, on_done=lambda u, slot, _: held.setdefault(u, multi.slot_state(slot)))
+    return results, [held[u] for u in range(len(users))]
+
+
+def slot_groups(multi: MultiLora, adapters: list[dict[str, torch.Tensor]]) -> Iterator[list[int]]:
+    """The indices of ``adapters``, ``multi.n_slots`` at a time; before each group is
+    yielded its adapters are loaded into slots 0, 1, … in order."""
+    for first in range(0, len(adapters), multi.n_slots):
+        group = list(range(first, min(first + multi.n_slots, len(adapters))))
+        for slot, u in enumerate(group):
+            multi.load_slot(slot, adapters[u])
+        yield group
 
 
 def adapter_files(multi: MultiLora, slot: int, trainer_state: dict | None = None) -> dict[str, bytes]:

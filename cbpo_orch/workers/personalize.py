@@ -34,7 +34,8 @@ from cbpo_orch.training.trainer import (
     encode_samples,
     held_out_logp,
     mismatched_pairs,
-    train_adapters,
+    slot_groups,
+    train_and_hold,
 )
 
 CBPO_METHODS = ("cbpo", "cbpo-raw", "cbpo-nnpu")
@@ -116,14 +117,10 @@ def personalize_users(
     n_slots = pack_slots(loaded.model, config.lora, works, config.batch_size, loaded.device)
     with attached_multi_lora(loaded.model, config.lora, n_slots=n_slots) as multi:
         started = time.perf_counter()
-        trained: dict[int, dict] = {}
-        results = train_adapters(multi, tokenizer, works, config, loaded.device, on_step, on_done=lambda u, slot, _: trained.setdefault(u, multi.slot_state(slot)))
+        results, adapters = train_and_hold(multi, tokenizer, works, config, loaded.device, on_step)
         train_seconds = round(time.perf_counter() - started - sum(r.reference_seconds for r in results), 3)
         outcomes = []
-        for first in range(0, len(prepared), n_slots):
-            group = list(range(first, min(first + n_slots, len(prepared))))
-            for slot, u in enumerate(group):
-                multi.load_slot(slot, trained.pop(u))
+        for group in slot_groups(multi, adapters):
             answers = _answer(context, [prepared[u] for u in group], config, budgets, multi)
             for slot, (u, outputs) in enumerate(zip(group, answers)):
                 item, result = prepared[u], results[u]
