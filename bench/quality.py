@@ -155,6 +155,18 @@ def pin_task_adapters(home: Path, committed: Path) -> None:
                                  "its runs started from another model than the ledger's; use another --home")
 
 
+def missing_runs(users: list[str], methods: list[str], covered: set[tuple[str, str]]) -> list[tuple[list[str], list[str]]]:
+    """The (user, method) runs not in ``covered``, as jobs of (users, methods): methods that
+    lack the same users share one job (the same auxiliary samples), and no job asks for a run
+    that is covered (a job is the cross product of its users and methods)."""
+    jobs: dict[tuple[str, ...], list[str]] = defaultdict(list)
+    for method in methods:
+        lacking = tuple(u for u in users if (u, method) not in covered)
+        if lacking:
+            jobs[lacking].append(method)
+    return [(list(lacking), grouped) for lacking, grouped in jobs.items()]
+
+
 class Jobs:
     """Submits (or resumes) the jobs of each group of arms, remembers their ids and files
     their finished runs in the ledger.
@@ -199,10 +211,7 @@ class Jobs:
                 print(f"[{key}] resuming job {entry['job']}", flush=True)
                 subprocess.run(CLI + ["resume", entry["job"], *common], stdout=subprocess.DEVNULL)
         covered = {(u, m) for entry in live for u in entry["users"] for m in entry["methods"]} | set(self.ledger.scores(key))
-        missing = [(u, m) for u in users for m in methods if (u, m) not in covered]
-        if missing:
-            new_users = list(dict.fromkeys(u for u, _ in missing))
-            new_methods = list(dict.fromkeys(m for _, m in missing))
+        for new_users, new_methods in missing_runs(users, methods, covered):
             command = CLI + [
                 "submit", "--task", self.args.task, "--data", str(self.args.data), "--model", str(self.args.model),
                 "--split", self.args.split, "--users", ",".join(new_users), "--method", ",".join(new_methods),

@@ -197,3 +197,12 @@ def test_tune_without_a_grid_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         quality.main(["tune", "--task", "lamp4", "--data", str(tmp_path), "--model", str(tmp_path), "--home", str(tmp_path / "h")])
     assert exit_info.value.code == 2 and "tune needs at least one --grid" in capsys.readouterr().err
+
+
+def test_missing_runs_never_ask_again_for_a_finished_run():
+    covered = {("a", "cbpo"), ("b", "cbpo")}
+    jobs = quality.missing_runs(["a", "b", "c"], ["sft", "kto", "cbpo"], covered)
+    assert jobs == [(["a", "b", "c"], ["sft", "kto"]), (["c"], ["cbpo"])]
+    asked = {(u, m) for users, methods in jobs for u in users for m in methods}
+    assert not asked & covered and len(asked) == 7
+    assert quality.missing_runs(["a"], ["cbpo"], covered) == []
