@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from cbpo_orch.data.dataset import DataError
-from cbpo_orch.training.trainer import NumericalError
+from cbpo_orch.training.numerics import NumericalError
 from cbpo_orch.workers.personalize import personalize_users
 
 FAILING_USER = "a24e7d657a9"

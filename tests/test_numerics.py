@@ -13,7 +13,8 @@ from cbpo_orch.method import objectives
 from cbpo_orch.method.config import LoraSettings, TrainConfig
 from cbpo_orch.training.models import load_model
 from cbpo_orch.training.multi_lora import attached_multi_lora
-from cbpo_orch.training.trainer import NumericalError, UserTraining, encode_samples, train_adapters
+from cbpo_orch.training.numerics import NumericalError
+from cbpo_orch.training.trainer import UserTraining, encode_samples, train_adapters
 
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
 BUDGETS = Budgets(48, 12)

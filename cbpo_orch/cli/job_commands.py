@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cbpo_orch.cli.app import DataOpt, DeviceOpt, HomeOpt, ModelOpt, UsageError, app, resolve_model
+from cbpo_orch.cli.app import DeviceOpt, HomeOpt, ModelOpt, UsageError, app, resolve_model
 from cbpo_orch.cli.progress import job_progress
 from cbpo_orch.cli.training_options import build_config, with_training_options
 from cbpo_orch.home import SAMPLE_DATA, home_dir

@@ -52,7 +52,8 @@ def train_task_adapter_command(
     from dataclasses import replace
 
     from cbpo_orch.training.models import check_adaptable, load_model
-    from cbpo_orch.training.task_adapter import TASK_ADAPTER_CONFIG, train_task_adapter
+    from cbpo_orch.method.config import TASK_ADAPTER_CONFIG
+    from cbpo_orch.training.task_adapter import train_task_adapter
 
     task_def = load_task(task)
     dataset = load_split(data, split, task_def)
@@ -84,7 +85,8 @@ def train_user(
     options: Optional[dict] = None,
 ) -> None:
     """Personalize ONE user: select aux → estimate γ → train → generate → score; writes the adapter and metrics.json."""
-    from cbpo_orch.workers.context import cached_history, history_datasets, load_user_context
+    from cbpo_orch.workers.context import cached_history, history_datasets
+    from cbpo_orch.workers.personalize import load_user_context
     from cbpo_orch.workers.personalize import personalize_user
 
     config = build_config(method, options)

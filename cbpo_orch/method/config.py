@@ -111,3 +111,7 @@ class TrainConfig:
             lora["target_modules"] = tuple(lora.get("target_modules", LoraSettings.target_modules))
             values["lora"] = LoraSettings(**lora)
         return cls(**values)
+
+
+TASK_ADAPTER_CONFIG = TrainConfig(method="sft", epochs=3, lr=1e-4, lora=TASK_ADAPTER_LORA)
+"""The task adapter's training (METHOD.md §6): SFT of a r=16 LoRA on the non-test users."""

@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,9 +27,10 @@ from cbpo_orch.orchestrator.spec import JobSpec, Resources
 from cbpo_orch.orchestrator.workspace import Workspace
 from cbpo_orch.storage.registry import InvalidTransition, Registry
 from cbpo_orch.workers.context import cached_history, history_datasets
-from cbpo_orch.workers.embedding import embed_shard
-from cbpo_orch.workers.personalize import UserOutcome, personalize_users
-from cbpo_orch.workers.task_adapter import build_task_adapter, task_adapter_config
+from cbpo_orch.workers.entrypoints import BUILD_TASK_ADAPTER, EMBED_SHARD, PERSONALIZE_USERS
+
+if TYPE_CHECKING:
+    from cbpo_orch.workers.personalize import UserOutcome
 
 
 ADAPTER_DEPTH = 3
@@ -61,7 +62,7 @@ def run_job(
     job_id: str,
     resources: Resources | None = None,
     progress: Progress | None = None,
-    worker_fn: Callable = personalize_users,
+    worker_fn: Callable = PERSONALIZE_USERS,
     lease_ttl_s: float = LEASE_TTL_S,
 ) -> str:
     """Run (or resume) every unfinished (user, method) of ``job_id``; returns its final state.
@@ -145,13 +146,13 @@ def _history(space: Workspace, spec: JobSpec, task: Task, progress: Progress) ->
 
     def on_cluster(texts: list[str]):
         report = _each_tenth(lambda done, shards: progress.stage(f"{label}: {done}/{shards} shards of {len(texts)} texts"))
-        return np.concatenate(scheduler.map_shards(embed_shard, texts, spec.embedder, min_shard=EMBED_MIN_SHARD, on_done=report))
+        return np.concatenate(scheduler.map_shards(EMBED_SHARD, texts, spec.embedder, min_shard=EMBED_MIN_SHARD, on_done=report))
 
     return cached_history(space.cache, history_datasets(spec.data, spec.split, task), spec.embedder, on_cluster)
 
 
 def task_adapter_key(spec: JobSpec) -> str:
-    identity = {"task": spec.task, "data": spec.data, "model": spec.model, "config": task_adapter_config(spec).to_dict(), "version": 1}
+    identity = {"task": spec.task, "data": spec.data, "model": spec.model, "config": spec.task_adapter_config().to_dict(), "version": 1}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -174,7 +175,7 @@ def _task_adapter(space: Workspace, spec: JobSpec, resources: Resources, progres
         label = f"training the task adapter on the train split's users (once per task, data and model; {on})"
         progress.stage(label)
         built = scheduler.run_remote(
-            build_task_adapter, spec.task, spec.data, spec.model, task_adapter_config(spec), "auto", max(1, int(cpus)),
+            BUILD_TASK_ADAPTER, spec.task, spec.data, spec.model, spec.task_adapter_config(), "auto", max(1, int(cpus)),
             num_cpus=cpus, num_gpus=gpus,
             on_step=_each_tenth(lambda step, total, loss: progress.stage(f"{label}: step {step}/{total}, loss {loss:.3f}")),
         )

@@ -34,7 +34,7 @@ from cbpo_orch.method.config import ConfigError, TrainConfig
 from cbpo_orch.method.methods import UnknownMethod
 from cbpo_orch.orchestrator.spec import UnreachableCluster, check_address
 from cbpo_orch.training.model_dirs import ModelError
-from cbpo_orch.training.trainer import NumericalError
+from cbpo_orch.training.numerics import NumericalError
 
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}
 
@@ -137,7 +137,7 @@ class PersonalizeWorker:
 
         from cbpo_orch.data.dataset import load_split
         from cbpo_orch.data.tasks import load_task
-        from cbpo_orch.workers.context import load_user_context
+        from cbpo_orch.workers.personalize import load_user_context
 
         torch.set_num_threads(max(1, threads))
         self.worker_fn = worker_fn
@@ -215,16 +215,23 @@ class _StepReporter:
         self.sink.put.remote(step, total, loss)
 
 
+@ray.remote
+def _call(fn: Callable, *args, **kwargs):
+    """``fn(*args, **kwargs)`` as a Ray task: ``fn`` a function or a named entry point
+    (``workers/entrypoints.py``), which only the worker imports."""
+    return fn(*args, **kwargs)
+
+
 @_cluster_deaths_as_lost()
 def run_remote(fn: Callable, *args, num_cpus: float = 1, num_gpus: float = 0, on_step: Callable[[int, int, float], None] | None = None):
     """Run a plain function once as a Ray task and return its result. With ``on_step``, the
     function is given an ``on_step`` of its own, and what it reports reaches ``on_step``
     here about once a second while the task runs."""
-    task = ray.remote(fn).options(num_cpus=num_cpus, num_gpus=num_gpus)
+    task = _call.options(num_cpus=num_cpus, num_gpus=num_gpus)
     if on_step is None:
-        return ray.get(task.remote(*args))
+        return ray.get(task.remote(fn, *args))
     sink = _LatestStep.remote()
-    ref = task.remote(*args, on_step=_StepReporter(sink))
+    ref = task.remote(fn, *args, on_step=_StepReporter(sink))
     try:
         while not ray.wait([ref], timeout=1.0)[0]:
             if (latest := ray.get(sink.get.remote())) is not None:
@@ -249,9 +256,9 @@ def map_shards(fn: Callable, items: list, *args, min_shard: int, on_done: Callab
     parallel (:func:`shard_plan`); returns the shards' results in the items' order and calls
     ``on_done(finished, shards)`` as each finishes."""
     shards, cpus = shard_plan(len(items), min_shard)
-    task = ray.remote(fn).options(num_cpus=cpus)
+    task = _call.options(num_cpus=cpus)
     bounds = [len(items) * k // shards for k in range(shards + 1)]
-    refs = [task.remote(items[lo:hi], *args, threads=cpus) for lo, hi in zip(bounds, bounds[1:])]
+    refs = [task.remote(fn, items[lo:hi], *args, threads=cpus) for lo, hi in zip(bounds, bounds[1:])]
     waiting = list(refs)
     while waiting:
         _, waiting = ray.wait(waiting, num_returns=1)

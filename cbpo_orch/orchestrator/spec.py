@@ -8,12 +8,12 @@ config in the registry, so ``resume`` runs exactly the job that was submitted.
 from __future__ import annotations
 
 import socket
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from cbpo_orch.data.dataset import DataError, Dataset
 from cbpo_orch.data.tasks import Task
-from cbpo_orch.method.config import ConfigError, TrainConfig
+from cbpo_orch.method.config import TASK_ADAPTER_CONFIG, ConfigError, TrainConfig
 from cbpo_orch.method.methods import method_spec
 from cbpo_orch.training.model_dirs import ModelError, check_adapter_dir, check_model_dir
 
@@ -81,6 +81,13 @@ class JobSpec:
     @property
     def needs_task_adapter(self) -> bool:
         return self.task_adapter != "none"
+
+    def task_adapter_config(self) -> TrainConfig:
+        """The task adapter's training config: TAM defaults (METHOD.md §6) with the job's
+        lr, epochs, profile cap, length budget and seed."""
+        train = self.train
+        return replace(TASK_ADAPTER_CONFIG, lr=self.task_adapter_lr, epochs=self.task_adapter_epochs, max_profile=train.max_profile,
+                       max_prompt_tokens=train.max_prompt_tokens, max_new_tokens=train.max_new_tokens, seed=train.seed)
 
     def to_config(self, resources: Resources) -> dict:
         data = asdict(self)

@@ -10,14 +10,11 @@ from pathlib import Path
 from peft import PeftModel
 
 from cbpo_orch.data.dataset import Dataset
-from cbpo_orch.method.config import TASK_ADAPTER_LORA, TrainConfig
+from cbpo_orch.method.config import TASK_ADAPTER_CONFIG, TrainConfig
 from cbpo_orch.training.encoding import within_budget
 from cbpo_orch.training.models import LoadedModel, load_model
 from cbpo_orch.training.multi_lora import attached_multi_lora
 from cbpo_orch.training.trainer import StepCallback, TrainResult, UserTraining, adapter_files, encode_samples, train_adapters
-
-TASK_ADAPTER_CONFIG = TrainConfig(method="sft", epochs=3, lr=1e-4, lora=TASK_ADAPTER_LORA)
-
 
 def train_task_adapter(
     loaded: LoadedModel,

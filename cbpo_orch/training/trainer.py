@@ -36,13 +36,9 @@ from cbpo_orch.method.selection import best_epoch
 from cbpo_orch.training.encoding import EncodedPair, collate, completion_logps, encode_pair
 from cbpo_orch.training.multi_lora import MultiLora
 from cbpo_orch.training.multi_optim import SlotAdamW, slots_present
+from cbpo_orch.training.numerics import NumericalError, check_finite_losses
 
 StepCallback = Callable[[int, int, float], None]
-
-
-class NumericalError(ArithmeticError):
-    """A user's training diverged (a loss or an adapter weight is NaN or infinite). The run
-    is seeded, so a retry would diverge the same way: its run fails with this reason."""
 
 
 @dataclass(frozen=True)
@@ -319,7 +315,7 @@ def train_adapters(
                 kl_logratio = sequence_logps(model, kl_batch, pad_id, len(rows), device) - kl_ref
             losses = loss_fn(logp, n_tokens, ref, positive, slots, kl_logratio)
             values = losses.detach().tolist()
-            _check_finite(values, active, t, total_steps, config.method)
+            check_finite_losses(values, active, t, total_steps, config.method)
             optimizer.zero_grad()
             losses.sum().backward()
         optimizer.step(slots_present(slots, multi.n_slots))
@@ -357,14 +353,6 @@ def _reference_logps(multi: MultiLora, user: UserTraining, pad_id: int, config: 
     if torch.device(device).type == "cuda":  # its seconds are the pass's, not its launch's
         torch.cuda.synchronize(device)
     return samples, kl
-
-
-def _check_finite(values: list[float], active: list[int], step: int, total_steps: int, method: str) -> None:
-    for u in active:
-        value = values[u]
-        if not math.isfinite(value):
-            pack = f" (slot {u} of the pack)" if len(values) > 1 else ""
-            raise NumericalError(f"the {method} loss became {value} at step {step + 1} of {total_steps}{pack}: training diverged")
 
 
 def train_and_hold(

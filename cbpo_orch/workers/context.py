@@ -1,4 +1,4 @@
-"""Loading what a worker shares across users: task, data, history index and model."""
+"""The job's history index: whose profiles it holds, embedded once and cached per home."""
 
 from __future__ import annotations
 
@@ -15,8 +15,6 @@ import numpy as np
 from cbpo_orch.data.dataset import Dataset, find_splits, load_split
 from cbpo_orch.data.history import HistoryIndex, build_history_index
 from cbpo_orch.data.tasks import Task
-from cbpo_orch.training.task_adapter import starting_model
-from cbpo_orch.workers.personalize import UserContext
 
 TASK_ADAPTER_SPLIT = "train"
 
@@ -29,17 +27,6 @@ def history_datasets(data_path: str | Path, split: str, task: Task) -> list[Data
     serve as auxiliary items."""
     splits = [split] + [s for s in find_splits(data_path) if s == TASK_ADAPTER_SPLIT and s != split]
     return [load_split(data_path, s, task) for s in splits]
-
-
-def load_user_context(
-    task: Task,
-    dataset: Dataset,
-    history: HistoryIndex,
-    model_path: str | Path,
-    task_adapter: str | Path | None = None,
-    device: str = "auto",
-) -> UserContext:
-    return UserContext(task=task, dataset=dataset, history=history, loaded=starting_model(model_path, task_adapter, device))
 
 
 def build_history(datasets: list[Dataset], embedder_name: str | None = None, embed_texts: EmbedTexts | None = None) -> HistoryIndex:

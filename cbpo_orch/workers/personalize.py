@@ -12,6 +12,7 @@ import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from cbpo_orch.data.dataset import Dataset
 from cbpo_orch.data.history import HistoryIndex
@@ -26,6 +27,7 @@ from cbpo_orch.training.generation import generate
 from cbpo_orch.training.models import LoadedModel
 from cbpo_orch.training.multi_lora import MultiLora, attached_multi_lora
 from cbpo_orch.training.pack_memory import pack_slots
+from cbpo_orch.training.task_adapter import starting_model
 from cbpo_orch.training.trainer import (
     StepCallback,
     TrainResult,
@@ -49,6 +51,17 @@ class UserContext:
     dataset: Dataset
     history: HistoryIndex
     loaded: LoadedModel
+
+
+def load_user_context(
+    task: Task,
+    dataset: Dataset,
+    history: HistoryIndex,
+    model_path: str | Path,
+    task_adapter: str | Path | None = None,
+    device: str = "auto",
+) -> UserContext:
+    return UserContext(task=task, dataset=dataset, history=history, loaded=starting_model(model_path, task_adapter, device))
 
 
 @dataclass

@@ -1,0 +1,28 @@
+"""The worker functions the driver sends to the cluster, named rather than imported.
+
+The driver only schedules: it never imports the training stack (torch, transformers,
+peft, scikit-learn, sentence-transformers), which costs seconds and hundreds of MB in a
+process that waits on Ray. An :class:`Entry` pickles as its name; the worker process that
+runs it imports the function on the first call.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Entry:
+    """``module:function``, callable like the function it names."""
+
+    target: str
+
+    def __call__(self, *args, **kwargs):
+        module, _, name = self.target.partition(":")
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+
+PERSONALIZE_USERS = Entry("cbpo_orch.workers.personalize:personalize_users")
+EMBED_SHARD = Entry("cbpo_orch.workers.embedding:embed_shard")
+BUILD_TASK_ADAPTER = Entry("cbpo_orch.workers.task_adapter:build_task_adapter")
