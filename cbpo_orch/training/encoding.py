@@ -139,3 +139,16 @@ def completion_logps(model, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tens
     mask = batch.completion_mask[:, first:]
     token_logps = torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
     return (token_logps * mask).sum(-1), mask.sum(-1)
+
+
+@torch.no_grad()
+def sequence_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: int, device) -> torch.Tensor:
+    """Summed completion log-probs of ``pairs`` under ``model`` in eval mode."""
+    was_training = model.training
+    model.eval()
+    out = [
+        completion_logps(model, collate(pairs[i : i + batch_size], pad_id).to(device))[0].float()
+        for i in range(0, len(pairs), batch_size)
+    ]
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, device=device)

@@ -33,10 +33,11 @@ from cbpo_orch.method.config import TrainConfig
 from cbpo_orch.method.methods import method_spec
 from cbpo_orch.method.reference import kto_reference, make_reference
 from cbpo_orch.method.selection import best_epoch
-from cbpo_orch.training.encoding import EncodedPair, collate, completion_logps, encode_pair
+from cbpo_orch.training.encoding import EncodedPair, collate, completion_logps, encode_pair, sequence_logps
 from cbpo_orch.training.multi_lora import MultiLora
 from cbpo_orch.training.multi_optim import SlotAdamW, slots_present
 from cbpo_orch.training.numerics import NumericalError, check_finite_losses
+from cbpo_orch.training.reference_logps import ReferenceLogps
 
 StepCallback = Callable[[int, int, float], None]
 
@@ -88,19 +89,6 @@ def mismatched_pairs(tokenizer, pairs: list[tuple[str, str]], budgets: Budgets) 
     """KTO's (x, y′) pairs: each prompt with the next item's completion (cyclic)."""
     n = len(pairs)
     return [encode_pair(tokenizer, pairs[i][0], pairs[(i + 1) % n][1], budgets) for i in range(n)]
-
-
-@torch.no_grad()
-def sequence_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: int, device) -> torch.Tensor:
-    """Summed completion log-probs of ``pairs`` under ``model`` in eval mode."""
-    was_training = model.training
-    model.eval()
-    out = [
-        completion_logps(model, collate(pairs[i : i + batch_size], pad_id).to(device))[0].float()
-        for i in range(0, len(pairs), batch_size)
-    ]
-    model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, device=device)
 
 
 def held_out_logp(model, pairs: list[EncodedPair], pad_id: int, batch_size: int, device) -> float:
@@ -231,6 +219,7 @@ def train_adapters(
     device: torch.device,
     on_step: StepCallback | None = None,
     on_done: DoneCallback | None = None,
+    reference: ReferenceLogps | None = None,
 ) -> list[TrainResult]:
     """Train ``users`` with ``config.method`` in the slots of ``multi``, every user in a slot
     in the same forward/backward passes; each user starts from a fresh adapter (its seed).
@@ -238,11 +227,14 @@ def train_adapters(
     With more users than slots, a slot whose user ends takes the next one (``slot_schedule``);
     ``on_done(user, slot, result)`` is then called while the slot still holds the ended
     user's adapter (export it there), and is required. A user with ``validate`` is scored at
-    its start and after every epoch, and its slot ends at the best of them. Results come
-    back in the order of ``users``."""
+    its start and after every epoch, and its slot ends at the best of them. π_ref's
+    log-probs come from ``reference`` (a fresh one by default): a pair shared by several
+    users, or seen by an earlier call with the same memo, goes through the model once.
+    Results come back in the order of ``users``."""
     if len(users) > multi.n_slots and on_done is None:
         raise ValueError(f"{len(users)} users for {multi.n_slots} adapter slots need an on_done that takes each ended adapter")
     seed_everything(config.seed)
+    reference = ReferenceLogps() if reference is None else reference
     started = time.perf_counter()
     model, pad_id = multi.model, tokenizer.pad_token_id
     plans = [_Plan.of(user, config) for user in users]
@@ -270,7 +262,7 @@ def train_adapters(
         loss_fn.reference.load_user_state(slot, fresh_reference)
         gammas[slot] = user.gamma
         reference_started = time.perf_counter()
-        ref_logps[u], ref_kl[u] = _reference_logps(multi, user, pad_id, config, device)
+        ref_logps[u], ref_kl[u] = _reference_logps(reference, multi, user, pad_id, config, device)
         if ref_logps[u] is not None:
             results[u].reference_seconds = time.perf_counter() - reference_started
         if user.validate is not None:
@@ -341,28 +333,34 @@ def train_adapters(
     return results
 
 
-def _reference_logps(multi: MultiLora, user: UserTraining, pad_id: int, config: TrainConfig, device):
+def _reference_logps(reference: ReferenceLogps, multi: MultiLora, user: UserTraining, pad_id: int, config: TrainConfig, device):
     """π_ref's summed log-probs of the user's samples (and KTO's mismatched pairs), with the
     adapters off; none for a method that never compares with π_ref (SFT)."""
     if not method_spec(config.method).uses_reference:
         return None, None
-    model, batch = multi.model, config.eval_batch_size
-    with multi.disabled():
-        samples = sequence_logps(model, [s.pair for s in user.samples], pad_id, batch, device)
-        kl = sequence_logps(model, user.kl_pairs, pad_id, batch, device) if user.kl_pairs else None
+    n, kl_pairs = len(user.samples), user.kl_pairs or []
+    logps = reference(multi, [s.pair for s in user.samples] + kl_pairs, pad_id, config.eval_batch_size, device)
     if torch.device(device).type == "cuda":  # its seconds are the pass's, not its launch's
         torch.cuda.synchronize(device)
-    return samples, kl
+    return logps[:n], (logps[n:] if kl_pairs else None)
 
 
 def train_and_hold(
-    multi: MultiLora, tokenizer, users: list[UserTraining], config: TrainConfig, device: torch.device, on_step: StepCallback | None = None
+    multi: MultiLora,
+    tokenizer,
+    users: list[UserTraining],
+    config: TrainConfig,
+    device: torch.device,
+    on_step: StepCallback | None = None,
+    reference: ReferenceLogps | None = None,
 ) -> tuple[list[TrainResult], list[dict[str, torch.Tensor]]]:
     """:func:`train_adapters` with each user's final adapter held as ``slot_state`` gives it,
     so that a pack of more users than slots keeps every one: results and adapters, in the
     order of ``users``."""
     held: dict[int, dict[str, torch.Tensor]] = {}
-    results = train_adapters(multi, tokenizer, users, config, device, on_step, on_done=lambda u, slot, _: held.setdefault(u, multi.slot_state(slot)))
+    results = train_adapters(
+        multi, tokenizer, users, config, device, on_step, on_done=lambda u, slot, _: held.setdefault(u, multi.slot_state(slot)), reference=reference
+    )
     return results, [held[u] for u in range(len(users))]
 
 

@@ -27,6 +27,7 @@ from cbpo_orch.training.generation import generate
 from cbpo_orch.training.models import LoadedModel
 from cbpo_orch.training.multi_lora import MultiLora, attached_multi_lora
 from cbpo_orch.training.pack_memory import pack_slots
+from cbpo_orch.training.reference_logps import ReferenceLogps
 from cbpo_orch.training.task_adapter import starting_model
 from cbpo_orch.training.trainer import (
     StepCallback,
@@ -45,12 +46,14 @@ CBPO_METHODS = ("cbpo", "cbpo-raw", "cbpo-nnpu")
 
 @dataclass
 class UserContext:
-    """What every user of a job shares, loaded once per worker process."""
+    """What every user of a job shares, loaded once per worker process; ``reference``
+    holds π_ref's log-probs of every pair trained so far, for all users and methods."""
 
     task: Task
     dataset: Dataset
     history: HistoryIndex
     loaded: LoadedModel
+    reference: ReferenceLogps = field(default_factory=ReferenceLogps)
 
 
 def load_user_context(
@@ -115,7 +118,8 @@ def personalize_users(
     device's memory holds (``pack_slots``; a slot whose user ends takes the next). Each user's
     aux, γ, generation and scores are its own; their queries are answered in shared batches
     too, each row by its own user's adapter. The train and generate phases' seconds are the
-    shared ones; the reference phase (π_ref's pass over the user's items) is the user's own."""
+    shared ones; the reference phase (π_ref's pass over the user's items not seen before by
+    this worker) is the user's own."""
     spec = method_spec(config.method)
     loaded, tokenizer = context.loaded, context.loaded.tokenizer
     budgets = context.task.budgets(config.max_prompt_tokens, config.max_new_tokens)
@@ -130,7 +134,7 @@ def personalize_users(
     n_slots = pack_slots(loaded.model, config.lora, works, config.batch_size, loaded.device)
     with attached_multi_lora(loaded.model, config.lora, n_slots=n_slots) as multi:
         started = time.perf_counter()
-        results, adapters = train_and_hold(multi, tokenizer, works, config, loaded.device, on_step)
+        results, adapters = train_and_hold(multi, tokenizer, works, config, loaded.device, on_step, context.reference)
         train_seconds = round(time.perf_counter() - started - sum(r.reference_seconds for r in results), 3)
         outcomes = []
         for group in slot_groups(multi, adapters):
