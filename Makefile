@@ -19,8 +19,10 @@ model: setup
 demo: model
 	$(CLI) submit --users 3 --method base,sft,cbpo --max-profile 16
 
+# Two pytest processes, one test file each at a time: most tests wait on Ray, a subprocess or a
+# server rather than compute, so two overlap on 2 cores.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # On a CUDA machine with torch, transformers and peft (no network, no install): packed = alone
 # in bf16, then the single- vs multi-user training throughput of the Qwen2-0.5B shape, then

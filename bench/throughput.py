@@ -6,14 +6,16 @@ of them as one pack, which trains as many at once as the device's memory holds
 (``pack_slots``; a slot whose user ends takes the next) and answers their queries in shared
 batches, each row by its own user's adapter (as ``workers/personalize.py`` does). Users are
 synthetic: random token ids shaped like a short task (``--seq`` tokens per item, the last
-32–64 of them the completion) with 8–40 own items each, one aux item per own item, and
+32–64 of them the completion) with 8–40 own items each, one aux item per own item (another
+user's own item, as a job draws aux from everyone else's history), and
 ``--queries`` prompts each answered with ``--new-tokens`` greedy tokens; only speed is
 measured here, quality is ``bench/quality.py``'s job. With ``--shape`` the model has random
 weights built from a config (labelled so); ``--model PATH`` loads a real one.
 
-Seconds per phase: ``reference`` (π_ref's pass over each user's items), ``training`` (the
-steps), ``generation`` (the queries), ``export`` (each adapter as stock peft files) for each
-path, and, measured once since packing does not change them, ``index`` (a FAISS index over
+Seconds per phase: ``reference`` (π_ref's pass over the items the path's memo has not seen,
+as in one worker; ``reference_pairs``: how many of the requested pairs went through the
+model), ``training`` (the steps), ``generation`` (the queries), ``export`` (each adapter as
+stock peft files) for each path, and, measured once since packing does not change them, ``index`` (a FAISS index over
 every user's items, 384-d random unit vectors, and each user's aux pulled from it),
 ``gamma`` (γ estimated per user on those vectors) and ``registry`` (each user's adapter
 folder and metrics written to a SQLite registry, as the driver does). The last three need
@@ -50,11 +52,13 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from cbpo_orch.method.config import LoraSettings, TrainConfig
+from cbpo_orch.method.methods import method_spec
 from cbpo_orch.training.encoding import EncodedPair
 from cbpo_orch.training.generation import greedy_ids
 from cbpo_orch.training.models import load_model, resolve_device, training_dtype
 from cbpo_orch.training.multi_lora import attached_multi_lora
 from cbpo_orch.training.pack_memory import pack_slots
+from cbpo_orch.training.reference_logps import ReferenceLogps
 from cbpo_orch.training.trainer import Sample, TrainResult, UserTraining, adapter_files, slot_groups, train_and_hold
 
 HERE = Path(__file__).resolve().parent
@@ -89,17 +93,21 @@ def build_model(args, device: torch.device):
 
 
 def synthetic_users(n: int, seq: int, vocab: int, seed: int = 0) -> list[UserTraining]:
+    """``n`` users of 8–40 own items each; a user's aux items, one per own item, are other
+    users' own items, as a job draws them from everyone else's history (π_ref's memo then
+    computes each item once, as in a worker)."""
     rng = random.Random(seed)
 
     def item() -> EncodedPair:
         completion = rng.randint(32, 64)
         return EncodedPair(tuple(rng.randrange(1, vocab) for _ in range(seq)), seq - completion)
 
+    owned = [[item() for _ in range(rng.randint(8, 40))] for _ in range(n)]
     users = []
-    for u in range(n):
-        own = rng.randint(8, 40)
-        samples = [Sample(item(), True) for _ in range(own)] + [Sample(item(), False) for _ in range(own)]
-        users.append(UserTraining(samples, gamma=0.3, seed=u))
+    for u, own in enumerate(owned):
+        others = [pair for v, theirs in enumerate(owned) if v != u for pair in theirs]
+        aux = [rng.choice(others) if others else item() for _ in own]
+        users.append(UserTraining([Sample(pair, True) for pair in own] + [Sample(pair, False) for pair in aux], gamma=0.3, seed=u))
     return users
 
 
@@ -142,14 +150,18 @@ class Pack:
             self.seconds[phase] += value
 
 
-def run_pack(model, users: list[UserTraining], prompts: list[list[list[int]]], config: TrainConfig, device, n_slots: int, new_tokens: int) -> Pack:
+def run_pack(
+    model, users: list[UserTraining], prompts: list[list[list[int]]], config: TrainConfig, device, n_slots: int, new_tokens: int,
+    reference: ReferenceLogps,
+) -> Pack:
     """The worker's path for one pack: train ``users`` through ``n_slots`` slots (a slot
     whose user ends takes the next), then, ``n_slots`` users at a time, load their adapters,
-    answer their ``prompts`` in shared batches and export each adapter."""
+    answer their ``prompts`` in shared batches and export each adapter. π_ref's log-probs
+    come from the worker's ``reference`` memo."""
     pack = Pack()
     with attached_multi_lora(model, config.lora, n_slots) as multi:
         started = clock(device)
-        pack.results, pack.weights = train_and_hold(multi, PadOnly(), users, config, device)
+        pack.results, pack.weights = train_and_hold(multi, PadOnly(), users, config, device, reference=reference)
         pack.seconds["reference"] = sum(r.reference_seconds for r in pack.results)
         pack.seconds["training"] = clock(device) - started - pack.seconds["reference"]
         for group in slot_groups(multi, pack.weights):
@@ -164,11 +176,11 @@ def run_pack(model, users: list[UserTraining], prompts: list[list[list[int]]], c
     return pack
 
 
-def run_alone(model, users, prompts, config, device, new_tokens) -> Pack:
-    """Every user as its own one-user pack, one after another."""
+def run_alone(model, users, prompts, config, device, new_tokens, reference: ReferenceLogps) -> Pack:
+    """Every user as its own one-user pack, one after another, in one worker (one memo)."""
     total = Pack()
     for user, own in zip(users, prompts):
-        total.add(run_pack(model, [user], [own], config, device, 1, new_tokens))
+        total.add(run_pack(model, [user], [own], config, device, 1, new_tokens, reference))
     return total
 
 
@@ -176,8 +188,8 @@ def check(model, users: list[UserTraining], config: TrainConfig, device) -> dict
     dtype = next(model.parameters()).dtype
     loss_tol, weight_tol = CHECK_TOLERANCE.get(dtype, CHECK_TOLERANCE[torch.bfloat16])
     no_queries = [[] for _ in users]
-    together = run_pack(model, users, no_queries, config, device, len(users), 0)
-    alone = run_alone(model, users, no_queries, config, device, 0)
+    together = run_pack(model, users, no_queries, config, device, len(users), 0, ReferenceLogps())
+    alone = run_alone(model, users, no_queries, config, device, 0, ReferenceLogps())
     loss_diff = max(
         abs(a - b) / max(abs(b), 1e-6) for t, s in zip(together.results, alone.results) for a, b in zip(t.losses, s.losses)
     )
@@ -273,12 +285,15 @@ def main(argv: list[str] | None = None) -> int:
     report["slots"] = n_slots
     tokens = trained_tokens(users, args.epochs)
     packs = {}
-    for mode, run in (("single", lambda: run_alone(model, users, prompts, config, device, args.new_tokens)),
-                      ("multi", lambda: run_pack(model, users, prompts, config, device, n_slots, args.new_tokens))):
+    requested = sum(len(user.samples) for user in users) if method_spec(args.method).uses_reference else 0
+    for mode, run in (("single", lambda memo: run_alone(model, users, prompts, config, device, args.new_tokens, memo)),
+                      ("multi", lambda memo: run_pack(model, users, prompts, config, device, n_slots, args.new_tokens, memo))):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        packs[mode] = run()
+        memo = ReferenceLogps()
+        packs[mode] = run(memo)
         report[mode] = {"phase_seconds": {k: round(v, 2) for k, v in packs[mode].seconds.items()},
+                        "reference_pairs": {"requested": requested, "computed": memo.computed},
                         "train_tokens_per_s": round(tokens / (packs[mode].seconds["reference"] + packs[mode].seconds["training"])),
                         "peak_memory_gb": round(peak_memory_gb(device), 2)}
     shared = {**index_and_gamma_seconds(users), **registry_seconds(packs["multi"].files)}
@@ -294,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         r = report[mode]
         print(f"{mode:8s} {r['users_per_hour']:>10.1f} {r['train_tokens_per_s']:>12d} {r['seconds']:>9.2f} {r['peak_memory_gb']:>8.2f}  "
               + " ".join(f"{r['phase_seconds'][p]:>10.2f}" for p in phases))
+    pairs = report["single"]["reference_pairs"]
+    print(f"π_ref: {pairs['computed']} of {pairs['requested']} requested pairs computed (the rest from the worker's memo)")
     print("both paths: " + (", ".join(f"{k} {v:.2f} s" for k, v in report["shared_phase_seconds"].items()) or "no shared phase measured"))
     print(f"multi / single: {report['ratio']:.2f}×  ({report['device']}, {name}, {args.users} users in {n_slots} slots, {args.method}, "
           f"{args.epochs} epoch, {args.queries} queries × {args.new_tokens} tokens)")

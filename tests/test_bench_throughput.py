@@ -33,6 +33,8 @@ def test_throughput_report_and_check_on_cpu(tmp_path):
         assert report[mode]["seconds"] == pytest.approx(sum(phases.values()) + sum(shared.values()), abs=0.06)
         assert report[mode]["users_per_hour"] == pytest.approx(3600 * 4 / report[mode]["seconds"], rel=1e-2)
         assert report[mode]["train_tokens_per_s"] > 0
+        pairs = report[mode]["reference_pairs"]  # every aux item is another user's own: π_ref computes it once
+        assert pairs["requested"] == 2 * pairs["computed"] > 0
     assert report["ratio"] == round(report["multi"]["users_per_hour"] / report["single"]["users_per_hour"], 3)
 
 
@@ -43,8 +45,8 @@ def test_each_user_answers_and_exports_from_its_own_adapter():
     users = throughput.synthetic_users(3, 48, model.config.vocab_size)
     prompts = throughput.synthetic_prompts(users, 1)
     config = throughput.TrainConfig(method="sft", epochs=1, lora=throughput.LoraSettings(dropout=0.0))
-    packed = throughput.run_pack(model, users, prompts, config, torch.device("cpu"), 2, 2)
-    alone = throughput.run_alone(model, users, prompts, config, torch.device("cpu"), 2)
+    packed = throughput.run_pack(model, users, prompts, config, torch.device("cpu"), 2, 2, throughput.ReferenceLogps())
+    alone = throughput.run_alone(model, users, prompts, config, torch.device("cpu"), 2, throughput.ReferenceLogps())
     assert len(packed.files) == 3 and packed.files[0].keys() == alone.files[0].keys()
     for together, own in zip(packed.weights, alone.weights):
         assert all(torch.allclose(together[k], own[k], rtol=1e-4, atol=1e-6) for k in own)
