@@ -59,11 +59,12 @@ WORDS = (
     "team game price home food power river road fire family world night study park bank"
 ).split()
 STAGES = {
-    "driver_start": "embedding users' histories",
-    "embedding": "connecting to Ray",
-    "ray_start": "personalizing users",
+    "driver_start": "connecting to Ray",
+    "ray_start": "embedding users' histories",
+    "embedding": "personalizing users",
 }
-"""Each stage ends where the driver prints the line that starts the next one."""
+"""Each stage ends where the driver prints the line that starts the next one, in the driver's
+order: it joins (or starts) Ray, then embeds the histories in shards on it."""
 TARGETS = {"runs_per_s": 20.0, "command_s": 1.0}
 JOB_TIMEOUT_S = 3600
 
