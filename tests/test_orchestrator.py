@@ -31,6 +31,8 @@ from cbpo_orch.storage.artifacts import directory_sha256
 from cbpo_orch.storage.registry import Registry
 from tests import faulty_worker
 
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "trainer_state.json", "predictions.jsonl")
+
 REPO = Path(__file__).resolve().parents[1]
 CLI = Path(sys.executable).with_name("cbpo-orch")
 CONTRACT = ["user_id", "method", "rouge1", "rougeL", "gamma", "n_pos", "n_aux", "adapter_path", "sha256", "seconds"]
@@ -491,6 +493,62 @@ def test_failing_user_is_retried_then_failed_others_succeed(local_ray, home, tin
         (u, m) for u in users if u != faulty_worker.FAILING_USER for m in ("sft", "cbpo")
     )
     assert all(directory_sha256(r["adapter_path"]) == r["sha256"] for r in rows)
+
+
+def test_a_full_device_stops_the_job_resumably_with_nothing_half_written(local_ray, home, tiny_model_dir, dev_users, monkeypatch):
+    """The second adapter's second file fills the device halfway: the job stops, interrupted,
+    naming the folder and the resume; the staging folder is gone and the first run kept; once
+    there is space, resume records every run once."""
+    import errno
+
+    from cbpo_orch.orchestrator.driver import NoSpaceLeft, run_job
+    from cbpo_orch.orchestrator.spec import Resources
+    from cbpo_orch.orchestrator.workspace import Workspace
+    from cbpo_orch.storage import artifacts
+
+    users = dev_users[:3]
+    job = _create_job(home, tiny_model_dir, users)
+    space = Workspace.open(home)
+    write_file, written = artifacts._write_file, []
+
+    def fills_up(destination: Path, data: bytes) -> None:
+        written.append(destination)
+        if len(written) == len(ADAPTER_FILES) + 2:
+            destination.write_bytes(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write_file(destination, data)
+
+    monkeypatch.setattr(artifacts, "_write_file", fills_up)
+    with pytest.raises(NoSpaceLeft, match=rf"^no space left on the device writing {re.escape(str(home))}/artifacts/adapters/{job}/"):
+        run_job(space, job, Resources(workers=1))
+    info = space.registry.job(job)
+    assert info.state == "interrupted" and info.error.endswith(f"free space, then `cbpo-orch resume {job}` finishes it")
+    assert info.counts["succeeded"] == 1
+    assert not [p for p in (home / "artifacts").rglob(".*")], "a staging folder was left behind"
+
+    monkeypatch.setattr(artifacts, "_write_file", write_file)
+    assert run_job(space, job, Resources(workers=1)) == "succeeded"
+    rows = space.registry.results(job)
+    assert sorted(r["user_id"] for r in rows) == sorted(users)
+    assert all(directory_sha256(r["adapter_path"]) == r["sha256"] for r in rows)
+    assert all(len(_attempt_dirs(home, job, user, "sft")) == 1 for user in users)
+
+
+def test_the_driver_process_says_a_full_device_in_one_line(home, tiny_model_dir, dev_users, monkeypatch, capsys):
+    from cbpo_orch.cli import job_commands
+    from cbpo_orch.orchestrator import driver
+
+    job = _create_job(home, tiny_model_dir, dev_users[:1])
+
+    def full(*_args, **_kwargs):
+        raise driver.NoSpaceLeft("no space left on the device writing /x/artifacts/adapters/j/u/sft/attempt-1")
+
+    monkeypatch.setattr(driver, "run_job", full)
+    assert job_commands._drive(f"sqlite:///{home / 'registry.db'}", home / "artifacts", home / "cache", job, None, 0) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: no space left on the device writing /x/artifacts/adapters/j/u/sft/attempt-1; every finished run is kept: "
+        f"free space, then `cbpo-orch resume {job}` finishes the job"
+    )
 
 
 @pytest.mark.parametrize(

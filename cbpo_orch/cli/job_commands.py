@@ -73,7 +73,7 @@ def _drive(url: str, artifacts: Path, cache: Path, job_id: str, resources: Resou
     """The driver process: run the job, print its results; returns the exit code."""
     from cbpo_orch.cli.app import USER_ERRORS
     from cbpo_orch.cli.driver_process import EXIT_LEASE_LOST
-    from cbpo_orch.orchestrator.driver import run_job
+    from cbpo_orch.orchestrator.driver import NoSpaceLeft, run_job
     from cbpo_orch.orchestrator.lease import LeaseLost
     from cbpo_orch.orchestrator.scheduler import ClusterLost
     from cbpo_orch.orchestrator.workspace import Workspace
@@ -95,6 +95,9 @@ def _drive(url: str, artifacts: Path, cache: Path, job_id: str, resources: Resou
         return EXIT_LEASE_LOST
     except ClusterLost as lost:
         typer.echo(f"error: {lost}; every finished run is kept: `cbpo-orch resume {job_id}` finishes the job", err=True)
+        return 1
+    except NoSpaceLeft as full:
+        typer.echo(f"error: {full}; every finished run is kept: free space, then `cbpo-orch resume {job_id}` finishes the job", err=True)
         return 1
     except USER_ERRORS as error:
         typer.echo(f"error: {error}", err=True)

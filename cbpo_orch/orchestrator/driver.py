@@ -9,6 +9,7 @@ atomically to the artifact store and then records it, once, in the registry.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import time
@@ -39,6 +40,13 @@ ADAPTER_DEPTH = 3
 REPORT_EVERY_S = 1.0
 """The fan-out reads its counts from the registry (a query over all the job's runs) and reports
 them at most this often, not once per run."""
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class NoSpaceLeft(Exception):
+    """The device under the home (artifacts, cache) is full: the job stops, resumable."""
 
 
 @dataclass
@@ -104,11 +112,27 @@ def _drive(space: Workspace, job_id: str, spec: JobSpec, resources: Resources, p
     except KeyboardInterrupt:
         registry.set_job_state(job_id, "interrupted", "interrupted by the user; `cbpo-orch resume` finishes it")
         raise
+    except OSError as error:
+        if error.errno not in NO_SPACE:
+            registry.set_job_state(job_id, "failed", f"{type(error).__name__}: {error}")
+            raise
+        full = NoSpaceLeft(f"no space left on the device writing {error.filename or 'to the home'}")
+        _interrupted_if_possible(registry, job_id, f"{full}; free space, then `cbpo-orch resume {job_id}` finishes it")
+        raise full from error
     except Exception as error:
         registry.set_job_state(job_id, "failed", f"{type(error).__name__}: {error}")
         raise
     lease.check()
     return _finish(registry, job_id)
+
+
+def _interrupted_if_possible(registry: Registry, job_id: str, reason: str) -> None:
+    """Mark the job interrupted, unless the full device holds the registry too: the job then
+    stays ``running``, and ``resume`` takes it over from this dead driver all the same."""
+    try:
+        registry.set_job_state(job_id, "interrupted", reason)
+    except Exception:  # noqa: BLE001 (nothing more can be written; the error already says what to do)
+        pass
 
 
 def _finish(registry: Registry, job_id: str) -> str:

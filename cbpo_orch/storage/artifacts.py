@@ -102,7 +102,12 @@ class ArtifactStore:
         staging = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
         staging.mkdir()
         try:
-            _fill(staging, payload)
+            try:
+                _fill(staging, payload)
+            except OSError as error:  # a full device's write names no file: name the folder
+                if error.errno is None or error.filename is not None:
+                    raise
+                raise OSError(error.errno, error.strerror, str(target)) from error
             try:
                 os.rename(staging, target)
             except OSError:
