@@ -179,6 +179,50 @@ def test_a_version_1_registry_gets_a_free_lease_for_every_job(db_url: str, regis
             migrated.take_lease(job, "A", ttl_s=30)
 
 
+def test_a_version_2_registry_gets_the_lease_notice_column(db_url: str, registry: Registry) -> None:
+    job = _job(registry)
+    registry.take_lease(job, "A", ttl_s=30)
+    engine = create_engine(db_url)
+    with engine.begin() as connection:  # the registry as version 2 left it: no notice column
+        connection.execute(text("ALTER TABLE driver_leases DROP COLUMN notice"))
+        connection.execute(text("UPDATE schema_version SET version = 2"))
+    engine.dispose()
+    with Registry(db_url) as migrated:
+        assert migrated.lease(job)["owner"] == "A" and migrated.lease(job)["notice"] is None
+        migrated.set_lease_notice(job, "A", "Ray dashboard: http://127.0.0.1:8265")
+        assert migrated.lease(job)["notice"] == "Ray dashboard: http://127.0.0.1:8265"
+
+
+def test_the_lease_notice_is_its_owners_and_goes_with_the_lease(registry: Registry) -> None:
+    job = _job(registry)
+    registry.take_lease(job, "A", ttl_s=30)
+    registry.set_lease_notice(job, "B", "not the owner")
+    assert registry.lease(job)["notice"] is None
+    registry.set_lease_notice(job, "A", "Ray dashboard: http://10.0.0.1:8265")
+    assert registry.lease(job)["notice"] == "Ray dashboard: http://10.0.0.1:8265"
+    registry.release_lease(job, "A")
+    assert registry.lease(job) | {"seconds_left": None} == {"owner": None, "seconds_left": None, "notice": None}
+
+
+def test_status_shows_where_to_watch_a_running_job_and_how_to_sign_in(tmp_path, monkeypatch, capsys) -> None:
+    from tests.test_cli_train_user import run_cli
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("CBPO_ORCH_HOME", str(home))
+    line = "Ray dashboard: http://127.0.0.1:8265 (token authentication: sign in with the token `ray get-auth-token` prints)"
+    with Registry(f"sqlite:///{home / 'registry.db'}") as registry:
+        live, dead = _job(registry), _job(registry, users=("c",))
+        for job, ttl in ((live, 30), (dead, -1)):  # the second driver died without releasing its lease
+            registry.set_job_state(job, "running")
+            registry.take_lease(job, f"driver-of-{job}", ttl_s=ttl)
+            registry.set_lease_notice(job, f"driver-of-{job}", line)
+    code, out, _ = run_cli(monkeypatch, capsys, "status")
+    assert code == 0 and f"{live}: {line}" in out.splitlines()
+    assert not [shown for shown in out.splitlines() if shown.startswith(f"{dead}:")], "a dead driver's dashboard is not shown"
+    code, out, _ = run_cli(monkeypatch, capsys, "status", live)
+    assert code == 0 and out.splitlines()[-1] == f"{live}: {line}"
+
+
 def test_taking_over_a_dead_local_driver_stops_what_its_local_ray_left(registry: Registry) -> None:
     import socket
 

@@ -222,6 +222,10 @@ def status(
         c = info.counts
         table.add_row(info.job_id, info.task, ",".join(info.methods), str(len(info.users)), info.state, str(c["succeeded"]), str(c["failed"]), str(c["running"]), str(c["pending"]), info.created_at[:19])
     OUT.print(table)
+    for info in jobs:
+        lease = registry.lease(info.job_id) if info.state == "running" else None
+        if lease and lease["notice"] and lease["seconds_left"] > 0:  # a live driver's, not a dead one's
+            OUT.print(f"{info.job_id}: {lease['notice']}", highlight=False, markup=False)
     if job:
         for run in registry.runs(job, states=("failed",)):
             OUT.print(f"failed: {run.user_id} · {run.method} ({run.attempts} attempts): {run.error}")

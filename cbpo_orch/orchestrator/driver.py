@@ -99,7 +99,9 @@ def _drive(space: Workspace, job_id: str, spec: JobSpec, resources: Resources, p
         progress.stage("connecting to Ray")
         dashboard = scheduler.connect(resources.address)
         if dashboard:
-            progress.notice(scheduler.dashboard_notice(dashboard))
+            notice = scheduler.dashboard_notice(dashboard)
+            progress.notice(notice)
+            registry.set_lease_notice(job_id, lease.owner, notice)
         history = _history(space, spec, task, progress)
         tam_path = _task_adapter(space, spec, resources, progress)
         progress.stage("personalizing users")

@@ -22,7 +22,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Version of the schema these models describe; bump it with a migration."""
 
 FREE_LEASE = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -91,6 +91,8 @@ class DriverLease(Base):
     owner: Mapped[str | None] = mapped_column(String(200))
     expires_at: Mapped[datetime] = mapped_column(default=FREE_LEASE)
     renewed_at: Mapped[datetime | None]
+    notice: Mapped[str | None] = mapped_column(Text)
+    """Where to watch the owner's job: the Ray dashboard line it printed."""
 
 
 class UserRun(Base):

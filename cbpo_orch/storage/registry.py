@@ -478,18 +478,27 @@ class Registry:
             session.execute(
                 update(DriverLease)
                 .where(DriverLease.job_id == job_id, DriverLease.owner == owner)
-                .values(owner=None, expires_at=FREE_LEASE)
+                .values(owner=None, expires_at=FREE_LEASE, notice=None)
             )
 
         transact(self._writer, work)
 
+    def set_lease_notice(self, job_id: str, owner: str, notice: str) -> None:
+        """Record where to watch the job (the dashboard line) while ``owner`` holds its lease."""
+
+        def work(session: Session) -> None:
+            session.execute(update(DriverLease).where(DriverLease.job_id == job_id, DriverLease.owner == owner).values(notice=notice))
+
+        transact(self._writer, work)
+
     def lease(self, job_id: str) -> dict[str, Any]:
-        """The job's lease: its ``owner`` (None when free) and ``seconds_left`` until it expires."""
+        """The job's lease: its ``owner`` (None when free), ``seconds_left`` until it expires,
+        and the ``notice`` its owner recorded (where to watch the job; None without one)."""
 
         def work(session: Session) -> dict[str, Any]:
             _get_job(session, job_id)
             lease = session.get(DriverLease, job_id)
-            return {"owner": lease.owner, "seconds_left": (_aware(lease.expires_at) - utcnow()).total_seconds()}
+            return {"owner": lease.owner, "seconds_left": (_aware(lease.expires_at) - utcnow()).total_seconds(), "notice": lease.notice}
 
         return transact(self._engine, work)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sqlalchemy import Connection, func, insert, inspect, select, update
+from sqlalchemy import Connection, func, insert, inspect, select, text, update
 
 from .models import SCHEMA_VERSION, Base, DriverLease, Job, SchemaVersion
 
@@ -17,7 +17,13 @@ def _add_driver_leases(connection: Connection) -> None:
     connection.execute(insert(DriverLease).from_select(["job_id"], select(Job.job_id)))
 
 
-MIGRATIONS: dict[int, Migration] = {1: _add_driver_leases}
+def _add_lease_notice(connection: Connection) -> None:
+    """2 → 3: the lease's ``notice`` column (a lease table made by 1 → 2 already has it)."""
+    if "notice" not in {column["name"] for column in inspect(connection).get_columns(DriverLease.__tablename__)}:
+        connection.execute(text(f"ALTER TABLE {DriverLease.__tablename__} ADD COLUMN notice TEXT"))
+
+
+MIGRATIONS: dict[int, Migration] = {1: _add_driver_leases, 2: _add_lease_notice}
 """``MIGRATIONS[v]`` upgrades a database from schema version ``v`` to ``v + 1``."""
 
 SCHEMA_LOCK_KEY = 0x6362706F
