@@ -8,7 +8,7 @@ nothing that had finished is trained again, and the next driver stops what the d
 one's local Ray left running. The last ``resume`` completes the job: every run recorded
 once, checksums intact, nothing unregistered left on disk.
 
-The kill timings are drawn from a seed: the suite runs seed 0,
+The kill timings are drawn from a seed: the suite runs seeds 0 and 1,
 ``CBPO_CRASH_SEEDS=0,1,2,3,4`` runs the campaign over five.
 """
 
@@ -30,7 +30,7 @@ from cbpo_orch.storage.artifacts import directory_sha256
 from cbpo_orch.storage.registry import Registry
 from tests.test_orchestrator import FAST, JOB_TIMEOUT, REPO, Cli, _attempt_dirs, _ok, group_members
 
-SEEDS = [int(s) for s in os.environ.get("CBPO_CRASH_SEEDS", "0").split(",")]
+SEEDS = [int(s) for s in os.environ.get("CBPO_CRASH_SEEDS", "0,1").split(",")]
 USERS = 4
 COMMON = ["--users", str(USERS), "--method", "sft", "--workers", "1", *FAST]
 DIED = r"error: the driver of job {job} died \({how}\) before the job finished.*`cbpo-orch resume {job}` finishes the job"
