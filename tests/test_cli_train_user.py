@@ -109,6 +109,12 @@ def test_bad_data_files_fail_clearly_and_write_nothing(mutate, message, tiny_mod
         (["--gamma", "1.5"], "gamma must be in [0, 1)"),
         (["--gamma", "high"], "gamma must be 'auto' or a number"),
         (["--aux-strategy", "closest"], "aux-strategy"),
+        (["--lr", "inf"], "lr must be a finite number > 0"),
+        (["--lr", "nan"], "lr must be a finite number > 0"),
+        (["--beta", "inf"], "beta must be a finite number > 0"),
+        (["--aux-ratio", "inf"], "aux-ratio must be a finite number > 0"),
+        (["--seed", "-1"], "seed must be in [0, 2^32)"),
+        (["--seed", str(2**32)], "seed must be in [0, 2^32)"),
     ],
 )
 def test_bad_options_fail_clearly(extra, message, tiny_model_dir, tmp_path, monkeypatch, capsys):

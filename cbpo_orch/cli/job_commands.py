@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import sys
 from collections import defaultdict
 from dataclasses import replace
@@ -152,8 +153,8 @@ def submit(
     if tam == "auto":
         load_split(data_path, "train", task_def)
     task_ref = task if task == task_def.name else str(Path(task).resolve())
-    if task_adapter_lr <= 0 or task_adapter_epochs < 1:
-        raise UsageError("--task-adapter-lr must be > 0 and --task-adapter-epochs ≥ 1")
+    if not (math.isfinite(task_adapter_lr) and task_adapter_lr > 0) or task_adapter_epochs < 1:
+        raise UsageError("--task-adapter-lr must be a finite number > 0 and --task-adapter-epochs ≥ 1")
     spec = JobSpec(task_ref, data_path, split, model_path, methods, chosen, train, tam, task_adapter_lr, task_adapter_epochs, embedder)
     check_address(address)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from cbpo_orch.method.methods import method_spec
@@ -70,10 +71,10 @@ class TrainConfig:
         method_spec(self.method)
         checks = [
             (self.epochs is None or self.epochs >= 1, "epochs must be ≥ 1"),
-            (self.lr > 0, "lr must be > 0"),
-            (self.beta > 0, "beta must be > 0"),
+            (math.isfinite(self.lr) and self.lr > 0, "lr must be a finite number > 0"),
+            (math.isfinite(self.beta) and self.beta > 0, "beta must be a finite number > 0"),
             (self.batch_size >= 2, "batch-size must be ≥ 2 (a batch holds positive and aux items)"),
-            (self.aux_ratio > 0, "aux-ratio must be > 0"),
+            (math.isfinite(self.aux_ratio) and self.aux_ratio > 0, "aux-ratio must be a finite number > 0"),
             (self.aux_strategy in ("random", "nearest", "farthest"), "aux-strategy must be random, nearest or farthest"),
             (self.gamma is None or 0 <= self.gamma < 1, "gamma must be in [0, 1) or auto"),
             (self.gamma_estimator in ("elkan-noto", "paper"), "gamma-estimator must be elkan-noto or paper"),
@@ -85,6 +86,7 @@ class TrainConfig:
             (self.max_profile is None or self.max_profile >= 2, "max-profile must be ≥ 2"),
             (self.selection_min_items >= 3, "selection-min-items must be ≥ 3 (two held out, one to train on)"),
             (self.lora.r >= 1, "lora-r must be ≥ 1"),
+            (0 <= self.seed < 2**32, "seed must be in [0, 2^32)"),
         ]
         for ok, message in checks:
             if not ok:
