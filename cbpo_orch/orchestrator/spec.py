@@ -127,19 +127,24 @@ def resolve_users(selector: str, dataset: Dataset) -> tuple[str, ...]:
             raise DataError("--users must be 'all', a positive number or a list of ids")
         return tuple(known[:n])
     wanted = tuple(dict.fromkeys(u.strip() for u in text.split(",") if u.strip()))
+    if not wanted:
+        raise DataError("--users names no user: give 'all', a positive number or a list of ids")
     unknown = [u for u in wanted if u not in dataset.users]
-    if unknown or not wanted:
+    if unknown:
         shown = ", ".join(unknown[:5]) + (" …" if len(unknown) > 5 else "")
         raise DataError(f"--users names {len(unknown)} id(s) not in split {dataset.split!r} of {dataset.path}: {shown}")
     return wanted
 
 
 def check_address(address: str | None) -> None:
-    """Fail at once when nothing answers at a ``host:port`` or ``ray://host:port`` address,
-    where ``ray.init`` would retry for minutes; Ray judges every other form itself."""
-    host, _, port = (address or "").removeprefix("ray://").rpartition(":")
-    if not (host and port.isdigit()):
+    """Refuse what is not a Ray address (``auto``, ``host:port``, ``ray://host:port``), and
+    fail at once when nothing answers at a ``host:port``, where ``ray.init`` would retry
+    for minutes."""
+    if not address or address == "auto":
         return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not (host and port.isdigit() and 0 < int(port) < 65536):
+        raise ConfigError(f"--address {address!r} is not a Ray address: give auto, HOST:PORT or ray://HOST:PORT")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=REACH_TIMEOUT_S).close()
     except OSError as error:
