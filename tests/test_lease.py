@@ -166,13 +166,18 @@ def test_resume_of_a_job_another_driver_runs_is_one_clear_line(tmp_path: Path, m
     assert "Traceback" not in err
 
 
+def _as_left_by_version(db_url: str, version: int, undo: str) -> None:
+    """Turn the registry back into what schema ``version`` left: ``undo``, then its version row."""
+    engine = create_engine(db_url)
+    with engine.begin() as connection:
+        connection.execute(text(undo))
+        connection.execute(text(f"UPDATE schema_version SET version = {version}"))
+    engine.dispose()
+
+
 def test_a_version_1_registry_gets_a_free_lease_for_every_job(db_url: str, registry: Registry) -> None:
     jobs = [_job(registry), _job(registry, users=("c",))]
-    engine = create_engine(db_url)
-    with engine.begin() as connection:  # the registry as version 1 left it: no lease table
-        connection.execute(text("DROP TABLE driver_leases"))
-        connection.execute(text("UPDATE schema_version SET version = 1"))
-    engine.dispose()
+    _as_left_by_version(db_url, 1, "DROP TABLE driver_leases")  # no lease table
     with Registry(db_url) as migrated:
         for job in jobs:
             assert migrated.lease(job)["owner"] is None
@@ -182,11 +187,7 @@ def test_a_version_1_registry_gets_a_free_lease_for_every_job(db_url: str, regis
 def test_a_version_2_registry_gets_the_lease_notice_column(db_url: str, registry: Registry) -> None:
     job = _job(registry)
     registry.take_lease(job, "A", ttl_s=30)
-    engine = create_engine(db_url)
-    with engine.begin() as connection:  # the registry as version 2 left it: no notice column
-        connection.execute(text("ALTER TABLE driver_leases DROP COLUMN notice"))
-        connection.execute(text("UPDATE schema_version SET version = 2"))
-    engine.dispose()
+    _as_left_by_version(db_url, 2, "ALTER TABLE driver_leases DROP COLUMN notice")  # no notice column
     with Registry(db_url) as migrated:
         assert migrated.lease(job)["owner"] == "A" and migrated.lease(job)["notice"] is None
         migrated.set_lease_notice(job, "A", "Ray dashboard: http://127.0.0.1:8265")

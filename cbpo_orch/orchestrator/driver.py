@@ -114,14 +114,11 @@ def _drive(space: Workspace, job_id: str, spec: JobSpec, resources: Resources, p
     except KeyboardInterrupt:
         registry.set_job_state(job_id, "interrupted", "interrupted by the user; `cbpo-orch resume` finishes it")
         raise
-    except OSError as error:
-        if error.errno not in NO_SPACE:
-            registry.set_job_state(job_id, "failed", f"{type(error).__name__}: {error}")
-            raise
-        full = NoSpaceLeft(f"no space left on the device writing {error.filename or 'to the home'}")
-        _interrupted_if_possible(registry, job_id, f"{full}; free space, then `cbpo-orch resume {job_id}` finishes it")
-        raise full from error
     except Exception as error:
+        if isinstance(error, OSError) and error.errno in NO_SPACE:
+            full = NoSpaceLeft(f"no space left on the device writing {error.filename or 'to the home'}")
+            _interrupted_if_possible(registry, job_id, f"{full}; free space, then `cbpo-orch resume {job_id}` finishes it")
+            raise full from error
         registry.set_job_state(job_id, "failed", f"{type(error).__name__}: {error}")
         raise
     lease.check()

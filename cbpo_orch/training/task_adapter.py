@@ -16,6 +16,7 @@ from cbpo_orch.training.models import LoadedModel, load_model
 from cbpo_orch.training.multi_lora import attached_multi_lora
 from cbpo_orch.training.trainer import StepCallback, TrainResult, UserTraining, adapter_files, encode_samples, train_adapters
 
+
 def train_task_adapter(
     loaded: LoadedModel,
     dataset: Dataset,
