@@ -97,3 +97,8 @@ def meet_the_other_shards(items: list, folder: str, shards: int, threads: int) -
     while len(os.listdir(folder)) < shards and time.monotonic() < deadline:
         time.sleep(0.05)
     return items, threads, len(os.listdir(folder)) >= shards
+
+
+def reference_shard_fails(pairs: list, *args, threads: int):
+    """A π_ref shard (``workers/reference_pass.py``'s signature) that raises."""
+    raise RuntimeError(f"injected failure of a π_ref shard of {len(pairs)} pairs")

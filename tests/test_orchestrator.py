@@ -662,13 +662,13 @@ def test_more_workers_than_the_cluster_fits_runs_what_fits_and_says_so(local_ray
     from cbpo_orch.orchestrator.workspace import Workspace
 
     asked = []
-    monkeypatch.setattr(scheduler, "fan_out", lambda work, context, history, fn, slots, *rest, **kw: asked.append(slots))
+    monkeypatch.setattr(scheduler, "fan_out", lambda work, context, history, reference, fn, slots, *rest, **kw: asked.append(slots))
     job = _create_job(home, tiny_model_dir, dev_users[:2])
     space = Workspace.open(home)
     spec, resources = JobSpec.from_config(space.registry.job(job).config)
     notices = []
     with JobLease(space.registry, job, 60) as lease:
-        driver._fan_out(space, job, spec, replace(resources, workers=50), SimpleNamespace(examples=[]), None,
+        driver._fan_out(space, job, spec, replace(resources, workers=50), SimpleNamespace(examples=[]), {}, None,
                         driver.Progress(notice=notices.append), None, lease)
     fits = scheduler.cluster_slots(1, 0)
     assert asked == [fits] and fits < 50
@@ -703,7 +703,7 @@ def test_the_driver_sends_the_largest_users_first(home, tiny_model_dir, dev_user
     examples = [e for user, own in by_user.items() for e in own[: keep.get(user, len(own))]]
     history = SimpleNamespace(examples=examples)
     with JobLease(space.registry, job, 60) as lease:
-        driver._fan_out(space, job, spec, resources, history, None, driver.Progress(), None, lease)
+        driver._fan_out(space, job, spec, resources, history, {}, None, driver.Progress(), None, lease)
     sizes = Counter(example.user_id for example in examples)
     assert sorted(sent) == sorted(dev_users) and len({sizes[u] for u in dev_users}) > 1
     assert [sizes[u] for u in sent] == sorted((sizes[u] for u in dev_users), reverse=True)
@@ -745,15 +745,54 @@ def test_the_driver_embeds_in_shards_on_ray_as_the_process_would(local_ray, tmp_
     from cbpo_orch.orchestrator import driver
     from cbpo_orch.orchestrator.spec import JobSpec
     from cbpo_orch.orchestrator.workspace import Workspace
+    from cbpo_orch.workers.context import history_datasets
 
     monkeypatch.setattr(driver, "EMBED_MIN_SHARD", 64)
     spec = JobSpec.from_config(_spec_config(tiny_model_dir, dev_users[:1])[0])[0]
     stages = []
-    history = driver._history(Workspace.open(tmp_path / "home"), spec, load_task("lamp4"), driver.Progress(stage=stages.append))
+    datasets = history_datasets(spec.data, spec.split, load_task("lamp4"))
+    history = driver._history(Workspace.open(tmp_path / "home"), spec, datasets, driver.Progress(stage=stages.append))
     alone = sample_history[1]
     assert [(e.user_id, e.item_id) for e in history.examples] == [(e.user_id, e.item_id) for e in alone.examples]
     np.testing.assert_allclose(history.embeddings, alone.embeddings, atol=1e-5)
     assert re.fullmatch(r".*: 2/2 shards of \d+ texts", stages[-1]), stages
+
+
+def test_the_jobs_pi_ref_pass_computes_each_preference_pair_once_and_a_failed_pass_only_slows(local_ray, home, tiny_model_dir, dev_users, monkeypatch):
+    from cbpo_orch.data.tasks import load_task
+    from cbpo_orch.orchestrator import driver
+    from cbpo_orch.orchestrator.spec import JobSpec
+    from cbpo_orch.orchestrator.workspace import Workspace
+    from cbpo_orch.workers.context import history_datasets
+    from cbpo_orch.workers.reference_pass import reference_shard
+    from cbpo_orch.workers.user_items import trained_pairs, user_items
+
+    task, space = load_task("lamp4"), Workspace.open(home)
+
+    def run_pass(methods):
+        job = _create_job(home, tiny_model_dir, dev_users[:2], methods)
+        spec, resources = JobSpec.from_config(space.registry.job(job).config)
+        datasets = history_datasets(spec.data, spec.split, task)
+        history = driver._history(space, spec, datasets, driver.Progress())
+        pending = space.registry.runs(job, states=("pending",))
+        shown = {"stage": [], "notice": []}
+        progress = driver.Progress(stage=shown["stage"].append, notice=shown["notice"].append)
+        values = driver._reference_pass(spec, task, datasets[0], history, None, pending, resources, progress)
+        planned = [user_items(datasets[0], history, run.user_id, spec.config_for(run.method)) for run in pending if run.method != "sft"]
+        return spec, values, trained_pairs(planned), shown
+
+    spec, values, pairs, shown = run_pass(("sft", "cbpo", "bco"))  # cbpo and bco share their aux: the pass computes them once
+    alone = reference_shard(pairs, str(tiny_model_dir), None, task.budgets(128, 8), spec.train.eval_batch_size, 1)
+    assert values.keys() == alone.keys() and len(values) > 0
+    assert list(values.values()) == pytest.approx([alone[key] for key in values], abs=1e-4)
+    assert shown["stage"][0].startswith(f"π_ref's pass over {len(pairs)} pairs") and shown["notice"] == []
+    assert run_pass(("sft",))[1] == {} and run_pass(("sft",))[3]["stage"] == [], "SFT never reads π_ref: no pass"
+
+    monkeypatch.setattr(driver, "REFERENCE_SHARD", faulty_worker.reference_shard_fails)
+    _, values, pairs, shown = run_pass(("cbpo",))
+    assert values == {} and shown["notice"] == [
+        f"π_ref's shared pass failed (RuntimeError: injected failure of a π_ref shard of {len(pairs)} pairs): each worker computes its own"
+    ]
 
 
 def test_the_task_adapter_trains_on_a_whole_node_and_shows_its_steps(local_ray, home, tiny_model_dir, dev_users, monkeypatch):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +36,11 @@ class HistoryIndex:
 
     def rows(self, examples: list[Example]) -> list[int]:
         """Row numbers of ``examples`` (matched by user and item id)."""
-        where = {(e.user_id, e.item_id): row for row, e in enumerate(self.examples)}
-        return [where[(e.user_id, e.item_id)] for e in examples]
+        return [self._rows[(e.user_id, e.item_id)] for e in examples]
+
+    @cached_property
+    def _rows(self) -> dict[tuple[str, str], int]:
+        return {(e.user_id, e.item_id): row for row, e in enumerate(self.examples)}
 
     def auxiliary(self, user_id: str, own_rows: list[int], n: int, strategy: str, seed: int) -> list[int]:
         """``n`` rows of other users' items by ``strategy``, relative to the user's centroid."""

@@ -2,8 +2,9 @@
 
 Stages: (1) the history index (embeddings, in shards over the cluster, + FAISS), cached
 per task/data/embedder; (2) the task adapter, trained once per task/data/model and reused,
-when asked for; (3) one Ray call per (user, method): select aux → γ → train → generate → score;
-(4) the job's final state. Workers return results; this driver writes each adapter
+when asked for; (3) π_ref's log-probs of every pair the preference runs train on, in one pass
+of shards over the cluster; (4) one Ray call per (user, method): select aux → γ → train →
+generate → score; (5) the job's final state. Workers return results; this driver writes each adapter
 atomically to the artifact store and then records it, once, in the registry.
 """
 
@@ -20,15 +21,18 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cbpo_orch.data.dataset import DataError, Dataset
 from cbpo_orch.data.history import HistoryIndex
 from cbpo_orch.data.tasks import Task, load_task
+from cbpo_orch.method.methods import method_spec
 from cbpo_orch.orchestrator import scheduler
 from cbpo_orch.orchestrator.lease import LEASE_TTL_S, JobLease, LeaseLost
 from cbpo_orch.orchestrator.spec import JobSpec, Resources
 from cbpo_orch.orchestrator.workspace import Workspace
 from cbpo_orch.storage.registry import InvalidTransition, Registry
 from cbpo_orch.workers.context import cached_history, history_datasets
-from cbpo_orch.workers.entrypoints import BUILD_TASK_ADAPTER, EMBED_SHARD, PERSONALIZE_USERS
+from cbpo_orch.workers.entrypoints import BUILD_TASK_ADAPTER, EMBED_SHARD, PERSONALIZE_USERS, REFERENCE_SHARD
+from cbpo_orch.workers.user_items import trained_pairs, user_items
 
 if TYPE_CHECKING:
     from cbpo_orch.workers.personalize import UserOutcome
@@ -102,10 +106,12 @@ def _drive(space: Workspace, job_id: str, spec: JobSpec, resources: Resources, p
             notice = scheduler.dashboard_notice(dashboard)
             progress.notice(notice)
             registry.set_lease_notice(job_id, lease.owner, notice)
-        history = _history(space, spec, task, progress)
+        datasets = history_datasets(spec.data, spec.split, task)
+        history = _history(space, spec, datasets, progress)
         tam_path = _task_adapter(space, spec, resources, progress)
+        reference = _reference_pass(spec, task, datasets[0], history, tam_path, registry.runs(job_id, states=("pending",)), resources, progress)
         progress.stage("personalizing users")
-        _fan_out(space, job_id, spec, resources, history, tam_path, progress, worker_fn, lease)
+        _fan_out(space, job_id, spec, resources, history, reference, tam_path, progress, worker_fn, lease)
     except LeaseLost:
         raise  # the job is the other driver's now: leave its state alone
     except scheduler.ClusterLost as lost:
@@ -161,7 +167,7 @@ def _each_tenth(report: Callable[..., None]) -> Callable[..., None]:
     return gate
 
 
-def _history(space: Workspace, spec: JobSpec, task: Task, progress: Progress) -> HistoryIndex:
+def _history(space: Workspace, spec: JobSpec, datasets: list[Dataset], progress: Progress) -> HistoryIndex:
     """Stage 1: the history index, cached per (task, data, embedder); built by embedding
     shards of the profile pairs as Ray tasks over the cluster's CPUs."""
     label = "embedding users' histories (cached after the first job)"
@@ -171,7 +177,7 @@ def _history(space: Workspace, spec: JobSpec, task: Task, progress: Progress) ->
         report = _each_tenth(lambda done, shards: progress.stage(f"{label}: {done}/{shards} shards of {len(texts)} texts"))
         return np.concatenate(scheduler.map_shards(EMBED_SHARD, texts, spec.embedder, min_shard=EMBED_MIN_SHARD, on_done=report))
 
-    return cached_history(space.cache, history_datasets(spec.data, spec.split, task), spec.embedder, on_cluster)
+    return cached_history(space.cache, datasets, spec.embedder, on_cluster)
 
 
 def task_adapter_key(spec: JobSpec) -> str:
@@ -207,12 +213,55 @@ def _task_adapter(space: Workspace, spec: JobSpec, resources: Resources, progres
     return str(info.path)
 
 
+REFERENCE_MIN_SHARD = 128
+"""The fewest pairs one π_ref task gets: each loads the starting model."""
+
+
+def _reference_pass(
+    spec: JobSpec, task: Task, dataset: Dataset, history: HistoryIndex, tam_path: str | None, pending: list, resources: Resources, progress: Progress
+) -> dict[bytes, float]:
+    """Stage 3: π_ref's log-probs of every (x, y) pair the pending runs of methods that read
+    π_ref will train on (positives and aux, planned by the workers' own ``user_items``), each
+    pair once for the whole job, in shards over the cluster. A user whose items cannot be
+    planned is left to its worker, which fails its run with the reason; a pass that fails
+    leaves each worker to compute its own (the results are the same, only slower)."""
+    groups: dict[tuple, dict[tuple[str, str], None]] = {}
+    for run in pending:
+        config = spec.config_for(run.method)
+        if not method_spec(config.method).uses_reference:
+            continue
+        try:
+            items = user_items(dataset, history, run.user_id, config)
+        except DataError:
+            continue
+        key = (task.budgets(config.max_prompt_tokens, config.max_new_tokens), config.eval_batch_size)
+        groups.setdefault(key, {}).update(dict.fromkeys(trained_pairs([items])))
+    values: dict[bytes, float] = {}
+    for (budgets, batch_size), pairs in groups.items():
+        label = f"π_ref's pass over {len(pairs)} pairs (once per job, shared by its users and methods)"
+        progress.stage(label)
+        report = _each_tenth(lambda done, shards: progress.stage(f"{label}: {done}/{shards} shards"))
+        try:
+            shards = scheduler.map_shards(
+                REFERENCE_SHARD, list(pairs), spec.model, tam_path, budgets, batch_size,
+                min_shard=REFERENCE_MIN_SHARD, gpus=resources.gpus_per_user > 0, on_done=report,
+            )
+        except scheduler.TASK_FAILURES as error:
+            cause = getattr(error, "cause", None) or error
+            progress.notice(f"π_ref's shared pass failed ({scheduler.first_line(cause)}): each worker computes its own")
+            continue
+        for shard in shards:
+            values.update(shard)
+    return values
+
+
 def _fan_out(
     space: Workspace,
     job_id: str,
     spec: JobSpec,
     resources: Resources,
     history,
+    reference: dict[bytes, float],
     tam_path: str | None,
     progress: Progress,
     worker_fn: Callable,
@@ -274,7 +323,7 @@ def _fan_out(
         slots = fits
     report()
     scheduler.fan_out(
-        work, context_args, history, worker_fn, slots, resources.cpus_per_user, resources.gpus_per_user, start, finish, tick,
+        work, context_args, history, reference, worker_fn, slots, resources.cpus_per_user, resources.gpus_per_user, start, finish, tick,
         resources.pack_size,
     )
     report()

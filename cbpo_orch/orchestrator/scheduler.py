@@ -45,6 +45,9 @@ a seeded training that diverged. Never retried."""
 WORKER_DEATHS = (RayActorError, WorkerCrashedError, OutOfMemoryError)
 """How Ray reports a worker process that died: the actor is replaced."""
 
+TASK_FAILURES = (RayTaskError, *WORKER_DEATHS)
+"""How a task that raised, or whose worker died, reaches the caller of :func:`map_shards`."""
+
 CLUSTER_DEATHS = (LocalRayletDiedError, RaySystemError, RpcError)
 """How Ray reports that the cluster itself went away under the driver (its raylet, the head)."""
 
@@ -59,7 +62,7 @@ def _cluster_deaths_as_lost() -> Iterator[None]:
     try:
         yield
     except CLUSTER_DEATHS as error:
-        raise ClusterLost(f"the Ray cluster went away under the driver ({_first_line(error)})") from error
+        raise ClusterLost(f"the Ray cluster went away under the driver ({first_line(error)})") from error
 
 
 def connect(address: str | None) -> str | None:
@@ -82,7 +85,7 @@ def connect(address: str | None) -> str | None:
         )
     except ConnectionError as error:
         raise ClusterLost(
-            f"cannot reach the Ray cluster at {address}: {_first_line(error)}; if the cluster checks a token, "
+            f"cannot reach the Ray cluster at {address}: {first_line(error)}; if the cluster checks a token, "
             "set RAY_AUTH_MODE=token here, with RAY_AUTH_TOKEN or the token file (`ray get-auth-token` on the head)"
         ) from None
     return getattr(context, "dashboard_url", None) or None
@@ -132,7 +135,7 @@ class PersonalizeWorker:
     a bare actor death, its class lost, and the actor would be recreated in vain.
     """
 
-    def __init__(self, context_args: dict, history, threads: int, worker_fn: Callable):
+    def __init__(self, context_args: dict, history, reference: dict, threads: int, worker_fn: Callable):
         import torch
 
         from cbpo_orch.data.dataset import load_split
@@ -146,10 +149,10 @@ class PersonalizeWorker:
             task = load_task(context_args["task"])
             dataset = load_split(context_args["data"], context_args["split"], task)
             self.context = load_user_context(
-                task, dataset, history, context_args["model"], context_args["task_adapter"], "auto"
+                task, dataset, history, context_args["model"], context_args["task_adapter"], "auto", reference
             )
         except PERMANENT_ERRORS as error:
-            self.start_error = _first_line(error)
+            self.start_error = first_line(error)
 
     def personalize(self, user_ids: list[str], config: TrainConfig):
         """The outcomes of ``user_ids``, trained together (``worker_fn(context, user_ids, config)``)."""
@@ -241,22 +244,26 @@ def run_remote(fn: Callable, *args, num_cpus: float = 1, num_gpus: float = 0, on
         ray.kill(sink)
 
 
-def shard_plan(items: int, min_shard: int) -> tuple[int, int]:
+def shard_plan(items: int, min_shard: int, gpus: bool = False) -> tuple[int, int]:
     """How to split ``items`` over the cluster: (shards, CPUs for each). As many shards as the
-    cluster has CPUs, none smaller than ``min_shard`` items (each pays a model load), and every
-    CPU in use: fewer shards get more CPUs each, up to a whole node."""
-    total = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    shards = max(1, min(total, -(-items // max(1, min_shard))))
+    cluster has CPUs (with ``gpus``: GPUs, one each), none smaller than ``min_shard`` items
+    (each pays a model load), and every CPU in use: fewer shards get more CPUs each, up to a
+    whole node."""
+    have = ray.cluster_resources()
+    total = max(1, int(have.get("CPU", 1)))
+    shards = max(1, min(int(have.get("GPU", 0)) if gpus else total, -(-items // max(1, min_shard))))
     return shards, max(1, min(largest_node_cpus(), total // shards))
 
 
 @_cluster_deaths_as_lost()
-def map_shards(fn: Callable, items: list, *args, min_shard: int, on_done: Callable[[int, int], None] = lambda done, total: None) -> list:
+def map_shards(
+    fn: Callable, items: list, *args, min_shard: int, gpus: bool = False, on_done: Callable[[int, int], None] = lambda done, total: None
+) -> list:
     """``fn(shard, *args, threads=N)`` over contiguous shards of ``items``, as Ray tasks in
-    parallel (:func:`shard_plan`); returns the shards' results in the items' order and calls
-    ``on_done(finished, shards)`` as each finishes."""
-    shards, cpus = shard_plan(len(items), min_shard)
-    task = _call.options(num_cpus=cpus)
+    parallel (:func:`shard_plan`; with ``gpus``, one GPU each); returns the shards' results in
+    the items' order and calls ``on_done(finished, shards)`` as each finishes."""
+    shards, cpus = shard_plan(len(items), min_shard, gpus)
+    task = _call.options(num_cpus=cpus, num_gpus=1 if gpus else 0)
     bounds = [len(items) * k // shards for k in range(shards + 1)]
     refs = [task.remote(fn, items[lo:hi], *args, threads=cpus) for lo, hi in zip(bounds, bounds[1:])]
     waiting = list(refs)
@@ -271,6 +278,7 @@ def fan_out(
     work: Iterable[Work],
     context_args: dict,
     history,
+    reference: dict,
     worker_fn: Callable,
     slots: int,
     cpus_per_user: float,
@@ -282,7 +290,8 @@ def fan_out(
 ) -> None:
     """Run every unit of ``work`` on a pool of at most ``slots`` actors, each call a pack of
     up to ``users_per_step`` units of the same config (trained in the same passes; fewer
-    when less waits than fills every actor, :func:`pack_size`).
+    when less waits than fills every actor, :func:`pack_size`). Every actor gets ``history``
+    and ``reference`` (π_ref's log-probs from the job's pass) once, through the object store.
 
     ``start(w)`` is asked before a unit is sent (False skips it, e.g. cancelled);
     ``finish(w, result_or_failure)`` receives each result or :class:`Failure` and
@@ -295,12 +304,12 @@ def fan_out(
     queue = deque(work)
     if not queue:
         return
-    history_ref = ray.put(history)
+    history_ref, reference_ref = ray.put(history), ray.put(reference)
     options = dict(num_cpus=cpus_per_user, num_gpus=gpus_per_user)
     threads = max(1, int(cpus_per_user))
 
     def new_actor():
-        return PersonalizeWorker.options(**options).remote(context_args, history_ref, threads, worker_fn)
+        return PersonalizeWorker.options(**options).remote(context_args, history_ref, reference_ref, threads, worker_fn)
 
     idle = [new_actor() for _ in range(min(max(1, slots), len(queue)))]
     n_actors = len(idle)
@@ -327,13 +336,13 @@ def fan_out(
             try:
                 results = ray.get(ref)
             except WORKER_DEATHS as error:
-                results = [Failure(f"worker died: {_first_line(error)}", permanent=False)] * len(pack)
+                results = [Failure(f"worker died: {first_line(error)}", permanent=False)] * len(pack)
                 ray.kill(actor, no_restart=True)
                 actor = new_actor()
             except RayTaskError as error:
                 cause = error.cause if error.cause is not None else error
                 cannot_start = isinstance(cause, WorkerCannotStart)
-                results = [Failure(_first_line(cause), permanent=cannot_start or isinstance(cause, PERMANENT_ERRORS))] * len(pack)
+                results = [Failure(first_line(cause), permanent=cannot_start or isinstance(cause, PERMANENT_ERRORS))] * len(pack)
                 if cannot_start:  # no worker of this pool can start: send it nothing more
                     while queue:
                         finish(queue.popleft(), results[0])
@@ -368,6 +377,6 @@ def _next_pack(queue: deque, size: int, alone: set) -> list[Work]:
     return pack
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     text = f"{type(error).__name__}: {error}".strip()
     return text.splitlines()[0][:500] if text else type(error).__name__

@@ -26,3 +26,4 @@ class Entry:
 PERSONALIZE_USERS = Entry("cbpo_orch.workers.personalize:personalize_users")
 EMBED_SHARD = Entry("cbpo_orch.workers.embedding:embed_shard")
 BUILD_TASK_ADAPTER = Entry("cbpo_orch.workers.task_adapter:build_task_adapter")
+REFERENCE_SHARD = Entry("cbpo_orch.workers.reference_pass:reference_shard")

@@ -20,7 +20,6 @@ from cbpo_orch.data.tasks import Budgets, Task
 from cbpo_orch.method.config import TrainConfig
 from cbpo_orch.method.methods import method_spec
 from cbpo_orch.method.prior import PriorConfig, estimate_gamma
-from cbpo_orch.method.selection import split_holdout
 from cbpo_orch.training.encoding import BudgetError, encode_pair, within_budget
 from cbpo_orch.training.evaluation import rouge
 from cbpo_orch.training.generation import generate
@@ -40,6 +39,7 @@ from cbpo_orch.training.trainer import (
     slot_groups,
     train_and_hold,
 )
+from cbpo_orch.workers.user_items import user_items
 
 CBPO_METHODS = ("cbpo", "cbpo-raw", "cbpo-nnpu")
 
@@ -47,7 +47,8 @@ CBPO_METHODS = ("cbpo", "cbpo-raw", "cbpo-nnpu")
 @dataclass
 class UserContext:
     """What every user of a job shares, loaded once per worker process; ``reference``
-    holds π_ref's log-probs of every pair trained so far, for all users and methods."""
+    holds π_ref's log-probs of the job's pass and of every pair trained so far, for all
+    users and methods."""
 
     task: Task
     dataset: Dataset
@@ -63,8 +64,11 @@ def load_user_context(
     model_path: str | Path,
     task_adapter: str | Path | None = None,
     device: str = "auto",
+    reference: dict[bytes, float] | None = None,
 ) -> UserContext:
-    return UserContext(task=task, dataset=dataset, history=history, loaded=starting_model(model_path, task_adapter, device))
+    """The worker's context; ``reference``: π_ref's log-probs from the job's pass."""
+    loaded = starting_model(model_path, task_adapter, device)
+    return UserContext(task=task, dataset=dataset, history=history, loaded=loaded, reference=ReferenceLogps(reference))
 
 
 @dataclass
@@ -123,7 +127,7 @@ def personalize_users(
     spec = method_spec(config.method)
     loaded, tokenizer = context.loaded, context.loaded.tokenizer
     budgets = context.task.budgets(config.max_prompt_tokens, config.max_new_tokens)
-    prepared = [_prepare(context, user_id, config, spec) for user_id in user_ids]
+    prepared = [_prepare(context, user_id, config) for user_id in user_ids]
     if not spec.trains:
         answers = _answer(context, prepared, config, budgets)
         return [_outcome(context, item, config, outputs, None, None) for item, outputs in zip(prepared, answers)]
@@ -163,20 +167,14 @@ def _answer(context: UserContext, prepared: list[_Prepared], config: TrainConfig
     return [[next(flat) for _ in own] for own in prompts]
 
 
-def _prepare(context: UserContext, user_id: str, config: TrainConfig, spec) -> _Prepared:
+def _prepare(context: UserContext, user_id: str, config: TrainConfig) -> _Prepared:
     """Hold out → select aux → estimate γ, for one user."""
     phases: dict[str, float] = {}
     with _phase(phases, "aux"):
-        history = context.dataset.examples(user_id, config.max_profile)
-        selects = config.selection and spec.trains
-        positives, held_out = split_holdout(history, config.selection_min_items) if selects else (history, [])
-        own_rows = context.history.rows(positives)
-        n_aux = max(1, round(config.aux_ratio * len(positives)))
-        aux_rows = context.history.auxiliary(user_id, own_rows, n_aux, config.aux_strategy, config.seed)
-        auxiliary = [context.history.examples[row] for row in aux_rows] if spec.uses_aux else []
+        items = user_items(context.dataset, context.history, user_id, config)
     with _phase(phases, "gamma"):
-        gamma, gamma_reason = _gamma(context.history, own_rows, aux_rows, config)
-    return _Prepared(user_id, phases, positives, held_out, auxiliary, gamma, gamma_reason)
+        gamma, gamma_reason = _gamma(context.history, items.own_rows, items.aux_rows, config)
+    return _Prepared(user_id, phases, items.positives, items.held_out, items.auxiliary, gamma, gamma_reason)
 
 
 def _add_work(item: _Prepared, tokenizer, budgets: Budgets, config: TrainConfig, loaded) -> None:

@@ -1,0 +1,36 @@
+"""The job's one π_ref pass: it foresees exactly the pairs a worker trains on (positives and
+aux, the held-out slice left out) and keys them as the worker's memo does, so a worker that
+starts from it computes none of them and trains as it would alone (tiny random-weight model)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cbpo_orch.data.tasks import load_task
+from cbpo_orch.method.config import TrainConfig
+from cbpo_orch.workers.personalize import load_user_context, personalize_users
+from cbpo_orch.workers.reference_pass import reference_shard
+from cbpo_orch.workers.user_items import trained_pairs, user_items
+
+TASK = load_task("lamp4")
+
+
+@pytest.mark.parametrize("method", ["cbpo", "bco"])
+def test_a_worker_started_from_the_jobs_pass_computes_no_pair_and_trains_the_same(tiny_model_dir, sample_history, method):
+    dataset, history = sample_history
+    config = TrainConfig(method=method, lr=5e-3, epochs=2, batch_size=8, max_profile=12, max_prompt_tokens=128, max_new_tokens=12)
+    users = list(dataset.users)[:2]
+    planned = [user_items(dataset, history, user, config) for user in users]
+    assert all(items.held_out for items in planned), "selection holds items out: the pass must leave them out too"
+    values = reference_shard(trained_pairs(planned), str(tiny_model_dir), None, TASK.budgets(128, 12), config.eval_batch_size, 1)
+
+    seeded = load_user_context(TASK, dataset, history, tiny_model_dir, None, "cpu", values)
+    fresh = load_user_context(TASK, dataset, history, tiny_model_dir, None, "cpu")
+    together, alone = personalize_users(seeded, users, config), personalize_users(fresh, users, config)
+
+    assert seeded.reference.computed == 0
+    assert fresh.reference.computed == len(values), "the pass computed what a worker needs, no more"
+    for a, b in zip(together, alone):
+        assert a.metrics["losses"] == pytest.approx(b.metrics["losses"], rel=1e-5, abs=1e-6)
+        assert a.predictions == b.predictions
+
