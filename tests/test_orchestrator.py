@@ -727,6 +727,22 @@ def test_a_shard_plan_uses_every_cpu_and_no_shard_is_small(monkeypatch, items, n
     assert scheduler.shard_plan(items, 512) == expected
 
 
+@pytest.mark.parametrize("items, gpus, rounds, expected", [
+    (100_000, False, 4, (64, 1)),   # four shards per CPU, a CPU each
+    (1000, False, 4, (8, 2)),       # no more than 1000 / 128 rounded up: none far under the minimum
+    (100_000, True, 1, (2, 8)),     # one shard per GPU, the CPUs shared among them
+    (100_000, True, 4, (8, 2)),
+])
+def test_a_shard_plan_takes_rounds_per_device(monkeypatch, items, gpus, rounds, expected):
+    import ray
+
+    from cbpo_orch.orchestrator import scheduler
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 2.0})
+    monkeypatch.setattr(scheduler, "largest_node_cpus", lambda: 16)
+    assert scheduler.shard_plan(items, 128, gpus, rounds) == expected
+
+
 def test_shards_run_at_once_and_come_back_in_order(local_ray, tmp_path):
     from cbpo_orch.orchestrator import scheduler
 

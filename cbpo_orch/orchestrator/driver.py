@@ -216,6 +216,9 @@ def _task_adapter(space: Workspace, spec: JobSpec, resources: Resources, progres
 REFERENCE_MIN_SHARD = 128
 """The fewest pairs one π_ref task gets: each loads the starting model."""
 
+REFERENCE_ROUNDS = 4
+"""π_ref shards per CPU (or GPU): a long pass shows its progress a shard at a time."""
+
 
 def _reference_pass(
     spec: JobSpec, task: Task, dataset: Dataset, history: HistoryIndex, tam_path: str | None, pending: list, resources: Resources, progress: Progress
@@ -244,7 +247,7 @@ def _reference_pass(
         try:
             shards = scheduler.map_shards(
                 REFERENCE_SHARD, list(pairs), spec.model, tam_path, budgets, batch_size,
-                min_shard=REFERENCE_MIN_SHARD, gpus=resources.gpus_per_user > 0, on_done=report,
+                min_shard=REFERENCE_MIN_SHARD, gpus=resources.gpus_per_user > 0, rounds=REFERENCE_ROUNDS, on_done=report,
             )
         except scheduler.TASK_FAILURES as error:
             cause = getattr(error, "cause", None) or error

@@ -244,25 +244,32 @@ def run_remote(fn: Callable, *args, num_cpus: float = 1, num_gpus: float = 0, on
         ray.kill(sink)
 
 
-def shard_plan(items: int, min_shard: int, gpus: bool = False) -> tuple[int, int]:
-    """How to split ``items`` over the cluster: (shards, CPUs for each). As many shards as the
-    cluster has CPUs (with ``gpus``: GPUs, one each), none smaller than ``min_shard`` items
-    (each pays a model load), and every CPU in use: fewer shards get more CPUs each, up to a
-    whole node."""
+def shard_plan(items: int, min_shard: int, gpus: bool = False, rounds: int = 1) -> tuple[int, int]:
+    """How to split ``items`` over the cluster: (shards, CPUs for each). ``rounds`` shards per
+    CPU of the cluster (with ``gpus``: per GPU, one GPU each), none smaller than ``min_shard``
+    items (each pays a model load), and every CPU in use: fewer shards get more CPUs each, up
+    to a whole node. More rounds than one cost a model load each and show progress sooner."""
     have = ray.cluster_resources()
     total = max(1, int(have.get("CPU", 1)))
-    shards = max(1, min(int(have.get("GPU", 0)) if gpus else total, -(-items // max(1, min_shard))))
+    devices = int(have.get("GPU", 0)) if gpus else total
+    shards = max(1, min(devices * rounds, -(-items // max(1, min_shard))))
     return shards, max(1, min(largest_node_cpus(), total // shards))
 
 
 @_cluster_deaths_as_lost()
 def map_shards(
-    fn: Callable, items: list, *args, min_shard: int, gpus: bool = False, on_done: Callable[[int, int], None] = lambda done, total: None
+    fn: Callable,
+    items: list,
+    *args,
+    min_shard: int,
+    gpus: bool = False,
+    rounds: int = 1,
+    on_done: Callable[[int, int], None] = lambda done, total: None,
 ) -> list:
     """``fn(shard, *args, threads=N)`` over contiguous shards of ``items``, as Ray tasks in
     parallel (:func:`shard_plan`; with ``gpus``, one GPU each); returns the shards' results in
     the items' order and calls ``on_done(finished, shards)`` as each finishes."""
-    shards, cpus = shard_plan(len(items), min_shard, gpus)
+    shards, cpus = shard_plan(len(items), min_shard, gpus, rounds)
     task = _call.options(num_cpus=cpus, num_gpus=1 if gpus else 0)
     bounds = [len(items) * k // shards for k in range(shards + 1)]
     refs = [task.remote(fn, items[lo:hi], *args, threads=cpus) for lo, hi in zip(bounds, bounds[1:])]
