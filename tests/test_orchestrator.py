@@ -793,15 +793,20 @@ def test_the_jobs_pi_ref_pass_computes_each_preference_pair_once_and_a_failed_pa
         pending = space.registry.runs(job, states=("pending",))
         shown = {"stage": [], "notice": []}
         progress = driver.Progress(stage=shown["stage"].append, notice=shown["notice"].append)
-        values = driver._reference_pass(spec, task, datasets[0], history, None, pending, resources, progress)
+        values = driver._reference_pass(space, spec, task, datasets[0], history, None, pending, resources, progress)
         planned = [user_items(datasets[0], history, run.user_id, spec.config_for(run.method)) for run in pending if run.method != "sft"]
         return spec, values, trained_pairs(planned), shown
 
     spec, values, pairs, shown = run_pass(("sft", "cbpo", "bco"))  # cbpo and bco share their aux: the pass computes them once
-    alone = reference_shard(pairs, str(tiny_model_dir), None, task.budgets(128, 8), spec.train.eval_batch_size, 1)
+    alone, _ = reference_shard(pairs, str(tiny_model_dir), None, task.budgets(128, 8), spec.train.eval_batch_size, {}, 1)
     assert values.keys() == alone.keys() and len(values) > 0
     assert list(values.values()) == pytest.approx([alone[key] for key in values], abs=1e-4)
     assert shown["stage"][0].startswith(f"π_ref's pass over {len(pairs)} pairs") and shown["notice"] == []
+
+    _, again, _, shown = run_pass(("cbpo",))  # a later job on the same starting model: nothing computed again
+    assert again.items() <= values.items() and shown["notice"] == [
+        f"π_ref: {len(again)} of {len(again)} pairs known from earlier jobs on this starting model"
+    ]
     assert run_pass(("sft",))[1] == {} and run_pass(("sft",))[3]["stage"] == [], "SFT never reads π_ref: no pass"
 
     monkeypatch.setattr(driver, "REFERENCE_SHARD", faulty_worker.reference_shard_fails)

@@ -22,7 +22,8 @@ def test_a_worker_started_from_the_jobs_pass_computes_no_pair_and_trains_the_sam
     users = list(dataset.users)[:2]
     planned = [user_items(dataset, history, user, config) for user in users]
     assert all(items.held_out for items in planned), "selection holds items out: the pass must leave them out too"
-    values = reference_shard(trained_pairs(planned), str(tiny_model_dir), None, TASK.budgets(128, 12), config.eval_batch_size, 1)
+    values, computed = reference_shard(trained_pairs(planned), str(tiny_model_dir), None, TASK.budgets(128, 12), config.eval_batch_size, {}, 1)
+    assert computed == len(values)
 
     seeded = load_user_context(TASK, dataset, history, tiny_model_dir, None, "cpu", values)
     fresh = load_user_context(TASK, dataset, history, tiny_model_dir, None, "cpu")
@@ -34,3 +35,14 @@ def test_a_worker_started_from_the_jobs_pass_computes_no_pair_and_trains_the_sam
         assert a.metrics["losses"] == pytest.approx(b.metrics["losses"], rel=1e-5, abs=1e-6)
         assert a.predictions == b.predictions
 
+
+
+def test_a_shard_computes_only_what_is_not_known(tiny_model_dir, sample_history):
+    dataset, history = sample_history
+    planned = [user_items(dataset, history, user, TrainConfig(method="cbpo", max_profile=8)) for user in list(dataset.users)[:2]]
+    pairs, budgets = trained_pairs(planned), TASK.budgets(128, 12)
+    first, _ = reference_shard(pairs[:5], str(tiny_model_dir), None, budgets, 4, {}, 1)
+    values, computed = reference_shard(pairs, str(tiny_model_dir), None, budgets, 4, first, 1)
+    assert computed == len(values) - 5 and first.items() <= values.items()
+    alone, _ = reference_shard(pairs, str(tiny_model_dir), None, budgets, 4, {}, 1)
+    assert values.keys() == alone.keys() and list(values.values()) == pytest.approx([alone[k] for k in values], abs=1e-4)

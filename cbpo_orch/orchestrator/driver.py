@@ -29,6 +29,7 @@ from cbpo_orch.orchestrator import scheduler
 from cbpo_orch.orchestrator.lease import LEASE_TTL_S, JobLease, LeaseLost
 from cbpo_orch.orchestrator.spec import JobSpec, Resources
 from cbpo_orch.orchestrator.workspace import Workspace
+from cbpo_orch.storage.reference_cache import ReferenceCache, starting_model_fingerprint
 from cbpo_orch.storage.registry import InvalidTransition, Registry
 from cbpo_orch.workers.context import cached_history, history_datasets
 from cbpo_orch.workers.entrypoints import BUILD_TASK_ADAPTER, EMBED_SHARD, PERSONALIZE_USERS, REFERENCE_SHARD
@@ -109,7 +110,8 @@ def _drive(space: Workspace, job_id: str, spec: JobSpec, resources: Resources, p
         datasets = history_datasets(spec.data, spec.split, task)
         history = _history(space, spec, datasets, progress)
         tam_path = _task_adapter(space, spec, resources, progress)
-        reference = _reference_pass(spec, task, datasets[0], history, tam_path, registry.runs(job_id, states=("pending",)), resources, progress)
+        pending = registry.runs(job_id, states=("pending",))
+        reference = _reference_pass(space, spec, task, datasets[0], history, tam_path, pending, resources, progress)
         progress.stage("personalizing users")
         _fan_out(space, job_id, spec, resources, history, reference, tam_path, progress, worker_fn, lease)
     except LeaseLost:
@@ -221,13 +223,22 @@ REFERENCE_ROUNDS = 4
 
 
 def _reference_pass(
-    spec: JobSpec, task: Task, dataset: Dataset, history: HistoryIndex, tam_path: str | None, pending: list, resources: Resources, progress: Progress
+    space: Workspace,
+    spec: JobSpec,
+    task: Task,
+    dataset: Dataset,
+    history: HistoryIndex,
+    tam_path: str | None,
+    pending: list,
+    resources: Resources,
+    progress: Progress,
 ) -> dict[bytes, float]:
     """Stage 3: π_ref's log-probs of every (x, y) pair the pending runs of methods that read
     π_ref will train on (positives and aux, planned by the workers' own ``user_items``), each
-    pair once for the whole job, in shards over the cluster. A user whose items cannot be
-    planned is left to its worker, which fails its run with the reason; a pass that fails
-    leaves each worker to compute its own (the results are the same, only slower)."""
+    pair once for the whole job, in shards over the cluster; pairs that earlier jobs computed
+    under the same starting model come from the home's cache (``storage/reference_cache.py``).
+    A user whose items cannot be planned is left to its worker, which fails its run with the
+    reason; a pass that fails leaves each worker to compute its own (the same results, slower)."""
     groups: dict[tuple, dict[tuple[str, str], None]] = {}
     for run in pending:
         config = spec.config_for(run.method)
@@ -239,22 +250,33 @@ def _reference_pass(
             continue
         key = (task.budgets(config.max_prompt_tokens, config.max_new_tokens), config.eval_batch_size)
         groups.setdefault(key, {}).update(dict.fromkeys(trained_pairs([items])))
+    if not groups:
+        return {}
+    device_kind = "gpu" if resources.gpus_per_user > 0 else "cpu"
+    cache = ReferenceCache(space.cache / "reference" / starting_model_fingerprint([spec.model, tam_path], device_kind))
+    known = cache.load()
     values: dict[bytes, float] = {}
+    computed = 0
     for (budgets, batch_size), pairs in groups.items():
         label = f"π_ref's pass over {len(pairs)} pairs (once per job, shared by its users and methods)"
         progress.stage(label)
         report = _each_tenth(lambda done, shards: progress.stage(f"{label}: {done}/{shards} shards"))
         try:
             shards = scheduler.map_shards(
-                REFERENCE_SHARD, list(pairs), spec.model, tam_path, budgets, batch_size,
+                REFERENCE_SHARD, list(pairs), spec.model, tam_path, budgets, batch_size, known,
                 min_shard=REFERENCE_MIN_SHARD, gpus=resources.gpus_per_user > 0, rounds=REFERENCE_ROUNDS, on_done=report,
             )
         except scheduler.TASK_FAILURES as error:
             cause = getattr(error, "cause", None) or error
             progress.notice(f"π_ref's shared pass failed ({scheduler.first_line(cause)}): each worker computes its own")
             continue
-        for shard in shards:
-            values.update(shard)
+        for shard_values, shard_computed in shards:
+            values.update(shard_values)
+            computed += shard_computed
+    if computed:
+        cache.save({**known, **values})
+    if len(values) > computed:
+        progress.notice(f"π_ref: {len(values) - computed} of {len(values)} pairs known from earlier jobs on this starting model")
     return values
 
 

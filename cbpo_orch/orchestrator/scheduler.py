@@ -271,6 +271,7 @@ def map_shards(
     the items' order and calls ``on_done(finished, shards)`` as each finishes."""
     shards, cpus = shard_plan(len(items), min_shard, gpus, rounds)
     task = _call.options(num_cpus=cpus, num_gpus=1 if gpus else 0)
+    args = [ray.put(arg) for arg in args]  # sent to the object store once, not once per shard
     bounds = [len(items) * k // shards for k in range(shards + 1)]
     refs = [task.remote(fn, items[lo:hi], *args, threads=cpus) for lo, hi in zip(bounds, bounds[1:])]
     waiting = list(refs)

@@ -11,15 +11,22 @@ from cbpo_orch.training.task_adapter import starting_model
 
 
 def reference_shard(
-    pairs: list[tuple[str, str]], model: str, task_adapter: str | None, budgets: Budgets, batch_size: int, threads: int
-) -> dict[bytes, float]:
+    pairs: list[tuple[str, str]],
+    model: str,
+    task_adapter: str | None,
+    budgets: Budgets,
+    batch_size: int,
+    known: dict[bytes, float],
+    threads: int,
+) -> tuple[dict[bytes, float], int]:
     """π_ref's summed completion log-probs of the ``(x, y)`` pairs whose prompt fits the
     budget (the ones training keeps), under the job's starting model, encoded as the trainer
-    encodes them and keyed as its memo keys them."""
+    encodes them and keyed as its memo keys them; those in ``known`` (earlier jobs') are not
+    computed again. Returns the pairs' values and how many were computed."""
     torch.set_num_threads(max(1, threads))
     loaded = starting_model(model, task_adapter)
     tokenizer = loaded.tokenizer
     encoded = [encode_pair(tokenizer, x, y, budgets) for x, y in within_budget(tokenizer, pairs, budgets.prompt_tokens)]
-    memo = ReferenceLogps()
-    memo.fill(loaded.model, encoded, tokenizer.pad_token_id, batch_size, loaded.device)
-    return memo.values
+    memo = ReferenceLogps(known)
+    keys = memo.fill(loaded.model, encoded, tokenizer.pad_token_id, batch_size, loaded.device)
+    return {key: memo.values[key] for key in keys}, memo.computed
