@@ -1,16 +1,18 @@
 """The embedding stage: one process (as the driver embedded before) vs shards on Ray workers.
 
 One run, the same texts, the same machine: every profile pair of a data set's users (the texts
-the history index embeds, ``--limit`` of them) is embedded first in this process at torch's
-default threads, then by ``scheduler.map_shards`` over a local Ray of ``--cpus`` CPUs, exactly
+the history index embeds, ``--limit`` of them) is embedded first in this process on one torch
+thread (one core, as the issue measured the driver), then at torch's default threads, then by
+``scheduler.map_shards`` over a local Ray of ``--cpus`` CPUs, exactly
 as the driver's stage 1 does it (each shard task loads the embedder, so the time counts the
 loads; Ray's own start is left out). The vectors must agree; the table gives texts/s and the
-ratio.
+ratios of the shards to each one-process run.
 
     python bench/embedding.py --data ../shared/data/numpy-commit-subject --task commit-subject
 
 Writes ``bench/results/embedding-cpu-<data>.json``:
-``{"texts", "cpus", "single": {"seconds", "texts_per_s"}, "sharded": {..., "shards"}, "ratio", "max_abs_diff"}``.
+``{"texts", "cpus", "one_thread": {"seconds", "texts_per_s"}, "single": {...}, "sharded": {..., "shards"},
+"ratio", "ratio_vs_one_thread", "max_abs_diff"}`` (``ratio``: against ``single``, the default threads).
 """
 
 from __future__ import annotations
@@ -45,6 +47,12 @@ def main() -> None:
     datasets = history_datasets(args.data, args.split, load_task(args.task))
     texts = [pair_text(e.x, e.y) for d in datasets for e in d.profile_examples()][: args.limit]
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    embed(load_embedder(), texts)
+    one_thread_s = time.perf_counter() - started
+    torch.set_num_threads(threads)
     started = time.perf_counter()
     alone = embed(load_embedder(), texts)
     single_s = time.perf_counter() - started
@@ -63,15 +71,18 @@ def main() -> None:
 
     result = {
         "data": str(args.data), "texts": len(texts), "cpus": args.cpus, "torch_threads": torch.get_num_threads(),
+        "one_thread": {"seconds": round(one_thread_s, 2), "texts_per_s": round(len(texts) / one_thread_s, 1)},
         "single": {"seconds": round(single_s, 2), "texts_per_s": round(len(texts) / single_s, 1)},
         "sharded": {"seconds": round(sharded_s, 2), "texts_per_s": round(len(texts) / sharded_s, 1), "shards": shards},
         "ratio": round(single_s / sharded_s, 2),
+        "ratio_vs_one_thread": round(one_thread_s / sharded_s, 2),
         "max_abs_diff": float(np.abs(alone - sharded).max()),
     }
     print("| path | texts | seconds | texts/s |\n|---|---|---|---|")
+    print(f"| one process (1 torch thread) | {len(texts)} | {one_thread_s:.1f} | {result['one_thread']['texts_per_s']} |")
     print(f"| one process ({result['torch_threads']} torch threads) | {len(texts)} | {single_s:.1f} | {result['single']['texts_per_s']} |")
     print(f"| {shards} shards on Ray ({args.cpus} CPUs) | {len(texts)} | {sharded_s:.1f} | {result['sharded']['texts_per_s']} |")
-    print(f"ratio {result['ratio']}×, largest difference between the vectors {result['max_abs_diff']:.1e}")
+    print(f"ratio {result['ratio']}× ({result['ratio_vs_one_thread']}× against one thread), largest difference between the vectors {result['max_abs_diff']:.1e}")
     out = HERE / "results" / f"embedding-cpu-{args.data.name}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
