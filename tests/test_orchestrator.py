@@ -668,7 +668,8 @@ def test_more_workers_than_the_cluster_fits_runs_what_fits_and_says_so(local_ray
     spec, resources = JobSpec.from_config(space.registry.job(job).config)
     notices = []
     with JobLease(space.registry, job, 60) as lease:
-        driver._fan_out(space, job, spec, replace(resources, workers=50), SimpleNamespace(examples=[]), {}, None,
+        driver._fan_out(space, job, spec, replace(resources, workers=50), space.registry.runs(job, states=("pending",)),
+                        SimpleNamespace(examples=[]), {}, None,
                         driver.Progress(notice=notices.append), None, lease)
     fits = scheduler.cluster_slots(1, 0)
     assert asked == [fits] and fits < 50
@@ -703,7 +704,7 @@ def test_the_driver_sends_the_largest_users_first(home, tiny_model_dir, dev_user
     examples = [e for user, own in by_user.items() for e in own[: keep.get(user, len(own))]]
     history = SimpleNamespace(examples=examples)
     with JobLease(space.registry, job, 60) as lease:
-        driver._fan_out(space, job, spec, resources, history, {}, None, driver.Progress(), None, lease)
+        driver._fan_out(space, job, spec, resources, space.registry.runs(job, states=("pending",)), history, {}, None, driver.Progress(), None, lease)
     sizes = Counter(example.user_id for example in examples)
     assert sorted(sent) == sorted(dev_users) and len({sizes[u] for u in dev_users}) > 1
     assert [sizes[u] for u in sent] == sorted((sizes[u] for u in dev_users), reverse=True)

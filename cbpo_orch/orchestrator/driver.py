@@ -113,7 +113,7 @@ def _drive(space: Workspace, job_id: str, spec: JobSpec, resources: Resources, p
         pending = registry.runs(job_id, states=("pending",))
         reference = _reference_pass(space, spec, task, datasets[0], history, tam_path, pending, resources, progress)
         progress.stage("personalizing users")
-        _fan_out(space, job_id, spec, resources, history, reference, tam_path, progress, worker_fn, lease)
+        _fan_out(space, job_id, spec, resources, pending, history, reference, tam_path, progress, worker_fn, lease)
     except LeaseLost:
         raise  # the job is the other driver's now: leave its state alone
     except scheduler.ClusterLost as lost:
@@ -267,8 +267,7 @@ def _reference_pass(
                 min_shard=REFERENCE_MIN_SHARD, gpus=resources.gpus_per_user > 0, rounds=REFERENCE_ROUNDS, on_done=report,
             )
         except scheduler.TASK_FAILURES as error:
-            cause = getattr(error, "cause", None) or error
-            progress.notice(f"π_ref's shared pass failed ({scheduler.first_line(cause)}): each worker computes its own")
+            progress.notice(f"π_ref's shared pass failed ({scheduler.first_line(scheduler.task_cause(error))}): each worker computes its own")
             continue
         for shard_values, shard_computed in shards:
             values.update(shard_values)
@@ -285,6 +284,7 @@ def _fan_out(
     job_id: str,
     spec: JobSpec,
     resources: Resources,
+    pending: list,
     history,
     reference: dict[bytes, float],
     tam_path: str | None,
@@ -293,7 +293,6 @@ def _fan_out(
     lease: JobLease,
 ) -> None:
     registry = space.registry
-    pending = registry.runs(job_id, states=("pending",))
     runs = {run.run_id: run for run in pending}
     tally = _Tally()
     sizes = Counter(example.user_id for example in history.examples)

@@ -348,7 +348,7 @@ def fan_out(
                 ray.kill(actor, no_restart=True)
                 actor = new_actor()
             except RayTaskError as error:
-                cause = error.cause if error.cause is not None else error
+                cause = task_cause(error)
                 cannot_start = isinstance(cause, WorkerCannotStart)
                 results = [Failure(first_line(cause), permanent=cannot_start or isinstance(cause, PERMANENT_ERRORS))] * len(pack)
                 if cannot_start:  # no worker of this pool can start: send it nothing more
@@ -383,6 +383,12 @@ def _next_pack(queue: deque, size: int, alone: set) -> list[Work]:
         (pack if unit.config == pack[0].config and unit.key not in alone else rest).append(unit)
     queue.extendleft(reversed(rest))
     return pack
+
+
+def task_cause(error: BaseException) -> BaseException:
+    """What a Ray task raised: a ``RayTaskError``'s cause, or the error itself."""
+    cause = getattr(error, "cause", None)
+    return cause if cause is not None else error
 
 
 def first_line(error: BaseException) -> str:

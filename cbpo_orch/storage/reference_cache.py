@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 KEY_BYTES = 16
+"""The width of a pair's key (``training/reference_logps.py`` digests its token ids to it)."""
 _FILE = "logps.npz"
 
 

@@ -15,12 +15,13 @@ import hashlib
 from array import array
 import torch
 
+from cbpo_orch.storage.reference_cache import KEY_BYTES
 from cbpo_orch.training.encoding import EncodedPair, sequence_logps
 from cbpo_orch.training.multi_lora import MultiLora
 
 
 def _key(pair: EncodedPair) -> bytes:
-    return hashlib.blake2b(array("q", (pair.prompt_len, *pair.input_ids)).tobytes(), digest_size=16).digest()
+    return hashlib.blake2b(array("q", (pair.prompt_len, *pair.input_ids)).tobytes(), digest_size=KEY_BYTES).digest()
 
 
 class ReferenceLogps:
