@@ -12,12 +12,15 @@ user's own item, as a job draws aux from everyone else's history), and
 measured here, quality is ``bench/quality.py``'s job. With ``--shape`` the model has random
 weights built from a config (labelled so); ``--model PATH`` loads a real one.
 
-Seconds per phase: ``reference`` (π_ref's pass over the items the path's memo has not seen,
-as in one worker; ``reference_pairs``: how many of the requested pairs went through the
-model), ``training`` (the steps), ``generation`` (the queries), ``export`` (each adapter as
-stock peft files) for each path, and, measured once since packing does not change them, ``index`` (a FAISS index over
-every user's items, 384-d random unit vectors, and each user's aux pulled from it),
-``gamma`` (γ estimated per user on those vectors) and ``registry`` (each user's adapter
+π_ref's log-probs come first, once for both paths, as a job's π_ref pass computes them
+before the fan-out: every distinct pair of every user in one pass (``reference`` among the
+shared phases; ``reference_pairs``: how many pairs the users ask for and how many went
+through the model). Each path then starts from those values, as every worker of a job does.
+Seconds per phase of each path: ``training`` (the steps), ``generation`` (the queries),
+``export`` (each adapter as stock peft files), and ``reference`` (what its memo still had to
+compute: nothing). Measured once, since packing does not change them: ``index`` (a FAISS
+index over every user's items, 384-d random unit vectors, and each user's aux pulled from
+it), ``gamma`` (γ estimated per user on those vectors) and ``registry`` (each user's adapter
 folder and metrics written to a SQLite registry, as the driver does). The last three need
 FAISS, scikit-learn and SQLAlchemy; where one is missing (the lent GPU machines) its phase
 is left out and said so. users/hour is end to end over every phase measured.
@@ -157,7 +160,7 @@ def run_pack(
     """The worker's path for one pack: train ``users`` through ``n_slots`` slots (a slot
     whose user ends takes the next), then, ``n_slots`` users at a time, load their adapters,
     answer their ``prompts`` in shared batches and export each adapter. π_ref's log-probs
-    come from the worker's ``reference`` memo."""
+    come from ``reference`` (the job's pass; it computes what it lacks)."""
     pack = Pack()
     with attached_multi_lora(model, config.lora, n_slots) as multi:
         started = clock(device)
@@ -182,6 +185,18 @@ def run_alone(model, users, prompts, config, device, new_tokens, reference: Refe
     for user, own in zip(users, prompts):
         total.add(run_pack(model, [user], [own], config, device, 1, new_tokens, reference))
     return total
+
+
+def reference_pass(model, users: list[UserTraining], config: TrainConfig, device) -> tuple[ReferenceLogps, dict]:
+    """The job's π_ref pass: every pair the users train on (KTO's mismatched pairs too),
+    each distinct one computed once in batches of ``config.eval_batch_size``; with the
+    pairs requested and computed. Nothing for a method that never reads π_ref."""
+    memo = ReferenceLogps()
+    pairs = [s.pair for user in users for s in user.samples] + [pair for user in users for pair in user.kl_pairs or []]
+    if not method_spec(config.method).uses_reference:
+        return memo, {"requested": 0, "computed": 0}
+    memo.fill(model, pairs, PadOnly.pad_token_id, config.eval_batch_size, device)
+    return memo, {"requested": len(pairs), "computed": memo.computed}
 
 
 def check(model, users: list[UserTraining], config: TrainConfig, device) -> dict:
@@ -284,19 +299,21 @@ def main(argv: list[str] | None = None) -> int:
     n_slots = pack_slots(model, config.lora, users, config.batch_size, device)
     report["slots"] = n_slots
     tokens = trained_tokens(users, args.epochs)
+    started = clock(device)
+    job_pass, report["reference_pairs"] = reference_pass(model, users, config, device)
+    reference_seconds = clock(device) - started
     packs = {}
-    requested = sum(len(user.samples) for user in users) if method_spec(args.method).uses_reference else 0
     for mode, run in (("single", lambda memo: run_alone(model, users, prompts, config, device, args.new_tokens, memo)),
                       ("multi", lambda memo: run_pack(model, users, prompts, config, device, n_slots, args.new_tokens, memo))):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        memo = ReferenceLogps()
+        memo = ReferenceLogps(job_pass.values)
         packs[mode] = run(memo)
         report[mode] = {"phase_seconds": {k: round(v, 2) for k, v in packs[mode].seconds.items()},
-                        "reference_pairs": {"requested": requested, "computed": memo.computed},
+                        "reference_pairs_computed": memo.computed,
                         "train_tokens_per_s": round(tokens / (packs[mode].seconds["reference"] + packs[mode].seconds["training"])),
                         "peak_memory_gb": round(peak_memory_gb(device), 2)}
-    shared = {**index_and_gamma_seconds(users), **registry_seconds(packs["multi"].files)}
+    shared = {"reference": reference_seconds, **index_and_gamma_seconds(users), **registry_seconds(packs["multi"].files)}
     report["shared_phase_seconds"] = {k: round(v, 2) for k, v in shared.items()}
     for mode in packs:
         seconds = sum(packs[mode].seconds.values()) + sum(shared.values())
@@ -309,8 +326,9 @@ def main(argv: list[str] | None = None) -> int:
         r = report[mode]
         print(f"{mode:8s} {r['users_per_hour']:>10.1f} {r['train_tokens_per_s']:>12d} {r['seconds']:>9.2f} {r['peak_memory_gb']:>8.2f}  "
               + " ".join(f"{r['phase_seconds'][p]:>10.2f}" for p in phases))
-    pairs = report["single"]["reference_pairs"]
-    print(f"π_ref: {pairs['computed']} of {pairs['requested']} requested pairs computed (the rest from the worker's memo)")
+    pairs = report["reference_pairs"]
+    print(f"π_ref, the job's pass: {pairs['computed']} distinct pairs of the {pairs['requested']} the users train on; "
+          f"the paths' memos then computed {report['single']['reference_pairs_computed']} and {report['multi']['reference_pairs_computed']}")
     print("both paths: " + (", ".join(f"{k} {v:.2f} s" for k, v in report["shared_phase_seconds"].items()) or "no shared phase measured"))
     print(f"multi / single: {report['ratio']:.2f}×  ({report['device']}, {name}, {args.users} users in {n_slots} slots, {args.method}, "
           f"{args.epochs} epoch, {args.queries} queries × {args.new_tokens} tokens)")

@@ -330,7 +330,7 @@ def test_packed_training_equals_each_user_trained_alone(tiny_model_dir, pad_id):
     )
     work = [UserTraining([Sample(pair, True) for pair in pairs], seed=USER_SEEDS[u]) for u, pairs in enumerate(users)]
     with attached_multi_lora(load_base(tiny_model_dir), LORA, len(users)) as multi:
-        results = train_adapters(multi, _Tokenizer(pad_id), work, config, "cpu")
+        results = train_adapters(multi, _Tokenizer(pad_id), work, config, "cpu", per_pass=len(users))
         packed_weights = [multi.slot_state(slot) for slot in range(len(users))]
     for user, (pairs, plan) in enumerate(zip(users, plans)):
         losses, weights = train_alone(base, pairs, plan, USER_SEEDS[user], pad_id)

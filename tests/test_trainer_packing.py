@@ -1,5 +1,6 @@
 """Packing users never changes a user's result: train_adapters with 4 users of unequal
-sizes in one pass, or streamed through 2 slots (a slot whose user ends takes the next),
+sizes in one forward/backward per step (as on a GPU), or streamed through 2 slots (a slot
+whose user ends takes the next) with each user's rows in a pass of their own (as on a CPU),
 gives each the losses, weights, reference state and chosen epoch it gets trained alone
 (one slot), for every method (tiny random-weight model, fp32, dropout 0)."""
 
@@ -12,7 +13,7 @@ from cbpo_orch.data.tasks import Budgets
 from cbpo_orch.method.config import LoraSettings, TrainConfig
 from cbpo_orch.training.models import load_model
 from cbpo_orch.training.multi_lora import attached_multi_lora
-from cbpo_orch.training.trainer import UserTraining, encode_samples, held_out_logp, mismatched_pairs, slot_schedule, train_adapters
+from cbpo_orch.training.trainer import UserTraining, encode_samples, held_out_logp, mismatched_pairs, slot_schedule, train_adapters, users_per_pass
 
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
 BUDGETS = Budgets(48, 12)
@@ -55,7 +56,7 @@ def test_users_trained_together_get_what_each_gets_alone(loaded, method):
         config = TrainConfig(method=method, epochs=2, lr=1e-2, batch_size=4, lora=LORA)
         work = [user_work(tokenizer, u, n_own, n_aux, method, pad_id, loaded.model) for u, (n_own, n_aux) in enumerate(SIZES)]
         with attached_multi_lora(loaded.model, LORA, len(work)) as multi:
-            together = train_adapters(multi, tokenizer, work, config, "cpu")
+            together = train_adapters(multi, tokenizer, work, config, "cpu", per_pass=len(work))
             packed = [multi.slot_state(slot) for slot in range(len(work))]
         ended = {}
         with attached_multi_lora(loaded.model, LORA, 2) as multi:
@@ -93,3 +94,28 @@ def test_more_users_than_slots_need_someone_to_take_each_ended_adapter(loaded):
     work = [user_work(tokenizer, u, 3, 3, "sft", pad_id, loaded.model) for u in range(3)]
     with attached_multi_lora(loaded.model, LORA, 2) as multi, pytest.raises(ValueError, match="3 users for 2 adapter slots need an on_done"):
         train_adapters(multi, tokenizer, work, TrainConfig(method="sft", epochs=1, lora=LORA), "cpu")
+
+
+def rows_per_forward(model) -> tuple[list[int], object]:
+    """The batch sizes of ``model``'s forwards, recorded from now on (and the hook's handle)."""
+    sizes: list[int] = []
+    handle = model.register_forward_pre_hook(lambda _, args, kwargs: sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    return sizes, handle
+
+
+def test_a_cpu_step_passes_each_users_rows_alone_and_a_gpu_step_passes_all(loaded):
+    assert users_per_pass("cpu", 8) == 1
+    assert users_per_pass(torch.device("cuda"), 8) == 8
+    tokenizer, pad_id = loaded.tokenizer, loaded.tokenizer.pad_token_id
+    config = TrainConfig(method="sft", epochs=1, batch_size=4, lora=LORA)
+    work = [user_work(tokenizer, u, n_own, n_aux, "sft", pad_id, loaded.model) for u, (n_own, n_aux) in enumerate(SIZES)]
+    for user in work:
+        user.validate = None  # its forwards are not the step's
+    for per_pass, first_step in ((None, [4, 4, 4, 4]), (4, [16]), (3, [12, 4])):
+        sizes, handle = rows_per_forward(loaded.model)
+        try:
+            with attached_multi_lora(loaded.model, LORA, len(work)) as multi:
+                train_adapters(multi, tokenizer, work, config, "cpu", per_pass=per_pass)
+        finally:
+            handle.remove()
+        assert sizes[: len(first_step)] == first_step, per_pass
