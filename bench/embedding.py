@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cbpo_orch.data.embedding import embed, load_embedder, pair_text
+from cbpo_orch.data.embedding import embed, embedding_cost, load_embedder, pair_text
 from cbpo_orch.data.tasks import load_task
 from cbpo_orch.orchestrator import driver, scheduler
 from cbpo_orch.workers.context import history_datasets
@@ -64,7 +64,7 @@ def main() -> None:
         ray.get([ray.remote(lambda: None).options(num_cpus=1).remote() for _ in range(args.cpus)])  # workers up
         shards, _ = scheduler.shard_plan(len(texts), driver.EMBED_MIN_SHARD)
         started = time.perf_counter()
-        sharded = np.concatenate(scheduler.map_shards(embed_shard, texts, None, min_shard=driver.EMBED_MIN_SHARD))
+        sharded = np.concatenate(scheduler.map_shards(embed_shard, texts, None, min_shard=driver.EMBED_MIN_SHARD, cost=embedding_cost))
         sharded_s = time.perf_counter() - started
     finally:
         ray.shutdown()

@@ -744,6 +744,20 @@ def test_a_shard_plan_takes_rounds_per_device(monkeypatch, items, gpus, rounds, 
     assert scheduler.shard_plan(items, 128, gpus, rounds) == expected
 
 
+@pytest.mark.parametrize("costs, shards, expected", [
+    ([1] * 10, 2, [0, 5, 10]),
+    ([1] * 10, 3, [0, 3, 7, 10]),            # ends nearest 3⅓ and 6⅔
+    ([5, 1, 1, 1, 1, 1], 2, [0, 1, 6]),      # one long item is a shard's whole share
+    ([1, 1, 1, 1, 1, 5], 2, [0, 5, 6]),
+    ([9, 1, 1, 1], 3, [0, 1, 2, 4]),         # never an empty shard while items last
+    ([1, 1], 4, [0, 1, 2]),                  # no more shards than items
+])
+def test_shards_are_even_in_cost_and_never_empty(costs, shards, expected):
+    from cbpo_orch.orchestrator import scheduler
+
+    assert scheduler.shard_bounds(costs, shards) == expected
+
+
 def test_shards_run_at_once_and_come_back_in_order(local_ray, tmp_path):
     from cbpo_orch.orchestrator import scheduler
 
@@ -751,8 +765,9 @@ def test_shards_run_at_once_and_come_back_in_order(local_ray, tmp_path):
     assert shards == min(3, scheduler.largest_node_cpus()) >= 2, "this test needs a Ray of 2 CPUs or more"
     done = []
     parts = scheduler.map_shards(faulty_worker.meet_the_other_shards, list(range(10)), str(tmp_path), shards, min_shard=4,
-                                 on_done=lambda finished, total: done.append((finished, total)))
+                                 cost=lambda item: 9 if item == 0 else 1, on_done=lambda finished, total: done.append((finished, total)))
     assert [item for items, _, _ in parts for item in items] == list(range(10))
+    assert [len(items) for items, _, _ in parts] == {2: [1, 9], 3: [1, 3, 6]}[shards]  # item 0 costs 9 of the 18
     assert all(met and threads == cpus for _, threads, met in parts)  # every shard ran while the others did
     assert done == [(k, shards) for k in range(1, shards + 1)]
 

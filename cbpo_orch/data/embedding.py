@@ -41,6 +41,12 @@ def load_embedder(name: str | None = None, device: str = "cpu"):
     return model
 
 
+def embedding_cost(text: str) -> int:
+    """About what embedding ``text`` costs, for even shards: its characters, up to the 128
+    word pieces the embedder reads (about 4 characters each)."""
+    return min(len(text), 4 * EMBED_MAX_TOKENS)
+
+
 def pair_text(x: str, y: str) -> str:
     return f"{y}\n{x}"
 

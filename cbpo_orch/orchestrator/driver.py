@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cbpo_orch.data.dataset import DataError, Dataset
+from cbpo_orch.data.embedding import embedding_cost
 from cbpo_orch.data.history import HistoryIndex
 from cbpo_orch.data.tasks import Task, load_task
 from cbpo_orch.method.methods import method_spec
@@ -177,7 +178,7 @@ def _history(space: Workspace, spec: JobSpec, datasets: list[Dataset], progress:
 
     def on_cluster(texts: list[str]):
         report = _each_tenth(lambda done, shards: progress.stage(f"{label}: {done}/{shards} shards of {len(texts)} texts"))
-        return np.concatenate(scheduler.map_shards(EMBED_SHARD, texts, spec.embedder, min_shard=EMBED_MIN_SHARD, on_done=report))
+        return np.concatenate(scheduler.map_shards(EMBED_SHARD, texts, spec.embedder, min_shard=EMBED_MIN_SHARD, cost=embedding_cost, on_done=report))
 
     return cached_history(space.cache, datasets, spec.embedder, on_cluster)
 
@@ -264,7 +265,8 @@ def _reference_pass(
         try:
             shards = scheduler.map_shards(
                 REFERENCE_SHARD, list(pairs), spec.model, tam_path, budgets, batch_size, known,
-                min_shard=REFERENCE_MIN_SHARD, gpus=resources.gpus_per_user > 0, rounds=REFERENCE_ROUNDS, on_done=report,
+                min_shard=REFERENCE_MIN_SHARD, gpus=resources.gpus_per_user > 0, rounds=REFERENCE_ROUNDS,
+                cost=lambda pair: len(pair[0]) + len(pair[1]), on_done=report,
             )
         except scheduler.TASK_FAILURES as error:
             progress.notice(f"π_ref's shared pass failed ({scheduler.first_line(scheduler.task_cause(error))}): each worker computes its own")

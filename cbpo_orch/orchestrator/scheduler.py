@@ -256,6 +256,22 @@ def shard_plan(items: int, min_shard: int, gpus: bool = False, rounds: int = 1) 
     return shards, max(1, min(largest_node_cpus(), total // shards))
 
 
+def shard_bounds(costs: list[float], shards: int) -> list[int]:
+    """Where ``shards`` contiguous shards of items of these ``costs`` start and end
+    (``shards + 1`` indices from 0 to ``len(costs)``): each shard ends where the running cost
+    comes nearest its even share of the total, and none is empty (while items last)."""
+    n, total = len(costs), float(sum(costs))
+    shards = max(1, min(shards, n))
+    bounds, running, k = [0], 0.0, 0
+    for j in range(1, shards):
+        target = total * j / shards
+        while k < n - (shards - j) and (k < bounds[-1] + 1 or abs(running + costs[k] - target) <= abs(running - target)):
+            running += costs[k]
+            k += 1
+        bounds.append(k)
+    return bounds + [n]
+
+
 @_cluster_deaths_as_lost()
 def map_shards(
     fn: Callable,
@@ -264,15 +280,17 @@ def map_shards(
     min_shard: int,
     gpus: bool = False,
     rounds: int = 1,
+    cost: Callable[[object], float] = lambda item: 1.0,
     on_done: Callable[[int, int], None] = lambda done, total: None,
 ) -> list:
     """``fn(shard, *args, threads=N)`` over contiguous shards of ``items``, as Ray tasks in
-    parallel (:func:`shard_plan`; with ``gpus``, one GPU each); returns the shards' results in
-    the items' order and calls ``on_done(finished, shards)`` as each finishes."""
+    parallel (:func:`shard_plan`; with ``gpus``, one GPU each), the shards even in summed
+    ``cost`` (:func:`shard_bounds`: a shard of long items ends sooner); returns the shards'
+    results in the items' order and calls ``on_done(finished, shards)`` as each finishes."""
     shards, cpus = shard_plan(len(items), min_shard, gpus, rounds)
     task = _call.options(num_cpus=cpus, num_gpus=1 if gpus else 0)
     args = [ray.put(arg) for arg in args]  # sent to the object store once, not once per shard
-    bounds = [len(items) * k // shards for k in range(shards + 1)]
+    bounds = shard_bounds([cost(item) for item in items], shards)
     refs = [task.remote(fn, items[lo:hi], *args, threads=cpus) for lo, hi in zip(bounds, bounds[1:])]
     waiting = list(refs)
     while waiting:
