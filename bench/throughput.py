@@ -25,6 +25,10 @@ folder and metrics written to a SQLite registry, as the driver does). The last t
 FAISS, scikit-learn and SQLAlchemy; where one is missing (the lent GPU machines) its phase
 is left out and said so. users/hour is end to end over every phase measured.
 
+``--pass-rows 1,8,32,64`` first times one forward/backward of a one-slot adapter over that
+many rows of ``--seq`` tokens each (tokens/s per row count, ``pass_tokens_per_s`` in the
+JSON): what ``users_per_pass`` rests on, a pass of many users' rows against one user's.
+
 ``--check`` first trains 4 of the users together and alone on this device and dtype (LoRA
 dropout 0, so that both see the same computation) and prints how far apart they end (the
 GPU form of tests/test_trainer_packing.py; the tolerance is stated in the output). The
@@ -56,7 +60,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 
 from cbpo_orch.method.config import LoraSettings, TrainConfig
 from cbpo_orch.method.methods import method_spec
-from cbpo_orch.training.encoding import EncodedPair
+from cbpo_orch.training.encoding import EncodedPair, collate, completion_logps
 from cbpo_orch.training.generation import greedy_ids
 from cbpo_orch.training.models import load_model, resolve_device, training_dtype
 from cbpo_orch.training.multi_lora import attached_multi_lora
@@ -199,6 +203,28 @@ def reference_pass(model, users: list[UserTraining], config: TrainConfig, device
     return memo, {"requested": len(pairs), "computed": memo.computed}
 
 
+def pass_rates(model, lora: LoraSettings, rows: list[int], seq: int, device, repeats: int = 2) -> dict[str, float]:
+    """Train tokens/s of one forward/backward of a one-slot adapter over ``rows`` rows of
+    ``seq`` random tokens (the last 64 the completion), after one untimed pass, per row count."""
+    rng = random.Random(0)
+    rates = {}
+    with attached_multi_lora(model, lora, 1) as multi:
+        multi.init_slot(0, seed=0)
+        model.train()
+        for n in rows:
+            pairs = [EncodedPair(tuple(rng.randrange(1, model.config.vocab_size) for _ in range(seq)), seq - 64) for _ in range(n)]
+            batch = collate(pairs, PadOnly.pad_token_id).to(device)
+            for repeat in range(repeats + 1):
+                if repeat == 1:
+                    started = clock(device)
+                with multi.routed(torch.zeros(n, dtype=torch.long, device=device)):
+                    completion_logps(model, batch)[0].sum().backward()
+            rates[str(n)] = round(repeats * n * seq / (clock(device) - started))
+            print(f"one pass of {n:3d} rows × {seq} tokens: {rates[str(n)]:>8d} train tokens/s", flush=True)
+        model.eval()
+    return rates
+
+
 def check(model, users: list[UserTraining], config: TrainConfig, device) -> dict:
     dtype = next(model.parameters()).dtype
     loss_tol, weight_tol = CHECK_TOLERANCE.get(dtype, CHECK_TOLERANCE[torch.bfloat16])
@@ -283,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--check", action="store_true", help="first check packed = alone on this device")
+    parser.add_argument("--pass-rows", default="", help="first time one forward/backward at these row counts, e.g. 1,8,32,64")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for the JSON report")
     args = parser.parse_args(argv)
 
@@ -293,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     prompts = synthetic_prompts(users, args.queries)
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "model": name, "users": args.users,
               "seq": args.seq, "method": args.method, "epochs": args.epochs, "queries": args.queries, "new_tokens": args.new_tokens}
+    if args.pass_rows:
+        report["pass_tokens_per_s"] = pass_rates(model, config.lora, [int(n) for n in args.pass_rows.split(",")], args.seq, device)
     if args.check:
         report["check"] = check(model, users[:4], replace(config, lora=LoraSettings(dropout=0.0)), device)
 

@@ -17,12 +17,14 @@ SPEC.loader.exec_module(throughput)
 
 
 def test_throughput_report_and_check_on_cpu(tmp_path):
-    argv = ["--shape", "tiny", "--users", "4", "--queries", "1", "--new-tokens", "4", "--device", "cpu", "--check", "--out", str(tmp_path)]
+    argv = ["--shape", "tiny", "--users", "4", "--queries", "1", "--new-tokens", "4", "--device", "cpu", "--check", "--pass-rows", "1,4",
+            "--out", str(tmp_path)]
     assert throughput.main(argv) == 0
     [report_file] = tmp_path.glob("throughput-cpu-tiny-random-weights.json")
     report = json.loads(report_file.read_text())
     assert {"device", "model", "users", "single", "multi", "ratio", "check", "shared_phase_seconds"} <= report.keys()
     assert report["check"]["passed"] and report["check"]["loss_rel_diff"] <= report["check"]["tolerance"][0]
+    assert set(report["pass_tokens_per_s"]) == {"1", "4"} and all(rate > 0 for rate in report["pass_tokens_per_s"].values())
     assert report["slots"] == 4  # a CPU gives every user of the pack a slot
     shared = report["shared_phase_seconds"]
     assert set(shared) == {"reference", "index", "gamma", "registry"} and all(shared[k] > 0 for k in ("reference", "gamma", "registry"))
