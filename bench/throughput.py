@@ -25,7 +25,7 @@ folder and metrics written to a SQLite registry, as the driver does). The last t
 FAISS, scikit-learn and SQLAlchemy; where one is missing (the lent GPU machines) its phase
 is left out and said so. users/hour is end to end over every phase measured.
 
-``--pass-rows 1,8,32,64`` first times one forward/backward of a one-slot adapter over that
+``--pass-rows 1,8,32,64`` then times one forward/backward of a one-slot adapter over that
 many rows of ``--seq`` tokens each (tokens/s per row count, ``pass_tokens_per_s`` in the
 JSON): what ``users_per_pass`` rests on, a pass of many users' rows against one user's.
 
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--check", action="store_true", help="first check packed = alone on this device")
-    parser.add_argument("--pass-rows", default="", help="first time one forward/backward at these row counts, e.g. 1,8,32,64")
+    parser.add_argument("--pass-rows", default="", help="after both paths, time one forward/backward at these row counts, e.g. 1,8,32,64")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for the JSON report")
     args = parser.parse_args(argv)
 
@@ -320,8 +320,6 @@ def main(argv: list[str] | None = None) -> int:
     prompts = synthetic_prompts(users, args.queries)
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "model": name, "users": args.users,
               "seq": args.seq, "method": args.method, "epochs": args.epochs, "queries": args.queries, "new_tokens": args.new_tokens}
-    if args.pass_rows:
-        report["pass_tokens_per_s"] = pass_rates(model, config.lora, [int(n) for n in args.pass_rows.split(",")], args.seq, device)
     if args.check:
         report["check"] = check(model, users[:4], replace(config, lora=LoraSettings(dropout=0.0)), device)
 
@@ -348,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         seconds = sum(packs[mode].seconds.values()) + sum(shared.values())
         report[mode].update(seconds=round(seconds, 2), users_per_hour=round(3600 * len(users) / seconds, 1))
     report["ratio"] = round(report["multi"]["users_per_hour"] / report["single"]["users_per_hour"], 3)
+    if args.pass_rows:  # after the paths: its passes of many rows would be every path's peak memory
+        report["pass_tokens_per_s"] = pass_rates(model, config.lora, [int(n) for n in args.pass_rows.split(",")], args.seq, device)
 
     phases = list(packs["single"].seconds)
     print(f"{'path':8s} {'users/h':>10s} {'train tok/s':>12s} {'seconds':>9s} {'peak GB':>8s}  " + " ".join(f"{p:>10s}" for p in phases))

@@ -814,18 +814,19 @@ def test_the_jobs_pi_ref_pass_computes_each_preference_pair_once_and_a_failed_pa
         return spec, values, trained_pairs(planned), shown
 
     spec, values, pairs, shown = run_pass(("sft", "cbpo", "bco"))  # cbpo and bco share their aux: the pass computes them once
-    alone, _ = reference_shard(pairs, str(tiny_model_dir), None, task.budgets(128, 8), spec.train.eval_batch_size, {}, 1)
+    alone = dict(reference_shard(pairs, str(tiny_model_dir), None, task.budgets(128, 8), spec.train.eval_batch_size, 1).values())
     assert values.keys() == alone.keys() and len(values) > 0
     assert list(values.values()) == pytest.approx([alone[key] for key in values], abs=1e-4)
     assert shown["stage"][0].startswith(f"π_ref's pass over {len(pairs)} pairs") and shown["notice"] == []
 
-    _, again, _, shown = run_pass(("cbpo",))  # a later job on the same starting model: nothing computed again
-    assert again.items() <= values.items() and shown["notice"] == [
-        f"π_ref: {len(again)} of {len(again)} pairs known from earlier jobs on this starting model"
+    monkeypatch.setattr(driver, "REFERENCE_SHARD", faulty_worker.reference_shard_fails)  # nothing may reach the cluster now
+    _, again, planned, shown = run_pass(("cbpo",))  # a later job on the same starting model: every pair known, no pass
+    assert again.items() <= values.items() and len(again) == len(planned) and shown["stage"] == [] and shown["notice"] == [
+        f"π_ref: {len(planned)} of {len(planned)} pairs known from earlier jobs on this starting model"
     ]
     assert run_pass(("sft",))[1] == {} and run_pass(("sft",))[3]["stage"] == [], "SFT never reads π_ref: no pass"
 
-    monkeypatch.setattr(driver, "REFERENCE_SHARD", faulty_worker.reference_shard_fails)
+    shutil.rmtree(space.cache / "reference")
     _, values, pairs, shown = run_pass(("cbpo",))
     assert values == {} and shown["notice"] == [
         f"π_ref's shared pass failed (RuntimeError: injected failure of a π_ref shard of {len(pairs)} pairs): each worker computes its own"

@@ -4,10 +4,13 @@ starts from it computes none of them and trains as it would alone (tiny random-w
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from cbpo_orch.data.tasks import load_task
 from cbpo_orch.method.config import TrainConfig
+from cbpo_orch.storage.reference_cache import LEFT_OUT, pair_text_key
 from cbpo_orch.workers.personalize import load_user_context, personalize_users
 from cbpo_orch.workers.reference_pass import reference_shard
 from cbpo_orch.workers.user_items import trained_pairs, user_items
@@ -22,8 +25,10 @@ def test_a_worker_started_from_the_jobs_pass_computes_no_pair_and_trains_the_sam
     users = list(dataset.users)[:2]
     planned = [user_items(dataset, history, user, config) for user in users]
     assert all(items.held_out for items in planned), "selection holds items out: the pass must leave them out too"
-    values, computed = reference_shard(trained_pairs(planned), str(tiny_model_dir), None, TASK.budgets(128, 12), config.eval_batch_size, {}, 1)
-    assert computed == len(values)
+    pairs = trained_pairs(planned)
+    entries = reference_shard(pairs, str(tiny_model_dir), None, TASK.budgets(128, 12), config.eval_batch_size, 1)
+    values = dict(entries.values())
+    assert len(entries) == len(values) == len(pairs), "every pair fits: each has its own value"
 
     seeded = load_user_context(TASK, dataset, history, tiny_model_dir, None, "cpu", values)
     fresh = load_user_context(TASK, dataset, history, tiny_model_dir, None, "cpu")
@@ -36,13 +41,18 @@ def test_a_worker_started_from_the_jobs_pass_computes_no_pair_and_trains_the_sam
         assert a.predictions == b.predictions
 
 
-
-def test_a_shard_computes_only_what_is_not_known(tiny_model_dir, sample_history):
+def test_a_shards_entries_are_found_by_text_and_a_pair_over_budget_is_left_out(tiny_model_dir, sample_history):
     dataset, history = sample_history
     planned = [user_items(dataset, history, user, TrainConfig(method="cbpo", max_profile=8)) for user in list(dataset.users)[:2]]
-    pairs, budgets = trained_pairs(planned), TASK.budgets(128, 12)
-    first, _ = reference_shard(pairs[:5], str(tiny_model_dir), None, budgets, 4, {}, 1)
-    values, computed = reference_shard(pairs, str(tiny_model_dir), None, budgets, 4, first, 1)
-    assert computed == len(values) - 5 and first.items() <= values.items()
-    alone, _ = reference_shard(pairs, str(tiny_model_dir), None, budgets, 4, {}, 1)
-    assert values.keys() == alone.keys() and list(values.values()) == pytest.approx([alone[k] for k in values], abs=1e-4)
+    budgets = TASK.budgets(128, 12)
+    too_long = ("word " * 400, "a headline")
+    pairs = [*trained_pairs(planned), too_long]
+    entries = reference_shard(pairs, str(tiny_model_dir), None, budgets, 4, 1)
+    assert list(entries) == [pair_text_key(x, y, 128, 12) for x, y in pairs]
+    key, value = entries[pair_text_key(*too_long, 128, 12)]
+    assert key == LEFT_OUT[0] and math.isnan(value)
+    halves = {**reference_shard(pairs[:5], str(tiny_model_dir), None, budgets, 4, 1), **reference_shard(pairs[5:], str(tiny_model_dir), None, budgets, 4, 1)}
+    assert halves.keys() == entries.keys()
+    for text_key, (key, value) in entries.items():
+        assert halves[text_key][0] == key and (math.isnan(value) or halves[text_key][1] == pytest.approx(value, abs=1e-4))
+    assert pair_text_key(*pairs[0], 128, 12) != pair_text_key(*pairs[0], 128, 16), "other budgets, other pairs"

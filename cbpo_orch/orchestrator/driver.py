@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from cbpo_orch.orchestrator import scheduler
 from cbpo_orch.orchestrator.lease import LEASE_TTL_S, JobLease, LeaseLost
 from cbpo_orch.orchestrator.spec import JobSpec, Resources
 from cbpo_orch.orchestrator.workspace import Workspace
-from cbpo_orch.storage.reference_cache import ReferenceCache, starting_model_fingerprint
+from cbpo_orch.storage.reference_cache import Entry, ReferenceCache, pair_text_key, starting_model_fingerprint
 from cbpo_orch.storage.registry import InvalidTransition, Registry
 from cbpo_orch.workers.context import cached_history, history_datasets
 from cbpo_orch.workers.entrypoints import BUILD_TASK_ADAPTER, EMBED_SHARD, PERSONALIZE_USERS, REFERENCE_SHARD
@@ -237,8 +238,9 @@ def _reference_pass(
     """Stage 3: π_ref's log-probs of every (x, y) pair the pending runs of methods that read
     π_ref will train on (positives and aux, planned by the workers' own ``user_items``), each
     pair once for the whole job, in shards over the cluster; pairs that earlier jobs computed
-    under the same starting model come from the home's cache (``storage/reference_cache.py``).
-    A user whose items cannot be planned is left to its worker, which fails its run with the
+    under the same starting model come from the home's cache (``storage/reference_cache.py``,
+    found by their text: only the others go to the cluster, and a job whose pairs are all
+    known runs no shard). A user whose items cannot be planned is left to its worker, which fails its run with the
     reason; a pass that fails leaves each worker to compute its own (the same results, slower)."""
     groups: dict[tuple, dict[tuple[str, str], None]] = {}
     for run in pending:
@@ -256,29 +258,34 @@ def _reference_pass(
     device_kind = "gpu" if resources.gpus_per_user > 0 else "cpu"
     cache = ReferenceCache(space.cache / "reference" / starting_model_fingerprint([spec.model, tam_path], device_kind))
     known = cache.load()
-    values: dict[bytes, float] = {}
-    computed = 0
+    found: dict[bytes, Entry] = {}
+    new: dict[bytes, Entry] = {}
     for (budgets, batch_size), pairs in groups.items():
-        label = f"π_ref's pass over {len(pairs)} pairs (once per job, shared by its users and methods)"
+        keyed = {pair_text_key(x, y, budgets.prompt_tokens, budgets.new_tokens): (x, y) for x, y in pairs}
+        found.update((key, known[key]) for key in keyed if key in known)
+        missing = [pair for key, pair in keyed.items() if key not in known]
+        if not missing:
+            continue
+        label = f"π_ref's pass over {len(missing)} pairs (once per job, shared by its users and methods)"
         progress.stage(label)
         report = _each_tenth(lambda done, shards: progress.stage(f"{label}: {done}/{shards} shards"))
         try:
             shards = scheduler.map_shards(
-                REFERENCE_SHARD, list(pairs), spec.model, tam_path, budgets, batch_size, known,
+                REFERENCE_SHARD, missing, spec.model, tam_path, budgets, batch_size,
                 min_shard=REFERENCE_MIN_SHARD, gpus=resources.gpus_per_user > 0, rounds=REFERENCE_ROUNDS,
                 cost=lambda pair: len(pair[0]) + len(pair[1]), on_done=report,
             )
         except scheduler.TASK_FAILURES as error:
             progress.notice(f"π_ref's shared pass failed ({scheduler.first_line(scheduler.task_cause(error))}): each worker computes its own")
             continue
-        for shard_values, shard_computed in shards:
-            values.update(shard_values)
-            computed += shard_computed
-    if computed:
-        cache.save({**known, **values})
-    if len(values) > computed:
-        progress.notice(f"π_ref: {len(values) - computed} of {len(values)} pairs known from earlier jobs on this starting model")
-    return values
+        for shard in shards:
+            new.update(shard)
+    if new:
+        cache.save({**known, **new})
+    if found:
+        total = sum(len(pairs) for pairs in groups.values())
+        progress.notice(f"π_ref: {len(found)} of {total} pairs known from earlier jobs on this starting model")
+    return {key: value for key, value in (*found.values(), *new.values()) if not math.isnan(value)}
 
 
 def _fan_out(

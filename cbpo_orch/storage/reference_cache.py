@@ -5,14 +5,20 @@ starting model and computes only the rest: another method, another β or a resum
 same users costs no second pass. A starting model is named by a fingerprint of its folders
 (the base model's and the task adapter's: each file's path, size and modification time, so a
 model replaced in place is another model) and of the device kind (fp32 on a CPU and bf16 on a
-GPU give other numbers). Values are keyed as the trainer's memo keys them (the pair's token
-ids, budgets included). The file is replaced atomically: two drivers that write at once lose
-at most the other's new values, and a file that cannot be read counts as empty.
+GPU give other numbers). Each entry is found by the pair's text and budgets
+(:func:`pair_text_key`: the driver holds no tokenizer, and a job whose pairs are all known
+sends nothing to the cluster) and holds the key the trainer's memo knows it by (its token ids,
+budgets included) with the value, or :data:`LEFT_OUT` for a pair whose prompt is over its
+budget (training leaves it out). A worker looks values up by their token keys, so an entry
+that no longer matches how pairs are encoded is only a miss, never a wrong value. The file is
+replaced atomically: two drivers that write at once lose at most the other's new entries, and
+a file that cannot be read counts as empty.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import uuid
 import zipfile
@@ -24,6 +30,20 @@ import numpy as np
 KEY_BYTES = 16
 """The width of a pair's key (``training/reference_logps.py`` digests its token ids to it)."""
 _FILE = "logps.npz"
+
+Entry = tuple[bytes, float]
+"""A pair's token key and π_ref's summed completion log-prob of it."""
+LEFT_OUT: Entry = (bytes(KEY_BYTES), math.nan)
+"""The entry of a pair that training leaves out (its prompt is over the budget)."""
+
+
+def pair_text_key(x: str, y: str, prompt_tokens: int, new_tokens: int) -> bytes:
+    """The key a pair's entry is found by: its prompt and completion text and the budgets."""
+    digest = hashlib.blake2b(digest_size=KEY_BYTES)
+    for part in (x, y, f"{prompt_tokens}/{new_tokens}"):
+        encoded = part.encode("utf-8", "surrogatepass")
+        digest.update(len(encoded).to_bytes(8, "little") + encoded)
+    return digest.digest()
 
 
 def starting_model_fingerprint(folders: Iterable[str | Path | None], device_kind: str) -> str:
@@ -47,23 +67,34 @@ class ReferenceCache:
     def __init__(self, folder: Path):
         self.folder = folder
 
-    def load(self) -> dict[bytes, float]:
+    def load(self) -> dict[bytes, Entry]:
+        """The entries by text key (:func:`pair_text_key`)."""
         try:
             with np.load(self.folder / _FILE) as data:
-                keys, values = data["keys"], data["values"]
+                text_keys, keys, values = data["text_keys"].tobytes(), data["keys"].tobytes(), data["values"]
         except (OSError, ValueError, KeyError, zipfile.BadZipFile):
             return {}
-        raw = keys.tobytes()
-        return {raw[i * KEY_BYTES : (i + 1) * KEY_BYTES]: float(v) for i, v in enumerate(values)}
+        return {
+            text_keys[i * KEY_BYTES : (i + 1) * KEY_BYTES]: (keys[i * KEY_BYTES : (i + 1) * KEY_BYTES], float(value))
+            for i, value in enumerate(values)
+        }
 
-    def save(self, values: dict[bytes, float]) -> None:
-        """Replace the file with ``values`` (write a temporary file, then rename it)."""
+    def save(self, entries: dict[bytes, Entry]) -> None:
+        """Replace the file with ``entries`` (write a temporary file, then rename it)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        keys = np.frombuffer(b"".join(values), dtype=np.uint8).reshape(-1, KEY_BYTES)
+
+        def rows(keys: Iterable[bytes]) -> np.ndarray:
+            return np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, KEY_BYTES)
+
         staging = self.folder / f".{uuid.uuid4().hex}.npz"
         try:
             with open(staging, "wb") as out:
-                np.savez(out, keys=keys, values=np.fromiter(values.values(), dtype=np.float64, count=len(values)))
+                np.savez(
+                    out,
+                    text_keys=rows(entries),
+                    keys=rows(key for key, _ in entries.values()),
+                    values=np.fromiter((value for _, value in entries.values()), dtype=np.float64, count=len(entries)),
+                )
             os.replace(staging, self.folder / _FILE)
         finally:
             staging.unlink(missing_ok=True)
