@@ -833,6 +833,51 @@ def test_the_jobs_pi_ref_pass_computes_each_preference_pair_once_and_a_failed_pa
     ]
 
 
+def test_a_kto_worker_started_from_the_jobs_pass_computes_no_pair_and_trains_the_same(local_ray, home, tiny_model_dir, dev_users):
+    """The pass foresees KTO's mismatched pairs too, formed over the pairs training keeps."""
+    from cbpo_orch.data.tasks import load_task
+    from cbpo_orch.orchestrator import driver
+    from cbpo_orch.orchestrator.spec import JobSpec
+    from cbpo_orch.orchestrator.workspace import Workspace
+    from cbpo_orch.workers.context import history_datasets
+    from cbpo_orch.workers.personalize import load_user_context, personalize_users
+
+    task, space = load_task("lamp4"), Workspace.open(home)
+    users = dev_users[:2]
+    job = _create_job(home, tiny_model_dir, users, ("kto",))
+    spec, resources = JobSpec.from_config(space.registry.job(job).config)
+    datasets = history_datasets(spec.data, spec.split, task)
+    history = driver._history(space, spec, datasets, driver.Progress())
+    stages = []
+    pending = space.registry.runs(job, states=("pending",))
+    values = driver._reference_pass(space, spec, task, datasets[0], history, None, pending, resources, driver.Progress(stage=stages.append))
+    assert any(stage.startswith("π_ref's pass over") and " mismatched pairs (KTO's) " in stage for stage in stages), stages
+
+    config = spec.config_for("kto")
+    seeded = load_user_context(task, datasets[0], history, tiny_model_dir, None, "cpu", values)
+    fresh = load_user_context(task, datasets[0], history, tiny_model_dir, None, "cpu")
+    together, alone = personalize_users(seeded, users, config), personalize_users(fresh, users, config)
+    assert seeded.reference.computed == 0, "every pair a KTO worker reads, mismatched ones included, came from the pass"
+    assert fresh.reference.computed == len(values)
+    for a, b in zip(together, alone):
+        assert a.metrics["losses"] == pytest.approx(b.metrics["losses"], rel=1e-5, abs=1e-6)
+
+
+def test_kto_mismatched_pairs_skip_what_training_leaves_out():
+    from cbpo_orch.data.tasks import Budgets
+    from cbpo_orch.method.methods import mismatched_pairs
+    from cbpo_orch.orchestrator.driver import _mismatched
+    from cbpo_orch.storage.reference_cache import LEFT_OUT, pair_text_key
+
+    assert mismatched_pairs([("a", "1"), ("b", "2"), ("c", "3")]) == [("a", "2"), ("b", "3"), ("c", "1")]
+    budgets = Budgets(64, 8)
+    kept, left_out, unknown = ("a", "1"), ("b", "2"), ("z", "9")
+    entries = {pair_text_key(*pair, 64, 8): (bytes([i + 1]) * 16, -1.0) for i, pair in enumerate([kept, ("c", "3")])}
+    entries[pair_text_key(*left_out, 64, 8)] = LEFT_OUT
+    cycles = {(kept, left_out, ("c", "3")): None, (kept, unknown): None}
+    assert _mismatched(cycles, entries, budgets) == [("a", "3"), ("c", "1")]  # b is left out; z's pass failed: its worker computes
+
+
 def test_the_task_adapter_trains_on_a_whole_node_and_shows_its_steps(local_ray, home, tiny_model_dir, dev_users, monkeypatch):
     from dataclasses import replace
 

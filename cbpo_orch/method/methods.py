@@ -4,7 +4,7 @@ Every method runs through the same trainer; a method only decides whether it tra
 whether it reads auxiliary items, whether its objective compares with the reference model
 π_ref (the preference methods; SFT does not, so its π_ref pass is skipped), which objective
 its step descends and its default number of epochs (the paper: SFT 2 epochs, preference
-methods 3).
+methods 3), and whether its reference point also reads mismatched pairs (KTO).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ class MethodSpec:
     uses_aux: bool = True
     uses_reference: bool = True
     default_epochs: int = 3
+    mismatched: bool = False  # its reference point reads π_ref on mismatched pairs (KTO)
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -28,7 +29,7 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("base", "the untouched starting model (base, or base + task adapter)", trains=False, uses_aux=False, uses_reference=False),
         MethodSpec("sft", "OPPU: token cross-entropy on the user's own history", uses_aux=False, uses_reference=False, default_epochs=2),
         MethodSpec("sft-aux", "ablation: SFT on the user's history plus the auxiliary items", uses_reference=False, default_epochs=2),
-        MethodSpec("kto", "KTO: desirable = own history, undesirable = auxiliary items"),
+        MethodSpec("kto", "KTO: desirable = own history, undesirable = auxiliary items", mismatched=True),
         MethodSpec("bco", "BCO: binary classifier loss, joint running-mean reference point"),
         MethodSpec("cbpo", "C-BPO, non-negative PU risk (the default)"),
         MethodSpec("cbpo-raw", "C-BPO, unbiased PU risk without the clamp"),
@@ -46,3 +47,10 @@ def method_spec(name: str) -> MethodSpec:
         return METHODS[name]
     except KeyError:
         raise UnknownMethod(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
+
+
+def mismatched_pairs(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """KTO's mismatched (x, y′) pairs of a user's training pairs (METHOD.md §3): each prompt
+    with the next pair's completion, cyclically."""
+    n = len(pairs)
+    return [(pairs[i][0], pairs[(i + 1) % n][1]) for i in range(n)]

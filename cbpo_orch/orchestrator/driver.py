@@ -13,10 +13,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import math
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -26,12 +25,12 @@ from cbpo_orch.data.dataset import DataError, Dataset
 from cbpo_orch.data.embedding import embedding_cost
 from cbpo_orch.data.history import HistoryIndex
 from cbpo_orch.data.tasks import Task, load_task
-from cbpo_orch.method.methods import method_spec
+from cbpo_orch.method.methods import method_spec, mismatched_pairs
 from cbpo_orch.orchestrator import scheduler
 from cbpo_orch.orchestrator.lease import LEASE_TTL_S, JobLease, LeaseLost
 from cbpo_orch.orchestrator.spec import JobSpec, Resources
 from cbpo_orch.orchestrator.workspace import Workspace
-from cbpo_orch.storage.reference_cache import Entry, ReferenceCache, pair_text_key, starting_model_fingerprint
+from cbpo_orch.storage.reference_cache import Entry, ReferenceCache, is_left_out, pair_text_key, starting_model_fingerprint
 from cbpo_orch.storage.registry import InvalidTransition, Registry
 from cbpo_orch.workers.context import cached_history, history_datasets
 from cbpo_orch.workers.entrypoints import BUILD_TASK_ADAPTER, EMBED_SHARD, PERSONALIZE_USERS, REFERENCE_SHARD
@@ -240,12 +239,15 @@ def _reference_pass(
     pair once for the whole job, in shards over the cluster; pairs that earlier jobs computed
     under the same starting model come from the home's cache (``storage/reference_cache.py``,
     found by their text: only the others go to the cluster, and a job whose pairs are all
-    known runs no shard). A user whose items cannot be planned is left to its worker, which fails its run with the
+    known runs no shard). KTO's mismatched pairs follow in a second pass, once the first has
+    told which pairs training keeps. A user whose items cannot be planned is left to its worker, which fails its run with the
     reason; a pass that fails leaves each worker to compute its own (the same results, slower)."""
     groups: dict[tuple, dict[tuple[str, str], None]] = {}
+    cycles: dict[tuple, dict[tuple, None]] = {}  # KTO's: each user's pairs in training order
     for run in pending:
         config = spec.config_for(run.method)
-        if not method_spec(config.method).uses_reference:
+        method = method_spec(config.method)
+        if not method.uses_reference:
             continue
         try:
             items = user_items(dataset, history, run.user_id, config)
@@ -253,20 +255,26 @@ def _reference_pass(
             continue
         key = (task.budgets(config.max_prompt_tokens, config.max_new_tokens), config.eval_batch_size)
         groups.setdefault(key, {}).update(dict.fromkeys(trained_pairs([items])))
+        if method.mismatched:
+            cycles.setdefault(key, {})[tuple((e.x, e.y) for e in (*items.positives, *items.auxiliary))] = None
     if not groups:
         return {}
     device_kind = "gpu" if resources.gpus_per_user > 0 else "cpu"
     cache = ReferenceCache(space.cache / "reference" / starting_model_fingerprint([spec.model, tam_path], device_kind))
     known = cache.load()
-    found: dict[bytes, Entry] = {}
-    new: dict[bytes, Entry] = {}
-    for (budgets, batch_size), pairs in groups.items():
+    entries: dict[bytes, Entry] = {}
+    asked, found = set(), set()
+
+    def resolve(pairs: list[tuple[str, str]], budgets, batch_size: int, what: str) -> None:
+        """Put every pair's entry in ``entries``: from the cache, else computed on the cluster."""
         keyed = {pair_text_key(x, y, budgets.prompt_tokens, budgets.new_tokens): (x, y) for x, y in pairs}
-        found.update((key, known[key]) for key in keyed if key in known)
+        asked.update(keyed)
+        found.update(key for key in keyed if key in known)
+        entries.update((key, known[key]) for key in keyed if key in known)
         missing = [pair for key, pair in keyed.items() if key not in known]
         if not missing:
-            continue
-        label = f"π_ref's pass over {len(missing)} pairs (once per job, shared by its users and methods)"
+            return
+        label = f"π_ref's pass over {len(missing)} {what} (once per job, shared by its users and methods)"
         progress.stage(label)
         report = _each_tenth(lambda done, shards: progress.stage(f"{label}: {done}/{shards} shards"))
         try:
@@ -277,15 +285,34 @@ def _reference_pass(
             )
         except scheduler.TASK_FAILURES as error:
             progress.notice(f"π_ref's shared pass failed ({scheduler.first_line(scheduler.task_cause(error))}): each worker computes its own")
-            continue
+            return
         for shard in shards:
-            new.update(shard)
+            entries.update(shard)
+
+    for (budgets, batch_size), pairs in groups.items():
+        resolve(list(pairs), budgets, batch_size, "pairs")
+        mismatched = _mismatched(cycles.get((budgets, batch_size), {}), entries, budgets)
+        if mismatched:
+            resolve(mismatched, budgets, batch_size, "mismatched pairs (KTO's)")
+    new = {key: entry for key, entry in entries.items() if key not in known}
     if new:
         cache.save({**known, **new})
     if found:
-        total = sum(len(pairs) for pairs in groups.values())
-        progress.notice(f"π_ref: {len(found)} of {total} pairs known from earlier jobs on this starting model")
-    return {key: value for key, value in (*found.values(), *new.values()) if not math.isnan(value)}
+        progress.notice(f"π_ref: {len(found)} of {len(asked)} pairs known from earlier jobs on this starting model")
+    return {entry[0]: entry[1] for entry in entries.values() if not is_left_out(entry)}
+
+
+def _mismatched(cycles: Iterable[tuple[tuple[str, str], ...]], entries: dict[bytes, Entry], budgets) -> list[tuple[str, str]]:
+    """KTO's mismatched pairs of each user's pairs in training order, over the pairs training
+    keeps (not ``LEFT_OUT``), as its worker forms them; a user with a pair
+    whose entry is missing (its pass failed) is left to its worker."""
+    pairs: dict[tuple[str, str], None] = {}
+    for cycle in cycles:
+        keys = [pair_text_key(x, y, budgets.prompt_tokens, budgets.new_tokens) for x, y in cycle]
+        if all(key in entries for key in keys):
+            kept = [pair for pair, key in zip(cycle, keys) if not is_left_out(entries[key])]
+            pairs.update(dict.fromkeys(mismatched_pairs(kept)))
+    return list(pairs)
 
 
 def _fan_out(

@@ -37,6 +37,11 @@ LEFT_OUT: Entry = (bytes(KEY_BYTES), math.nan)
 """The entry of a pair that training leaves out (its prompt is over the budget)."""
 
 
+def is_left_out(entry: Entry) -> bool:
+    """Whether ``entry`` is :data:`LEFT_OUT` (read back from a file, it is an equal tuple)."""
+    return entry[0] == LEFT_OUT[0]
+
+
 def pair_text_key(x: str, y: str, prompt_tokens: int, new_tokens: int) -> bytes:
     """The key a pair's entry is found by: its prompt and completion text and the budgets."""
     digest = hashlib.blake2b(digest_size=KEY_BYTES)

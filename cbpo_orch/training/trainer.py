@@ -30,6 +30,7 @@ import torch
 from cbpo_orch.data.tasks import Budgets
 from cbpo_orch.method import objectives
 from cbpo_orch.method.config import TrainConfig
+from cbpo_orch.method import methods
 from cbpo_orch.method.methods import method_spec
 from cbpo_orch.method.reference import kto_reference, make_reference
 from cbpo_orch.method.selection import best_epoch
@@ -86,9 +87,8 @@ def encode_samples(tokenizer, pairs: list[tuple[str, str]], positive: bool, budg
 
 
 def mismatched_pairs(tokenizer, pairs: list[tuple[str, str]], budgets: Budgets) -> list[EncodedPair]:
-    """KTO's (x, y′) pairs: each prompt with the next item's completion (cyclic)."""
-    n = len(pairs)
-    return [encode_pair(tokenizer, pairs[i][0], pairs[(i + 1) % n][1], budgets) for i in range(n)]
+    """KTO's (x, y′) pairs of ``pairs`` (``methods.mismatched_pairs``), encoded."""
+    return [encode_pair(tokenizer, x, y, budgets) for x, y in methods.mismatched_pairs(pairs)]
 
 
 def held_out_logp(model, pairs: list[EncodedPair], pad_id: int, batch_size: int, device) -> float:

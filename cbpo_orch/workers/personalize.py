@@ -188,7 +188,7 @@ def _add_work(item: _Prepared, tokenizer, budgets: Budgets, config: TrainConfig,
         samples=encode_samples(tokenizer, pos_pairs, True, budgets) + encode_samples(tokenizer, aux_pairs, False, budgets),
         gamma=item.gamma or 0.0,
         seed=config.seed,
-        kl_pairs=mismatched_pairs(tokenizer, pos_pairs + aux_pairs, budgets) if config.method == "kto" else None,
+        kl_pairs=mismatched_pairs(tokenizer, pos_pairs + aux_pairs, budgets) if method_spec(config.method).mismatched else None,
         validate=_held_out_score(loaded.model, tokenizer, held_pairs, budgets, config, loaded.device) if held_pairs else None,
     )
 
