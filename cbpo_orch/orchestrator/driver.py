@@ -274,7 +274,7 @@ def _reference_pass(
         missing = [pair for key, pair in keyed.items() if key not in known]
         if not missing:
             return
-        label = f"π_ref's pass over {len(missing)} {what} (once per job, shared by its users and methods)"
+        label = f"π_ref's pass over {len(missing)} {what}"
         progress.stage(label)
         report = _each_tenth(lambda done, shards: progress.stage(f"{label}: {done}/{shards} shards"))
         try:
@@ -290,10 +290,10 @@ def _reference_pass(
             entries.update(shard)
 
     for (budgets, batch_size), pairs in groups.items():
-        resolve(list(pairs), budgets, batch_size, "pairs")
+        resolve(list(pairs), budgets, batch_size, "pairs (once per job, shared by its users and methods)")
         mismatched = _mismatched(cycles.get((budgets, batch_size), {}), entries, budgets)
         if mismatched:
-            resolve(mismatched, budgets, batch_size, "mismatched pairs (KTO's)")
+            resolve(mismatched, budgets, batch_size, "mismatched pairs (KTO's, each user's own)")
     new = {key: entry for key, entry in entries.items() if key not in known}
     if new:
         cache.save({**known, **new})
