@@ -3,8 +3,9 @@
 Read top to bottom: fresh LoRA slots on the frozen base (``multi_lora.py``) → reference
 log-probs once per sample (LoRA disabled = π_ref) → each user's epochs of mixed batches
 (every batch holds positive and auxiliary items) → every step packs the next batch of
-each user still training into one forward/backward, each row routed to its user's slot →
-the method's per-user losses, summed (a row's gradient reaches only its own slot) → AdamW
+each user still training into one forward/backward (on a CPU, one per user: ``users_per_pass``),
+each row routed to its user's slot → the method's per-user losses, summed (a row's
+gradient reaches only its own slot) → AdamW
 per user (``multi_optim.py``: own step count, schedule and clipping) → with a
 ``validate`` score, each user keeps its best epoch, the starting model included
 (``selection.py``).
@@ -28,9 +29,8 @@ import numpy as np
 import torch
 
 from cbpo_orch.data.tasks import Budgets
-from cbpo_orch.method import objectives
+from cbpo_orch.method import methods, objectives
 from cbpo_orch.method.config import TrainConfig
-from cbpo_orch.method import methods
 from cbpo_orch.method.methods import method_spec
 from cbpo_orch.method.reference import kto_reference, make_reference
 from cbpo_orch.method.selection import best_epoch
@@ -214,8 +214,9 @@ DoneCallback = Callable[[int, int, TrainResult], None]
 def users_per_pass(device: torch.device | str, n_slots: int) -> int:
     """Users whose rows share one forward/backward on ``device``: every slot on a CUDA device
     (one user's batch leaves it mostly idle), one elsewhere. A CPU runs a pass of 64 rows at
-    0.6× the tokens/s of a pass of 8 (commit-lm-17m, 256 tokens a row, 2 cores: 885 vs 1,407),
-    so there each user's rows go alone and the pack shares only the optimizer step."""
+    0.55× the tokens/s of a pass of 8 (commit-lm-17m, 256 tokens a row, 2 cores: 974 vs 1,781,
+    ``bench/throughput.py --pass-rows 8,64``), so there each user's rows go alone and the pack
+    shares only the optimizer step."""
     return n_slots if torch.device(device).type == "cuda" else 1
 
 
