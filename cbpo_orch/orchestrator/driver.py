@@ -263,15 +263,18 @@ def _reference_pass(
     cache = ReferenceCache(space.cache / "reference" / starting_model_fingerprint([spec.model, tam_path], device_kind))
     known = cache.load()
     entries: dict[bytes, Entry] = {}
-    asked, found = set(), set()
+    asked: set[bytes] = set()
 
     def resolve(pairs: list[tuple[str, str]], budgets, batch_size: int, what: str) -> None:
         """Put every pair's entry in ``entries``: from the cache, else computed on the cluster."""
         keyed = {pair_text_key(x, y, budgets.prompt_tokens, budgets.new_tokens): (x, y) for x, y in pairs}
         asked.update(keyed)
-        found.update(key for key in keyed if key in known)
-        entries.update((key, known[key]) for key in keyed if key in known)
-        missing = [pair for key, pair in keyed.items() if key not in known]
+        missing = []
+        for key, pair in keyed.items():
+            if key in known:
+                entries[key] = known[key]
+            else:
+                missing.append(pair)
         if not missing:
             return
         label = f"π_ref's pass over {len(missing)} {what}"
@@ -297,8 +300,9 @@ def _reference_pass(
     new = {key: entry for key, entry in entries.items() if key not in known}
     if new:
         cache.save({**known, **new})
+    found = sum(key in known for key in asked)
     if found:
-        progress.notice(f"π_ref: {len(found)} of {len(asked)} pairs known from earlier jobs on this starting model")
+        progress.notice(f"π_ref: {found} of {len(asked)} pairs known from earlier jobs on this starting model")
     return {entry[0]: entry[1] for entry in entries.values() if not is_left_out(entry)}
 
 

@@ -304,7 +304,7 @@ def train_adapters(
     def forward_backward(group: list[int], batches: dict[int, tuple[list[int], bool]], t: int) -> torch.Tensor:
         """One forward/backward over step ``t``'s rows (``batches``) of the users in the slots
         of ``group``: their gradients added to the slots' ``.grad``; the losses [n_slots],
-        detached (0 outside ``group``)."""
+        detached (0 outside ``group``), on the device (read once per step, after every pass)."""
         rows = [(slot, i) for slot in group for i in batches[slot][0]]
         samples = {slot: users[in_slot[slot]].samples for slot in group}
         slots = torch.tensor([slot for slot, _ in rows], device=device)
@@ -320,7 +320,6 @@ def train_adapters(
                 kl_ref = torch.cat([ref_kl[in_slot[slot]][index[slot]] for slot in group])
                 kl_logratio = sequence_logps(model, kl_batch, pad_id, len(rows), device) - kl_ref
             losses = loss_fn(logp, n_tokens, ref, positive, slots, kl_logratio)
-            check_finite_losses(losses.detach().tolist(), group, t, total_steps, config.method)
             losses.sum().backward()
         return losses.detach()
 
@@ -333,6 +332,7 @@ def train_adapters(
         batches = {slot: plans[in_slot[slot]].steps[t - begun[in_slot[slot]]] for slot in active}
         optimizer.zero_grad()
         values = sum(forward_backward(active[i : i + per_pass], batches, t) for i in range(0, len(active), per_pass)).tolist()
+        check_finite_losses(values, active, t, total_steps, config.method)  # before any weight moves
         optimizer.step(slots_present(torch.tensor(active, device=device), multi.n_slots))
         ended = []
         for slot in active:
