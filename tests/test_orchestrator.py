@@ -787,7 +787,8 @@ def test_the_driver_embeds_in_shards_on_ray_as_the_process_would(local_ray, tmp_
     alone = sample_history[1]
     assert [(e.user_id, e.item_id) for e in history.examples] == [(e.user_id, e.item_id) for e in alone.examples]
     np.testing.assert_allclose(history.embeddings, alone.embeddings, atol=1e-5)
-    assert re.fullmatch(r".*: 2/2 shards of \d+ texts", stages[-1]), stages
+    shards, texts = map(int, re.fullmatch(r".*: (\d+)/\1 shards of (\d+) texts", stages[-1]).groups())
+    assert shards == min(2 * driver.EMBED_ROUNDS, -(-texts // 64)) > 2, "rounds of shards per CPU, so progress shows a shard at a time"
 
 
 def test_the_jobs_pi_ref_pass_computes_each_preference_pair_once_and_a_failed_pass_only_slows(local_ray, home, tiny_model_dir, dev_users, monkeypatch):
@@ -956,3 +957,17 @@ def test_packs_default_to_one_user_on_a_cpu_and_a_full_pack_on_a_whole_gpu_and_e
     assert pack_size(waiting=36, actors=2, users_per_step=32) == 18  # the last 36 split over both workers
     assert pack_size(waiting=1, actors=4, users_per_step=32) == 1
     assert pack_size(waiting=5, actors=1, users_per_step=1) == 1
+
+
+def test_a_worker_process_loads_the_embedder_once_for_all_its_shards(monkeypatch):
+    from cbpo_orch.data.embedding import embed, load_embedder
+    from cbpo_orch.workers import embedding as worker
+
+    loads = []
+    monkeypatch.setattr(worker, "load_embedder", lambda name: loads.append(name) or load_embedder(name))
+    worker._embedder.cache_clear()
+    texts = ["a headline\\nan article", "another headline\\nanother article", "a third"]
+    first, second = worker.embed_shard(texts[:2], None, 1), worker.embed_shard(texts[2:], None, 1)
+    assert loads == [None]
+    np.testing.assert_allclose(np.concatenate([first, second]), embed(load_embedder(), texts), atol=1e-6)
+    worker._embedder.cache_clear()

@@ -153,8 +153,13 @@ def _finish(registry: Registry, job_id: str) -> str:
     return state
 
 
-EMBED_MIN_SHARD = 512
-"""The fewest texts one embedding task gets: each loads the embedder (about a second)."""
+EMBED_MIN_SHARD = 256
+"""The fewest texts one embedding task gets (a worker process loads the embedder once, for its
+first shard)."""
+
+EMBED_ROUNDS = 4
+"""Embedding shards per CPU: a long stage shows its progress a shard at a time, and a worker
+whose shards ran fast takes the next, so the stage ends even when the cores are not."""
 
 
 def _each_tenth(report: Callable[..., None]) -> Callable[..., None]:
@@ -178,7 +183,9 @@ def _history(space: Workspace, spec: JobSpec, datasets: list[Dataset], progress:
 
     def on_cluster(texts: list[str]):
         report = _each_tenth(lambda done, shards: progress.stage(f"{label}: {done}/{shards} shards of {len(texts)} texts"))
-        return np.concatenate(scheduler.map_shards(EMBED_SHARD, texts, spec.embedder, min_shard=EMBED_MIN_SHARD, cost=embedding_cost, on_done=report))
+        return np.concatenate(scheduler.map_shards(
+            EMBED_SHARD, texts, spec.embedder, min_shard=EMBED_MIN_SHARD, rounds=EMBED_ROUNDS, cost=embedding_cost, on_done=report
+        ))
 
     return cached_history(space.cache, datasets, spec.embedder, on_cluster)
 
