@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/cbpo-orch
 
-.PHONY: setup model demo test gpu-check
+.PHONY: setup model demo test gpu-check gpu-wheels
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -27,7 +27,20 @@ test: setup
 # On a CUDA machine with torch, transformers and peft (no network, no install): one pass's
 # tokens/s at 1, 8, 32 and 64 rows, packed = alone in bf16, then the single- vs multi-user
 # training throughput of the Qwen2-0.5B shape, then
-# serving's cross-user batched generation against one request at a time.
+# serving's cross-user batched generation against one request at a time. The lent GPU machines
+# lack FAISS and SQLAlchemy: with the wheels of `make gpu-wheels` in .whl/, they are installed
+# from there (into $(GPU_SITE), no network) and the index, γ and registry phases are timed too.
+GPU_SITE ?= /tmp/cbpo-gpu-site
 gpu-check:
-	PYTHONPATH=. python3 bench/throughput.py --shape qwen2-0.5b --device cuda --users 32 --check --pass-rows 1,8,32,64
-	PYTHONPATH=. python3 bench/batched_generation.py --shape qwen2-0.5b --device cuda
+	if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) .whl/*.whl; fi
+	PYTHONPATH=.:$(GPU_SITE) python3 bench/throughput.py --shape qwen2-0.5b --device cuda --users 32 --check --pass-rows 1,8,32,64
+	PYTHONPATH=.:$(GPU_SITE) python3 bench/batched_generation.py --shape qwen2-0.5b --device cuda
+
+# Where PyPI is reachable: the wheels gpu-check installs on a GPU machine without network, for its
+# Python (GPU_PYTHON; the lent machines run 3.12) on x86-64 Linux. .whl/ is ignored by git.
+GPU_PYTHON ?= 3.12
+gpu-wheels:
+	python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl 'faiss-cpu>=1.8' 'sqlalchemy>=2.0' greenlet
+	ls .whl
