@@ -14,6 +14,7 @@ from pathlib import Path
 from cbpo_orch.data.dataset import DataError
 from cbpo_orch.training.numerics import NumericalError
 from cbpo_orch.workers.personalize import personalize_users
+from cbpo_orch.workers.user_items import gamma_inputs, user_items
 
 FAILING_USER = "a24e7d657a9"
 """The dev user of the shipped HuffPost sample that :func:`fail_one_user` fails."""
@@ -102,3 +103,18 @@ def meet_the_other_shards(items: list, folder: str, shards: int, threads: int) -
 def reference_shard_fails(pairs: list, *args, threads: int):
     """A π_ref shard (``workers/reference_pass.py``'s signature) that raises."""
     raise RuntimeError(f"injected failure of a π_ref shard of {len(pairs)} pairs")
+
+
+def gamma_shard_fails(inputs: list, *args, threads: int):
+    """A γ shard (``workers/gamma_pass.py``'s signature) that raises."""
+    raise RuntimeError(f"injected failure of a γ shard of {len(inputs)} runs")
+
+
+def gamma_from_the_jobs_pass(context, user_ids: list[str], config):
+    """Personalize as usual, but raise for a user whose γ would be estimated here rather than
+    taken from the job's γ pass."""
+    for user_id in user_ids:
+        inputs = gamma_inputs(user_items(context.dataset, context.history, user_id, config), config)
+        if inputs is not None and inputs not in context.gammas:
+            raise RuntimeError(f"user {user_id}'s γ is not in the worker's context")
+    return personalize_users(context, user_ids, config)

@@ -662,14 +662,14 @@ def test_more_workers_than_the_cluster_fits_runs_what_fits_and_says_so(local_ray
     from cbpo_orch.orchestrator.workspace import Workspace
 
     asked = []
-    monkeypatch.setattr(scheduler, "fan_out", lambda work, context, history, reference, fn, slots, *rest, **kw: asked.append(slots))
+    monkeypatch.setattr(scheduler, "fan_out", lambda work, context, history, reference, gammas, fn, slots, *rest, **kw: asked.append(slots))
     job = _create_job(home, tiny_model_dir, dev_users[:2])
     space = Workspace.open(home)
     spec, resources = JobSpec.from_config(space.registry.job(job).config)
     notices = []
     with JobLease(space.registry, job, 60) as lease:
         driver._fan_out(space, job, spec, replace(resources, workers=50), space.registry.runs(job, states=("pending",)),
-                        SimpleNamespace(examples=[]), {}, None,
+                        SimpleNamespace(examples=[]), {}, {}, None,
                         driver.Progress(notice=notices.append), None, lease)
     fits = scheduler.cluster_slots(1, 0)
     assert asked == [fits] and fits < 50
@@ -704,7 +704,7 @@ def test_the_driver_sends_the_largest_users_first(home, tiny_model_dir, dev_user
     examples = [e for user, own in by_user.items() for e in own[: keep.get(user, len(own))]]
     history = SimpleNamespace(examples=examples)
     with JobLease(space.registry, job, 60) as lease:
-        driver._fan_out(space, job, spec, resources, space.registry.runs(job, states=("pending",)), history, {}, None, driver.Progress(), None, lease)
+        driver._fan_out(space, job, spec, resources, space.registry.runs(job, states=("pending",)), history, {}, {}, None, driver.Progress(), None, lease)
     sizes = Counter(example.user_id for example in examples)
     assert sorted(sent) == sorted(dev_users) and len({sizes[u] for u in dev_users}) > 1
     assert [sizes[u] for u in sent] == sorted((sizes[u] for u in dev_users), reverse=True)
@@ -971,3 +971,41 @@ def test_a_worker_process_loads_the_embedder_once_for_all_its_shards(monkeypatch
     assert loads == [None]
     np.testing.assert_allclose(np.concatenate([first, second]), embed(load_embedder(), texts), atol=1e-6)
     worker._embedder.cache_clear()
+
+
+def test_the_jobs_gamma_pass_estimates_each_distinct_input_once_and_a_failed_pass_only_slows(local_ray, home, tiny_model_dir, dev_users, monkeypatch):
+    from cbpo_orch.data.tasks import load_task
+    from cbpo_orch.orchestrator import driver
+    from cbpo_orch.orchestrator.spec import JobSpec, Resources
+    from cbpo_orch.orchestrator.workspace import Workspace
+    from cbpo_orch.workers.context import history_datasets
+    from cbpo_orch.workers.gamma_pass import estimated_gamma
+    from cbpo_orch.workers.user_items import gamma_inputs, user_items
+
+    space = Workspace.open(home)
+    job = _create_job(home, tiny_model_dir, dev_users[:2], ("sft", "bco", "cbpo", "cbpo-raw"))
+    spec, _ = JobSpec.from_config(space.registry.job(job).config)
+    datasets = history_datasets(spec.data, spec.split, load_task("lamp4"))
+    history = driver._history(space, spec, datasets, driver.Progress())
+    pending = space.registry.runs(job, states=("pending",))
+    shown = {"stage": [], "notice": []}
+    gammas = driver._gamma_pass(spec, datasets[0], history, pending, driver.Progress(stage=shown["stage"].append, notice=shown["notice"].append))
+
+    config = spec.config_for("cbpo")
+    keys = [gamma_inputs(user_items(datasets[0], history, user, config), config) for user in dev_users[:2]]
+    assert gammas == {key: estimated_gamma(history, key) for key in keys}, "cbpo and cbpo-raw share each user's estimate"
+    assert shown["stage"][0].startswith("γ's pass over 2 users' items") and shown["notice"] == []
+
+    real_shard = driver.GAMMA_SHARD
+    monkeypatch.setattr(driver, "GAMMA_SHARD", faulty_worker.gamma_shard_fails)
+    shown = {"stage": [], "notice": []}
+    assert driver._gamma_pass(spec, datasets[0], history, pending, driver.Progress(stage=shown["stage"].append, notice=shown["notice"].append)) == {}
+    assert len(shown["notice"]) == 1 and "each worker estimates its own" in shown["notice"][0]
+    sft_only = [run for run in pending if run.method in ("sft", "bco")]
+    assert driver._gamma_pass(spec, datasets[0], history, sft_only, driver.Progress(stage=pytest.fail)) == {}, "no γ read: no pass"
+
+    monkeypatch.setattr(driver, "GAMMA_SHARD", real_shard)
+    assert driver.run_job(space, job, Resources(workers=1, max_retries=0), worker_fn=faulty_worker.gamma_from_the_jobs_pass) == "succeeded"
+    assert {(row["user_id"], row["gamma"]) for row in space.registry.results(job) if row["method"].startswith("cbpo")} == {
+        (user, gammas[key][0]) for user, key in zip(dev_users[:2], keys)
+    }, "every worker took its γ from the pass (the worker raises otherwise)"

@@ -4,7 +4,8 @@ Every method runs through the same trainer; a method only decides whether it tra
 whether it reads auxiliary items, whether its objective compares with the reference model
 π_ref (the preference methods; SFT does not, so its π_ref pass is skipped), which objective
 its step descends and its default number of epochs (the paper: SFT 2 epochs, preference
-methods 3), and whether its reference point also reads mismatched pairs (KTO).
+methods 3), whether its reference point also reads mismatched pairs (KTO), and whether its
+objective weighs the auxiliary items by a per-user γ (C-BPO).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class MethodSpec:
     uses_reference: bool = True
     default_epochs: int = 3
     mismatched: bool = False  # its reference point reads π_ref on mismatched pairs (KTO)
+    uses_gamma: bool = False  # its objective reads the user's γ (C-BPO, METHOD.md §4)
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -31,9 +33,9 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("sft-aux", "ablation: SFT on the user's history plus the auxiliary items", uses_reference=False, default_epochs=2),
         MethodSpec("kto", "KTO: desirable = own history, undesirable = auxiliary items", mismatched=True),
         MethodSpec("bco", "BCO: binary classifier loss, joint running-mean reference point"),
-        MethodSpec("cbpo", "C-BPO, non-negative PU risk (the default)"),
-        MethodSpec("cbpo-raw", "C-BPO, unbiased PU risk without the clamp"),
-        MethodSpec("cbpo-nnpu", "C-BPO with Kiryo et al.'s nnPU step on a negative bracket"),
+        MethodSpec("cbpo", "C-BPO, non-negative PU risk (the default)", uses_gamma=True),
+        MethodSpec("cbpo-raw", "C-BPO, unbiased PU risk without the clamp", uses_gamma=True),
+        MethodSpec("cbpo-nnpu", "C-BPO with Kiryo et al.'s nnPU step on a negative bracket", uses_gamma=True),
     )
 }
 

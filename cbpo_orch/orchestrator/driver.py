@@ -3,8 +3,8 @@
 Stages: (1) the history index (embeddings, in shards over the cluster, + FAISS), cached
 per task/data/embedder; (2) the task adapter, trained once per task/data/model and reused,
 when asked for; (3) π_ref's log-probs of every pair the preference runs train on, in one pass
-of shards over the cluster; (4) one Ray call per (user, method): select aux → γ → train →
-generate → score; (5) the job's final state. Workers return results; this driver writes each adapter
+of shards over the cluster, then the γ of every C-BPO run, likewise; (4) one Ray call per
+(user, method): select aux → γ → train → generate → score; (5) the job's final state. Workers return results; this driver writes each adapter
 atomically to the artifact store and then records it, once, in the registry.
 """
 
@@ -33,8 +33,8 @@ from cbpo_orch.orchestrator.workspace import Workspace
 from cbpo_orch.storage.reference_cache import Entry, ReferenceCache, is_left_out, pair_text_key, starting_model_fingerprint
 from cbpo_orch.storage.registry import InvalidTransition, Registry
 from cbpo_orch.workers.context import cached_history, history_datasets
-from cbpo_orch.workers.entrypoints import BUILD_TASK_ADAPTER, EMBED_SHARD, PERSONALIZE_USERS, REFERENCE_SHARD
-from cbpo_orch.workers.user_items import trained_pairs, user_items
+from cbpo_orch.workers.entrypoints import BUILD_TASK_ADAPTER, EMBED_SHARD, GAMMA_SHARD, PERSONALIZE_USERS, REFERENCE_SHARD
+from cbpo_orch.workers.user_items import gamma_inputs, trained_pairs, user_items
 
 if TYPE_CHECKING:
     from cbpo_orch.workers.personalize import UserOutcome
@@ -113,8 +113,9 @@ def _drive(space: Workspace, job_id: str, spec: JobSpec, resources: Resources, p
         tam_path = _task_adapter(space, spec, resources, progress)
         pending = registry.runs(job_id, states=("pending",))
         reference = _reference_pass(space, spec, task, datasets[0], history, tam_path, pending, resources, progress)
+        gammas = _gamma_pass(spec, datasets[0], history, pending, progress)
         progress.stage("personalizing users")
-        _fan_out(space, job_id, spec, resources, pending, history, reference, tam_path, progress, worker_fn, lease)
+        _fan_out(space, job_id, spec, resources, pending, history, reference, gammas, tam_path, progress, worker_fn, lease)
     except LeaseLost:
         raise  # the job is the other driver's now: leave its state alone
     except scheduler.ClusterLost as lost:
@@ -326,6 +327,45 @@ def _mismatched(cycles: Iterable[tuple[tuple[str, str], ...]], entries: dict[byt
     return list(pairs)
 
 
+GAMMA_MIN_SHARD = 16
+"""The fewest runs one γ task estimates (about 0.2 s each on one core)."""
+
+GAMMA_ROUNDS = 4
+"""γ shards per CPU: a long pass shows its progress a shard at a time."""
+
+
+def _gamma_pass(spec: JobSpec, dataset: Dataset, history: HistoryIndex, pending: list, progress: Progress) -> dict:
+    """Stage 3b: the γ of every pending run whose method estimates one, by its inputs (the
+    rows of the user's positives and aux items as its worker will draw them, and the
+    estimator's settings: ``user_items.gamma_inputs``), each distinct input once for the whole
+    job (C-BPO's variants share their users' draws), in CPU shards over the cluster. A GPU
+    worker then starts training at once instead of estimating its pack's γ one user at a time
+    on its own CPU. A run whose items cannot be planned is left to its worker, which fails it
+    with the reason; a pass that fails leaves each worker to estimate its own (the same γ)."""
+    inputs: dict = {}
+    for run in pending:
+        config = spec.config_for(run.method)
+        if not method_spec(config.method).uses_gamma or config.gamma is not None:
+            continue
+        try:
+            inputs[gamma_inputs(user_items(dataset, history, run.user_id, config), config)] = None
+        except DataError:
+            continue
+    if not inputs:
+        return {}
+    label = f"γ's pass over {len(inputs)} users' items (once per job, shared by its C-BPO methods)"
+    progress.stage(label)
+    report = _each_tenth(lambda done, shards: progress.stage(f"{label}: {done}/{shards} shards"))
+    try:
+        shards = scheduler.map_shards(
+            GAMMA_SHARD, list(inputs), history, min_shard=GAMMA_MIN_SHARD, rounds=GAMMA_ROUNDS, on_done=report
+        )
+    except scheduler.TASK_FAILURES as error:
+        progress.notice(f"γ's shared pass failed ({scheduler.first_line(scheduler.task_cause(error))}): each worker estimates its own")
+        return {}
+    return {key: gamma for shard in shards for key, gamma in shard.items()}
+
+
 def _fan_out(
     space: Workspace,
     job_id: str,
@@ -334,6 +374,7 @@ def _fan_out(
     pending: list,
     history,
     reference: dict[bytes, float],
+    gammas: dict,
     tam_path: str | None,
     progress: Progress,
     worker_fn: Callable,
@@ -394,7 +435,7 @@ def _fan_out(
         slots = fits
     report()
     scheduler.fan_out(
-        work, context_args, history, reference, worker_fn, slots, resources.cpus_per_user, resources.gpus_per_user, start, finish, tick,
+        work, context_args, history, reference, gammas, worker_fn, slots, resources.cpus_per_user, resources.gpus_per_user, start, finish, tick,
         resources.pack_size,
     )
     report()

@@ -135,7 +135,7 @@ class PersonalizeWorker:
     a bare actor death, its class lost, and the actor would be recreated in vain.
     """
 
-    def __init__(self, context_args: dict, history, reference: dict, threads: int, worker_fn: Callable):
+    def __init__(self, context_args: dict, history, reference: dict, gammas: dict, threads: int, worker_fn: Callable):
         import torch
 
         from cbpo_orch.data.dataset import load_split
@@ -149,7 +149,7 @@ class PersonalizeWorker:
             task = load_task(context_args["task"])
             dataset = load_split(context_args["data"], context_args["split"], task)
             self.context = load_user_context(
-                task, dataset, history, context_args["model"], context_args["task_adapter"], "auto", reference
+                task, dataset, history, context_args["model"], context_args["task_adapter"], "auto", reference, gammas
             )
         except PERMANENT_ERRORS as error:
             self.start_error = first_line(error)
@@ -305,6 +305,7 @@ def fan_out(
     context_args: dict,
     history,
     reference: dict,
+    gammas: dict,
     worker_fn: Callable,
     slots: int,
     cpus_per_user: float,
@@ -316,8 +317,9 @@ def fan_out(
 ) -> None:
     """Run every unit of ``work`` on a pool of at most ``slots`` actors, each call a pack of
     up to ``users_per_step`` units of the same config (trained in the same passes; fewer
-    when less waits than fills every actor, :func:`pack_size`). Every actor gets ``history``
-    and ``reference`` (π_ref's log-probs from the job's pass) once, through the object store.
+    when less waits than fills every actor, :func:`pack_size`). Every actor gets ``history``,
+    ``reference`` (π_ref's log-probs from the job's pass) and ``gammas`` (γ from the job's
+    pass) once, through the object store.
 
     ``start(w)`` is asked before a unit is sent (False skips it, e.g. cancelled);
     ``finish(w, result_or_failure)`` receives each result or :class:`Failure` and
@@ -330,12 +332,12 @@ def fan_out(
     queue = deque(work)
     if not queue:
         return
-    history_ref, reference_ref = ray.put(history), ray.put(reference)
+    history_ref, reference_ref, gammas_ref = ray.put(history), ray.put(reference), ray.put(gammas)
     options = dict(num_cpus=cpus_per_user, num_gpus=gpus_per_user)
     threads = max(1, int(cpus_per_user))
 
     def new_actor():
-        return PersonalizeWorker.options(**options).remote(context_args, history_ref, reference_ref, threads, worker_fn)
+        return PersonalizeWorker.options(**options).remote(context_args, history_ref, reference_ref, gammas_ref, threads, worker_fn)
 
     idle = [new_actor() for _ in range(min(max(1, slots), len(queue)))]
     n_actors = len(idle)

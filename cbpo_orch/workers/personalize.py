@@ -19,7 +19,6 @@ from cbpo_orch.data.history import HistoryIndex
 from cbpo_orch.data.tasks import Budgets, Task
 from cbpo_orch.method.config import TrainConfig
 from cbpo_orch.method.methods import method_spec
-from cbpo_orch.method.prior import PriorConfig, estimate_gamma
 from cbpo_orch.training.encoding import BudgetError, encode_pair, within_budget
 from cbpo_orch.training.evaluation import rouge
 from cbpo_orch.training.generation import generate
@@ -39,22 +38,22 @@ from cbpo_orch.training.trainer import (
     slot_groups,
     train_and_hold,
 )
-from cbpo_orch.workers.user_items import user_items
-
-CBPO_METHODS = ("cbpo", "cbpo-raw", "cbpo-nnpu")
+from cbpo_orch.workers.gamma_pass import Gamma, estimated_gamma
+from cbpo_orch.workers.user_items import GammaInputs, UserItems, gamma_inputs, user_items
 
 
 @dataclass
 class UserContext:
     """What every user of a job shares, loaded once per worker process; ``reference``
     holds π_ref's log-probs of the job's pass and of every pair trained so far, for all
-    users and methods."""
+    users and methods; ``gammas``: the γ of the job's pass, by their inputs."""
 
     task: Task
     dataset: Dataset
     history: HistoryIndex
     loaded: LoadedModel
     reference: ReferenceLogps = field(default_factory=ReferenceLogps)
+    gammas: dict[GammaInputs, Gamma] = field(default_factory=dict)
 
 
 def load_user_context(
@@ -65,10 +64,11 @@ def load_user_context(
     task_adapter: str | Path | None = None,
     device: str = "auto",
     reference: dict[bytes, float] | None = None,
+    gammas: dict[GammaInputs, Gamma] | None = None,
 ) -> UserContext:
-    """The worker's context; ``reference``: π_ref's log-probs from the job's pass."""
+    """The worker's context; ``reference`` and ``gammas``: π_ref's log-probs and γ from the job's passes."""
     loaded = starting_model(model_path, task_adapter, device)
-    return UserContext(task=task, dataset=dataset, history=history, loaded=loaded, reference=ReferenceLogps(reference))
+    return UserContext(task, dataset, history, loaded, ReferenceLogps(reference), dict(gammas or {}))
 
 
 @dataclass
@@ -173,7 +173,7 @@ def _prepare(context: UserContext, user_id: str, config: TrainConfig) -> _Prepar
     with _phase(phases, "aux"):
         items = user_items(context.dataset, context.history, user_id, config)
     with _phase(phases, "gamma"):
-        gamma, gamma_reason = _gamma(context.history, items.own_rows, items.aux_rows, config)
+        gamma, gamma_reason = _gamma(context, items, config)
     return _Prepared(user_id, phases, items.positives, items.held_out, items.auxiliary, gamma, gamma_reason)
 
 
@@ -259,18 +259,13 @@ def _held_out_score(model, tokenizer, pairs: list[tuple[str, str]], budgets: Bud
     return lambda: held_out_logp(model, encoded, tokenizer.pad_token_id, config.eval_batch_size, device)
 
 
-def _gamma(history: HistoryIndex, own_rows: list[int], aux_rows: list[int], config: TrainConfig) -> tuple[float | None, str | None]:
-    """γ for C-BPO methods: fixed by the config, or estimated on embeddings (METHOD.md §4)."""
-    if config.method not in CBPO_METHODS:
+def _gamma(context: UserContext, items: UserItems, config: TrainConfig) -> tuple[float | None, str | None]:
+    """γ for methods that read it: fixed by the config, from the job's γ pass, or estimated
+    here on embeddings (METHOD.md §4) when the pass did not cover the run."""
+    if not method_spec(config.method).uses_gamma:
         return None, None
     if config.gamma is not None:
         return config.gamma, "fixed by configuration"
-    prior = PriorConfig(
-        estimator=config.gamma_estimator,
-        gamma_max=config.gamma_max,
-        fallback_gamma=config.fallback_gamma,
-        seed=config.seed,
-    )
-    estimate = estimate_gamma(history.embeddings[own_rows], history.embeddings[aux_rows], prior)
-    return estimate.gamma, estimate.reason
-
+    inputs = gamma_inputs(items, config)
+    known = context.gammas.get(inputs)
+    return known if known is not None else estimated_gamma(context.history, inputs)

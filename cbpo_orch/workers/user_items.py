@@ -3,7 +3,7 @@ and its aux items (METHOD.md §5), for one method's config.
 
 Plain data over the dataset and the history index (no torch): the worker calls it before
 training a user, and the driver calls it to plan the job's one π_ref pass over the very
-pairs its runs will train on.
+pairs its runs will train on, and its one γ pass over the very rows γ is estimated on.
 """
 
 from __future__ import annotations
@@ -48,3 +48,16 @@ def user_items(dataset: Dataset, history: HistoryIndex, user_id: str, config: Tr
 def trained_pairs(items: Iterable[UserItems]) -> list[tuple[str, str]]:
     """The distinct (x, y) pairs that users train on (positives and aux), first seen first."""
     return list(dict.fromkeys((e.x, e.y) for user in items for e in (*user.positives, *user.auxiliary)))
+
+
+GammaInputs = tuple
+"""(own rows, aux rows, estimator, gamma_max, fallback_gamma, seed): all an estimated γ depends on."""
+
+
+def gamma_inputs(items: UserItems, config: TrainConfig) -> GammaInputs | None:
+    """What the user's estimated γ depends on (METHOD.md §4: the embeddings of its positives
+    and aux items, and the estimator's settings), so that runs with equal inputs share one
+    estimate; None where γ is not estimated (a method without γ, or γ fixed by the config)."""
+    if not method_spec(config.method).uses_gamma or config.gamma is not None:
+        return None
+    return (tuple(items.own_rows), tuple(items.aux_rows), config.gamma_estimator, config.gamma_max, config.fallback_gamma, config.seed)
