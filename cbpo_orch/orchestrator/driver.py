@@ -345,12 +345,14 @@ def _gamma_pass(spec: JobSpec, dataset: Dataset, history: HistoryIndex, pending:
     inputs: dict = {}
     for run in pending:
         config = spec.config_for(run.method)
-        if not method_spec(config.method).uses_gamma or config.gamma is not None:
+        if not method_spec(config.method).uses_gamma:
             continue
         try:
-            inputs[gamma_inputs(user_items(dataset, history, run.user_id, config), config)] = None
+            key = gamma_inputs(user_items(dataset, history, run.user_id, config), config)
         except DataError:
             continue
+        if key is not None:  # None: γ fixed by the config
+            inputs[key] = None
     if not inputs:
         return {}
     label = f"γ's pass over {len(inputs)} users' items (once per job, shared by its C-BPO methods)"
