@@ -42,7 +42,6 @@ HERE = Path(__file__).resolve().parent
 
 ONE_PROCESS = """
 import json, sys, time
-started = time.perf_counter()
 import numpy as np, torch
 from cbpo_orch.data.embedding import embed, load_embedder
 torch.set_num_threads(int(sys.argv[2]))

@@ -810,7 +810,7 @@ def test_the_jobs_pi_ref_pass_computes_each_preference_pair_once_and_a_failed_pa
         pending = space.registry.runs(job, states=("pending",))
         shown = {"stage": [], "notice": []}
         progress = driver.Progress(stage=shown["stage"].append, notice=shown["notice"].append)
-        values = driver._reference_pass(space, spec, task, datasets[0], history, None, pending, resources, progress)
+        values = driver._reference_pass(space, spec, task, driver._planned_items(spec, datasets[0], history, pending), None, resources, progress)
         planned = [user_items(datasets[0], history, run.user_id, spec.config_for(run.method)) for run in pending if run.method != "sft"]
         return spec, values, trained_pairs(planned), shown
 
@@ -851,7 +851,8 @@ def test_a_kto_worker_started_from_the_jobs_pass_computes_no_pair_and_trains_the
     history = driver._history(space, spec, datasets, driver.Progress())
     stages = []
     pending = space.registry.runs(job, states=("pending",))
-    values = driver._reference_pass(space, spec, task, datasets[0], history, None, pending, resources, driver.Progress(stage=stages.append))
+    planned = driver._planned_items(spec, datasets[0], history, pending)
+    values = driver._reference_pass(space, spec, task, planned, None, resources, driver.Progress(stage=stages.append))
     assert any(stage.startswith("π_ref's pass over") and " mismatched pairs (KTO's, each user's own)" in stage for stage in stages), stages
 
     config = spec.config_for("kto")
@@ -989,7 +990,8 @@ def test_the_jobs_gamma_pass_estimates_each_distinct_input_once_and_a_failed_pas
     history = driver._history(space, spec, datasets, driver.Progress())
     pending = space.registry.runs(job, states=("pending",))
     shown = {"stage": [], "notice": []}
-    gammas = driver._gamma_pass(spec, datasets[0], history, pending, driver.Progress(stage=shown["stage"].append, notice=shown["notice"].append))
+    planned = driver._planned_items(spec, datasets[0], history, pending)
+    gammas = driver._gamma_pass(history, planned, driver.Progress(stage=shown["stage"].append, notice=shown["notice"].append))
 
     config = spec.config_for("cbpo")
     keys = [gamma_inputs(user_items(datasets[0], history, user, config), config) for user in dev_users[:2]]
@@ -999,10 +1001,10 @@ def test_the_jobs_gamma_pass_estimates_each_distinct_input_once_and_a_failed_pas
     real_shard = driver.GAMMA_SHARD
     monkeypatch.setattr(driver, "GAMMA_SHARD", faulty_worker.gamma_shard_fails)
     shown = {"stage": [], "notice": []}
-    assert driver._gamma_pass(spec, datasets[0], history, pending, driver.Progress(stage=shown["stage"].append, notice=shown["notice"].append)) == {}
+    assert driver._gamma_pass(history, planned, driver.Progress(stage=shown["stage"].append, notice=shown["notice"].append)) == {}
     assert len(shown["notice"]) == 1 and "each worker estimates its own" in shown["notice"][0]
     sft_only = [run for run in pending if run.method in ("sft", "bco")]
-    assert driver._gamma_pass(spec, datasets[0], history, sft_only, driver.Progress(stage=pytest.fail)) == {}, "no γ read: no pass"
+    assert driver._gamma_pass(history, driver._planned_items(spec, datasets[0], history, sft_only), driver.Progress(stage=pytest.fail)) == {}, "no γ read: no pass"
 
     monkeypatch.setattr(driver, "GAMMA_SHARD", real_shard)
     assert driver.run_job(space, job, Resources(workers=1, max_retries=0), worker_fn=faulty_worker.gamma_from_the_jobs_pass) == "succeeded"

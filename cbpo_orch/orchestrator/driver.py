@@ -25,6 +25,7 @@ from cbpo_orch.data.dataset import DataError, Dataset
 from cbpo_orch.data.embedding import embedding_cost
 from cbpo_orch.data.history import HistoryIndex
 from cbpo_orch.data.tasks import Task, load_task
+from cbpo_orch.method.config import TrainConfig
 from cbpo_orch.method.methods import method_spec, mismatched_pairs
 from cbpo_orch.orchestrator import scheduler
 from cbpo_orch.orchestrator.lease import LEASE_TTL_S, JobLease, LeaseLost
@@ -34,7 +35,7 @@ from cbpo_orch.storage.reference_cache import Entry, ReferenceCache, is_left_out
 from cbpo_orch.storage.registry import InvalidTransition, Registry
 from cbpo_orch.workers.context import cached_history, history_datasets
 from cbpo_orch.workers.entrypoints import BUILD_TASK_ADAPTER, EMBED_SHARD, GAMMA_SHARD, PERSONALIZE_USERS, REFERENCE_SHARD
-from cbpo_orch.workers.user_items import gamma_inputs, trained_pairs, user_items
+from cbpo_orch.workers.user_items import UserItems, gamma_inputs, trained_pairs, user_items
 
 if TYPE_CHECKING:
     from cbpo_orch.workers.personalize import UserOutcome
@@ -112,8 +113,9 @@ def _drive(space: Workspace, job_id: str, spec: JobSpec, resources: Resources, p
         history = _history(space, spec, datasets, progress)
         tam_path = _task_adapter(space, spec, resources, progress)
         pending = registry.runs(job_id, states=("pending",))
-        reference = _reference_pass(space, spec, task, datasets[0], history, tam_path, pending, resources, progress)
-        gammas = _gamma_pass(spec, datasets[0], history, pending, progress)
+        planned = _planned_items(spec, datasets[0], history, pending)
+        reference = _reference_pass(space, spec, task, planned, tam_path, resources, progress)
+        gammas = _gamma_pass(history, planned, progress)
         progress.stage("personalizing users")
         _fan_out(space, job_id, spec, resources, pending, history, reference, gammas, tam_path, progress, worker_fn, lease)
     except LeaseLost:
@@ -231,14 +233,29 @@ REFERENCE_ROUNDS = 4
 """π_ref shards per CPU (or GPU): a long pass shows its progress a shard at a time."""
 
 
+def _planned_items(spec: JobSpec, dataset: Dataset, history: HistoryIndex, pending: list) -> list[tuple[TrainConfig, UserItems]]:
+    """What each pending run of a method that reads π_ref or γ will train on, drawn by the
+    workers' own ``user_items``, once for both passes. A run whose items cannot be planned is
+    left out: its worker fails it with the reason."""
+    planned = []
+    for run in pending:
+        config = spec.config_for(run.method)
+        method = method_spec(config.method)
+        if not (method.uses_reference or method.uses_gamma):
+            continue
+        try:
+            planned.append((config, user_items(dataset, history, run.user_id, config)))
+        except DataError:
+            continue
+    return planned
+
+
 def _reference_pass(
     space: Workspace,
     spec: JobSpec,
     task: Task,
-    dataset: Dataset,
-    history: HistoryIndex,
+    planned: list[tuple[TrainConfig, UserItems]],
     tam_path: str | None,
-    pending: list,
     resources: Resources,
     progress: Progress,
 ) -> dict[bytes, float]:
@@ -248,18 +265,13 @@ def _reference_pass(
     under the same starting model come from the home's cache (``storage/reference_cache.py``,
     found by their text: only the others go to the cluster, and a job whose pairs are all
     known runs no shard). KTO's mismatched pairs follow in a second pass, once the first has
-    told which pairs training keeps. A user whose items cannot be planned is left to its worker, which fails its run with the
-    reason; a pass that fails leaves each worker to compute its own (the same results, slower)."""
+    told which pairs training keeps (``planned``: see :func:`_planned_items`). A pass that fails
+    leaves each worker to compute its own (the same results, slower)."""
     groups: dict[tuple, dict[tuple[str, str], None]] = {}
     cycles: dict[tuple, dict[tuple, None]] = {}  # KTO's: each user's pairs in training order
-    for run in pending:
-        config = spec.config_for(run.method)
+    for config, items in planned:
         method = method_spec(config.method)
         if not method.uses_reference:
-            continue
-        try:
-            items = user_items(dataset, history, run.user_id, config)
-        except DataError:
             continue
         key = (task.budgets(config.max_prompt_tokens, config.max_new_tokens), config.eval_batch_size)
         groups.setdefault(key, {}).update(dict.fromkeys(trained_pairs([items])))
@@ -334,25 +346,14 @@ GAMMA_ROUNDS = 4
 """γ shards per CPU: a long pass shows its progress a shard at a time."""
 
 
-def _gamma_pass(spec: JobSpec, dataset: Dataset, history: HistoryIndex, pending: list, progress: Progress) -> dict:
-    """Stage 3b: the γ of every pending run whose method estimates one, by its inputs (the
+def _gamma_pass(history: HistoryIndex, planned: list[tuple[TrainConfig, UserItems]], progress: Progress) -> dict:
+    """Stage 3b: the γ of every planned run whose method estimates one, by its inputs (the
     rows of the user's positives and aux items as its worker will draw them, and the
     estimator's settings: ``user_items.gamma_inputs``), each distinct input once for the whole
     job (C-BPO's variants share their users' draws), in CPU shards over the cluster. A GPU
     worker then starts training at once instead of estimating its pack's γ one user at a time
-    on its own CPU. A run whose items cannot be planned is left to its worker, which fails it
-    with the reason; a pass that fails leaves each worker to estimate its own (the same γ)."""
-    inputs: dict = {}
-    for run in pending:
-        config = spec.config_for(run.method)
-        if not method_spec(config.method).uses_gamma:
-            continue
-        try:
-            key = gamma_inputs(user_items(dataset, history, run.user_id, config), config)
-        except DataError:
-            continue
-        if key is not None:  # None: γ fixed by the config
-            inputs[key] = None
+    on its own CPU. A pass that fails leaves each worker to estimate its own (the same γ)."""
+    inputs = dict.fromkeys(key for config, items in planned if (key := gamma_inputs(items, config)) is not None)
     if not inputs:
         return {}
     label = f"γ's pass over {len(inputs)} users' items (once per job, shared by its C-BPO methods)"
