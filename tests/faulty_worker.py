@@ -89,14 +89,12 @@ def slow_steps(steps: int, seconds_per_step: float, on_step=None) -> str:
 
 
 def meet_the_other_shards(items: list, folder: str, shards: int, threads: int) -> tuple[list, int, bool]:
-    """A shard task that signs in under ``folder`` and waits (up to three minutes: with the rest
-    of the suite beside it, one shard once missed a one-minute wait, probably a fresh worker
-    process starting slowly) until all ``shards`` have: it returns its items, its threads and
-    whether they all ran at once."""
+    """A shard task that signs in under ``folder`` and waits (up to a minute) until all
+    ``shards`` have: it returns its items, its threads and whether they all ran at once."""
     import time
 
     Path(folder, str(os.getpid())).touch()
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 60
     while len(os.listdir(folder)) < shards and time.monotonic() < deadline:
         time.sleep(0.05)
     return items, threads, len(os.listdir(folder)) >= shards
