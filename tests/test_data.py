@@ -278,7 +278,7 @@ BAD_DATA = {
                       ["dev.json: record 0 (user 'u')", "'a/b'", "unsafe as a file name"]),
     "row-missing-output": ({"dev.json": [{"author": "u", "input": "i", "output": "o", "profile": [ITEM]},
                                          {"author": "v", "input": "j", "profile": [ITEM]}]},
-                           ["dev.json: record 1 (user 'v')", "lacks field 'output' while other records have it"]),
+                           ["dev.json: record 1 (user 'v')", "lacks field 'output'", "only a 'test' split"]),
     "row-empty-profile": ({"dev.jsonl": '{"author": "u", "input": "i", "output": "o", "profile": []}\n'},
                           ["dev.jsonl: line 1 (user 'u')", "empty profile"]),
 }

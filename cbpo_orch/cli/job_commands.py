@@ -28,6 +28,9 @@ ArtifactsOpt = Annotated[Optional[Path], typer.Option(help="Artifact folder (env
 AddressOpt = Annotated[Optional[str], typer.Option(help="Ray cluster: 'auto' (RAY_ADDRESS or a local `ray start`) or ray://HOST:10001. Default: start a local Ray.")]
 JobArg = Annotated[str, typer.Argument(help="Job id (see `cbpo-orch status`).")]
 PANEL = "Scheduling"
+SCORES = ("rouge1", "rougeL")
+NO_SCORE = "n/a"
+"""How ``results`` shows a score that does not exist: the user had no gold output (JSON: null)."""
 OUT = Console()
 if not OUT.is_terminal:
     OUT.width = 200
@@ -47,7 +50,7 @@ def _print_examples(extras: dict, users, methods) -> None:
             continue
         first = next(iter(runs.values()))
         OUT.print(f"\n[bold]{user}[/bold] · query {first['id']}", highlight=False)
-        OUT.print(f"  {'gold':>8}: {first['gold']}", highlight=False, markup=False)
+        OUT.print(f"  {'gold':>8}: {NO_SCORE if first['gold'] is None else first['gold']}", highlight=False, markup=False)
         for method, run in runs.items():
             OUT.print(f"  {method:>8}: {run['prediction']}", highlight=False, markup=False)
 
@@ -241,7 +244,8 @@ def _aggregate(rows: list[dict]) -> list[dict]:
     out = []
     for method, group in by_method.items():
         mean = lambda key: (sum(r[key] for r in group if r[key] is not None) / n if (n := sum(r[key] is not None for r in group)) else None)  # noqa: E731
-        out.append({"method": method, "users": len(group), "rouge1": mean("rouge1"), "rougeL": mean("rougeL"), "gamma": mean("gamma"), "seconds": mean("seconds")})
+        scored = sum(r["rouge1"] is not None for r in group)
+        out.append({"method": method, "users": len(group), "scored": scored, "rouge1": mean("rouge1"), "rougeL": mean("rougeL"), "gamma": mean("gamma"), "seconds": mean("seconds")})
     return out
 
 
@@ -253,20 +257,20 @@ def _print_results(rows: list[dict], fmt: str, aggregate: bool) -> None:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else list(RESULT_COLUMNS), lineterminator="\n")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({**row, **{key: NO_SCORE for key in SCORES if key in row and row[key] is None}} for row in rows)
         typer.echo(buffer.getvalue(), nl=False)
     else:
         columns = list(rows[0]) if rows else list(RESULT_COLUMNS)
         shown = [c for c in columns if c not in ("adapter_path", "sha256")]
         table = Table(*shown)
         for row in rows:
-            table.add_row(*(_cell(row[c]) for c in shown))
+            table.add_row(*(_cell(row[c], c) for c in shown))
         OUT.print(table)
 
 
-def _cell(value) -> str:
+def _cell(value, column: str) -> str:
     if value is None:
-        return "—"
+        return NO_SCORE if column in SCORES else "—"
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
@@ -278,7 +282,8 @@ def results(
     home: HomeOpt = None,
     db: DbOpt = None,
 ) -> None:
-    """A job's metrics: one row per (user, method), or means per method."""
+    """A job's metrics: one row per (user, method), or means per method over the users scored.
+    A user without gold outputs is personalized and answered, and scores n/a."""
     if fmt not in ("table", "csv", "json"):
         raise UsageError("--format must be table, csv or json")
     registry = open_workspace(home, db, None).registry

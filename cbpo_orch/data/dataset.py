@@ -4,11 +4,14 @@ A data folder holds one file set per split, in one of two formats:
 
 - LaMP: ``{split}_questions.json`` (a list of ``{"id", "user_id"?, "input", "profile"}``)
   and ``{split}_outputs.json`` (``{"task", "golds": [{"id", "output"}]}``; only a ``test``
-  split may come without it). Without ``user_id`` every question is its own user (user id =
+  split may come without it, or with golds for some of its questions only). Without ``user_id`` every question is its own user (user id =
   question id); questions with the same ``user_id`` must carry the same profile.
 - LongLaMP rows: ``{split}.json`` (a list) or ``{split}.jsonl`` (one object a line) of
   ``{"input", "output"?, "profile", "id"?}`` plus a user id under one of ``USER_ID_KEYS``.
-  Rows of one user must carry the same profile.
+  Rows of one user must carry the same profile. Only rows of a ``test`` split may lack ``output``.
+
+A query without a gold (``test`` splits: LaMP's, or a product's real users) is answered and
+not scored; a job may mix users with and without golds.
 
 Against leaks (METHOD.md §5: never test queries of anyone), loading leaves out every profile
 item whose prompt equals the prompt of a query of ANY split in the folder, compared after
@@ -36,6 +39,8 @@ if TYPE_CHECKING:
     from cbpo_orch.data.tasks import Task
 
 USER_ID_KEYS = ("user_id", "name", "reviewerId", "author")
+GOLDLESS_SPLIT = "test"
+"""The one split whose queries may come without gold outputs (LaMP's test split has none)."""
 _SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _SAFE_ID_RULE = "letters, digits, '.', '_', '-' only, not starting with '.' or '-', at most 128 characters"
@@ -166,7 +171,7 @@ def load_split(path: str | os.PathLike[str], split: str, task: Task) -> Dataset:
     if present[0] == questions:
         users = _lamp_users(questions, folder / f"{split}_outputs.json", split, task)
     else:
-        users = _row_users(present[0], task)
+        users = _row_users(present[0], split, task)
     return Dataset(path=folder, split=split, task=task, users=_without_queries(users, _query_prompts(folder, task), task))
 
 
@@ -210,10 +215,10 @@ def _lamp_users(questions: Path, outputs: Path, split: str, task: Task) -> dict[
     """Users of a LaMP questions file, with golds from its outputs file."""
     if outputs.is_file():
         golds = _golds(outputs)
-    elif split == "test":
-        golds = None
+    elif split == GOLDLESS_SPLIT:
+        golds = {}
     else:
-        raise DataError(f"{outputs}: missing (only a 'test' split may come without golds)")
+        raise DataError(f"{outputs}: missing (only a {GOLDLESS_SPLIT!r} split may come without golds)")
     builder = _UserBuilder(questions)
     for label, record in _records(questions):
         at = f"{questions}: {label}"
@@ -221,12 +226,14 @@ def _lamp_users(questions: Path, outputs: Path, split: str, task: Task) -> dict[
         question_id = _safe_id(_field(record, "id", at), at)
         where = f"{questions}: {label} (id {question_id!r})"
         user_id = _safe_id(_field(record, "user_id", where), where) if "user_id" in record else question_id
-        if golds is not None and question_id not in golds:
-            raise DataError(f"{outputs}: no gold for question {question_id!r} ({questions.name} {label})")
-        gold = None if golds is None else golds[question_id]
-        query = Query(id=question_id, input=_field(record, "input", where), gold=gold)
+        if question_id not in golds and split != GOLDLESS_SPLIT:
+            raise DataError(
+                f"{outputs}: no gold for question {question_id!r} ({questions.name} {label}; "
+                f"only a {GOLDLESS_SPLIT!r} split may come without golds)"
+            )
+        query = Query(id=question_id, input=_field(record, "input", where), gold=golds.get(question_id))
         builder.add(user_id, query, _profile(record, task, where, user_id), where)
-    unknown = [gold_id for gold_id in golds or () if not builder.has_query(gold_id)]
+    unknown = [gold_id for gold_id in golds if not builder.has_query(gold_id)]
     if unknown:
         raise DataError(f"{outputs}: gold for unknown question {unknown[0]!r}")
     return builder.users()
@@ -248,10 +255,9 @@ def _golds(outputs: Path) -> dict[str, str]:
     return golds
 
 
-def _row_users(file: Path, task: Task) -> dict[str, User]:
+def _row_users(file: Path, split: str, task: Task) -> dict[str, User]:
     """Users of a LongLaMP-style rows file (.json list or .jsonl)."""
     builder = _UserBuilder(file)
-    lacking_gold: list[str] = []
     for label, record in _records(file):
         _require_object(record, f"{file}: {label}")
         user_id = _row_user_id(record, f"{file}: {label}")
@@ -260,13 +266,11 @@ def _row_users(file: Path, task: Task) -> dict[str, User]:
             query_id = _safe_id(_field(record, "id", where), where)
         else:
             query_id = f"{user_id}-q{builder.query_count(user_id)}"
+        if "output" not in record and split != GOLDLESS_SPLIT:
+            raise DataError(f"{where}: lacks field 'output' (only a {GOLDLESS_SPLIT!r} split may come without golds)")
         gold = _field(record, "output", where) if "output" in record else None
-        if gold is None:
-            lacking_gold.append(where)
         query = Query(id=query_id, input=_field(record, "input", where), gold=gold)
         builder.add(user_id, query, _profile(record, task, where, user_id), where)
-    if lacking_gold and len(lacking_gold) < builder.query_total():
-        raise DataError(f"{lacking_gold[0]}: lacks field 'output' while other records have it")
     return builder.users()
 
 
@@ -294,10 +298,6 @@ class _UserBuilder:
     def query_count(self, user_id: str) -> int:
         """How many queries of this user were added so far."""
         return len(self._queries.get(user_id, ()))
-
-    def query_total(self) -> int:
-        """How many queries were added so far, of all users."""
-        return len(self._query_ids)
 
     def has_query(self, query_id: str) -> bool:
         """Whether a query with this id was added."""

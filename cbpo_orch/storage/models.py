@@ -22,7 +22,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Version of the schema these models describe; bump it with a migration."""
 
 FREE_LEASE = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -135,8 +135,8 @@ class Metric(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("user_runs.id"), unique=True)
-    rouge1: Mapped[float] = mapped_column(Float)
-    rougeL: Mapped[float] = mapped_column(Float)
+    rouge1: Mapped[float | None] = mapped_column(Float)  # None: the user had no gold output to score against
+    rougeL: Mapped[float | None] = mapped_column(Float)
     gamma: Mapped[float | None] = mapped_column(Float)
     gamma_reason: Mapped[str | None] = mapped_column(Text)
     n_pos: Mapped[int]

@@ -68,6 +68,8 @@ RESULT_COLUMNS = (
 
 _STARTABLE = ("pending", "running")
 _FLOAT_METRICS = ("rouge1", "rougeL", "seconds")
+_SCORES = ("rouge1", "rougeL")
+"""Metrics that are None for a run whose user has no gold output to score against."""
 _INT_METRICS = ("n_pos", "n_aux")
 _OPTIONAL_METRICS = ("gamma", "gamma_reason", "phase_seconds", "extra")
 _ADAPTER_KEYS = ("path", "sha256", "bytes")
@@ -265,7 +267,7 @@ class Registry:
         """Store the metrics and adapter of a run and mark it succeeded, in one transaction.
 
         ``metrics`` needs ``rouge1``, ``rougeL``, ``n_pos``, ``n_aux`` and
-        ``seconds``, and may have ``gamma``, ``gamma_reason``,
+        ``seconds`` (the two scores None together, for a user without golds), and may have ``gamma``, ``gamma_reason``,
         ``phase_seconds`` and ``extra``; ``adapter`` needs ``path``, ``sha256``
         and ``bytes``.  Idempotent: for a run that already succeeded nothing is
         written and False is returned (True when this call recorded it).  The
@@ -375,7 +377,8 @@ class Registry:
         """Return one row per succeeded (user, method) of a job, keyed by ``RESULT_COLUMNS``.
 
         Rows are sorted by user id then method (string order).  ``adapter_path``
-        and ``sha256`` are None for a run recorded without an adapter.
+        and ``sha256`` are None for a run recorded without an adapter, ``rouge1``
+        and ``rougeL`` for a user without gold outputs (nothing to score against).
         """
 
         def work(session: Session) -> list[dict[str, Any]]:
@@ -637,10 +640,12 @@ def _metric_values(metrics: Mapping[str, Any]) -> dict[str, Any]:
     """Validate a metrics mapping and convert it to :class:`Metric` column values."""
     required = _FLOAT_METRICS + _INT_METRICS
     unknown = sorted(set(metrics) - set(required) - set(_OPTIONAL_METRICS))
-    missing = [name for name in required if metrics.get(name) is None]
+    missing = [name for name in required if name not in metrics or (metrics[name] is None and name not in _SCORES)]
     if unknown or missing:
         raise ValueError(f"bad metrics: missing {missing}, unknown {unknown}")
-    values: dict[str, Any] = {name: float(metrics[name]) for name in _FLOAT_METRICS}
+    if (metrics["rouge1"] is None) != (metrics["rougeL"] is None):
+        raise ValueError("bad metrics: rouge1 and rougeL must both be scores or both None (a user without golds)")
+    values: dict[str, Any] = {name: None if metrics[name] is None else float(metrics[name]) for name in _FLOAT_METRICS}
     values.update({name: int(metrics[name]) for name in _INT_METRICS})
     gamma = metrics.get("gamma")
     values["gamma"] = None if gamma is None else float(gamma)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from sqlalchemy import Connection, func, insert, inspect, select, text, update
 
-from .models import SCHEMA_VERSION, Base, DriverLease, Job, SchemaVersion
+from .models import SCHEMA_VERSION, Base, DriverLease, Job, Metric, SchemaVersion
 
 Migration = Callable[[Connection], None]
 
@@ -23,7 +23,24 @@ def _add_lease_notice(connection: Connection) -> None:
         connection.execute(text(f"ALTER TABLE {DriverLease.__tablename__} ADD COLUMN notice TEXT"))
 
 
-MIGRATIONS: dict[int, Migration] = {1: _add_driver_leases, 2: _add_lease_notice}
+def _scores_may_be_absent(connection: Connection) -> None:
+    """3 → 4: ``metrics.rouge1`` and ``rougeL`` may be NULL (a user without gold outputs).
+    PostgreSQL drops the NOT NULL constraints; SQLite, which cannot alter a column, copies
+    the table into one made from the current model."""
+    table = Metric.__tablename__
+    quote = connection.dialect.identifier_preparer.quote
+    if connection.dialect.name != "sqlite":
+        for column in ("rouge1", "rougeL"):
+            connection.execute(text(f"ALTER TABLE {table} ALTER COLUMN {quote(column)} DROP NOT NULL"))
+        return
+    columns = ", ".join(quote(column["name"]) for column in inspect(connection).get_columns(table))
+    connection.execute(text(f"ALTER TABLE {table} RENAME TO {table}_v3"))
+    Metric.__table__.create(connection)
+    connection.execute(text(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM {table}_v3"))
+    connection.execute(text(f"DROP TABLE {table}_v3"))
+
+
+MIGRATIONS: dict[int, Migration] = {1: _add_driver_leases, 2: _add_lease_notice, 3: _scores_may_be_absent}
 """``MIGRATIONS[v]`` upgrades a database from schema version ``v`` to ``v + 1``."""
 
 SCHEMA_LOCK_KEY = 0x6362706F
