@@ -19,7 +19,7 @@ from rich.table import Table
 from cbpo_orch.cli.app import DeviceOpt, HomeOpt, ModelOpt, UsageError, app, resolve_model
 from cbpo_orch.cli.progress import job_progress
 from cbpo_orch.cli.training_options import build_config, with_training_options
-from cbpo_orch.home import SAMPLE_DATA, home_dir
+from cbpo_orch.home import home_dir
 from cbpo_orch.orchestrator.spec import JobSpec, Resources, check_address, check_budgets, check_paths, check_task_adapter, parse_methods, resolve_users
 from cbpo_orch.storage.registry import RESULT_COLUMNS
 
@@ -115,11 +115,22 @@ def _drive(url: str, artifacts: Path, cache: Path, job_id: str, resources: Resou
     return 0 if state == "succeeded" else 1
 
 
+def _data_line(data: str, split: str) -> str:
+    """What a job reads, said once at submit: the data set (a hub id's config apart) and the
+    split under the name the data set holds it by, where that differs from ``--split``."""
+    from cbpo_orch.data.sources import HubDataset, open_source
+
+    source = open_source(data)
+    held = source.held(split)
+    where = f"{source.name}, config {source.config}" if isinstance(source, HubDataset) and source.config else data
+    return f"{where}, split {held!r}" + (f" (for --split {split})" if held != split else "")
+
+
 @app.command()
 @with_training_options
 def submit(
     task: Annotated[str, typer.Option(help="Built-in task or a task definition JSON file.")] = "lamp4",
-    data: Annotated[Optional[Path], typer.Option(help="Data folder (LaMP/LongLaMP format). Default: the shipped HuffPost sample.")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Data set: a folder (LaMP/LongLaMP JSON, parquet shards or a `datasets` save_to_disk folder), a parquet file, or a hub id OWNER/NAME[:CONFIG] (read through the `datasets` cache). Default: LongLaMP/LongLaMP's user config for longlamp2/3/4, else the shipped HuffPost sample.")] = None,
     model: ModelOpt = None,
     users: Annotated[str, typer.Option(help="'all', N (the first N test users) or id,id,….")] = "3",
     method: Annotated[str, typer.Option(help="One or more of base,sft,sft-aux,kto,bco,cbpo,cbpo-raw,cbpo-nnpu (comma-separated).")] = "cbpo",
@@ -142,13 +153,14 @@ def submit(
 ) -> None:
     """Personalize many users: one LoRA adapter per (user, method), fanned out over Ray."""
     from cbpo_orch.data.dataset import load_split
+    from cbpo_orch.data.sources import task_data
     from cbpo_orch.data.tasks import load_task
 
     methods = parse_methods(method)
     train = build_config(methods[0], options)
     resources = Resources(address, cpus_per_user, gpus_per_user, workers, max_retries, users_per_step)
     task_def = load_task(task)
-    data_path, model_path = check_paths(data or SAMPLE_DATA, resolve_model(model, home))
+    data_path, model_path = check_paths(task_data(data, task_def.name), resolve_model(model, home))
     dataset = load_split(data_path, split, task_def)
     chosen = resolve_users(users, dataset)
     check_budgets(task_def, dataset, chosen, model_path, train)
@@ -162,6 +174,7 @@ def submit(
     check_address(address)
 
     space = open_workspace(home, db, artifacts, writes=True)
+    typer.echo(f"data: {_data_line(data_path, split)}", err=True)
     job_id = space.registry.create_job(task_def.name, list(methods), list(chosen), spec.to_config(resources))
     typer.echo(job_id)
     _run(space, job_id, resources, examples)

@@ -1,13 +1,15 @@
-"""Per-user task data: load one split of a data folder into users, profiles and queries.
+"""Per-user task data: load one split of a data set into users, profiles and queries.
 
-A data folder holds one file set per split, in one of two formats:
+A data set is whatever :func:`cbpo_orch.data.sources.open_source` opens (a folder of split
+files, parquet shards, a ``save_to_disk`` folder, a hub id); every form gives its splits in
+one of two shapes, turned into users here by one path:
 
 - LaMP: ``{split}_questions.json`` (a list of ``{"id", "user_id"?, "input", "profile"}``)
   and ``{split}_outputs.json`` (``{"task", "golds": [{"id", "output"}]}``; only a ``test``
   split may come without it, or with golds for some of its questions only). Without ``user_id`` every question is its own user (user id =
   question id); questions with the same ``user_id`` must carry the same profile.
-- LongLaMP rows: ``{split}.json`` (a list) or ``{split}.jsonl`` (one object a line) of
-  ``{"input", "output"?, "profile", "id"?}`` plus a user id under one of ``USER_ID_KEYS``.
+- LongLaMP rows: ``{split}.json`` (a list), ``{split}.jsonl`` (one object a line) or any
+  Arrow form of ``{"input", "output"?, "profile", "id"?}`` plus a user id under one of ``USER_ID_KEYS``.
   Rows of one user must carry the same profile. Only rows of a ``test`` split may lack ``output``.
 
 A query without a gold (``test`` splits: LaMP's, or a product's real users) is answered and
@@ -15,25 +17,28 @@ not scored; a job may mix users with and without golds.
 
 Against leaks (METHOD.md §5: never test queries of anyone), loading leaves out every profile
 item whose prompt equals the prompt of a query of ANY split in the folder, compared after
-whitespace normalisation. Every user of the result, and so positives, the auxiliary index and
+whitespace normalisation. ``dev``, ``val`` and ``validation`` name one split. Every user of the result, and so positives, the auxiliary index and
 the task adapter's data alike, sees only the items kept; texts shared by several users'
 profiles stay, each owner keeping its copy.
 
 Everything is validated on load; bad input raises ``DataError`` with a one-line message
 naming the file and the record (``record N`` is the 0-based index in a JSON list,
-``line N`` the 1-based line of a JSONL file; ``profile item N`` is 0-based).
+``line N`` the 1-based line of a JSONL file, ``row N`` the 0-based row of a parquet file or a
+``datasets`` split; ``profile item N`` is 0-based).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+from cbpo_orch.data.errors import DataError, kind
+from cbpo_orch.data.sources import LampFiles, Rows, json_records, open_source, read_json
 
 if TYPE_CHECKING:
     from cbpo_orch.data.tasks import Task
@@ -45,10 +50,6 @@ _SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _SAFE_ID_RULE = "letters, digits, '.', '_', '-' only, not starting with '.' or '-', at most 128 characters"
 _SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-class DataError(ValueError):
-    """Bad user data or task definition; the message is one line naming the file and the record."""
 
 
 @dataclass(frozen=True)
@@ -107,10 +108,11 @@ class User:
 
 @dataclass(frozen=True)
 class Dataset:
-    """One split of a data folder, read with a task; ``users`` keeps the file's order and
-    their profiles hold no query's text (see the module's docstring)."""
+    """One split of a data set, read with a task; ``users`` keeps the source's order and
+    their profiles hold no query's text (see the module's docstring). ``path`` is the data
+    set's ``Source.ref``: an absolute path, or a hub id."""
 
-    path: Path
+    path: str
     split: str
     task: Task
     users: dict[str, User]
@@ -142,59 +144,26 @@ class Dataset:
         return Example(x=x, y=y, item_id=item.id, user_id=user_id)
 
 
-def find_splits(path: str | os.PathLike[str]) -> tuple[str, ...]:
-    """Names of the splits present in a data folder, in either format, sorted."""
-    folder = Path(path)
-    names = {f.name.removesuffix("_questions.json") for f in folder.glob("*_questions.json")}
-    names |= {
-        f.stem
-        for f in folder.glob("*.json*")
-        if f.suffix in (".json", ".jsonl") and not f.stem.endswith(("_questions", "_outputs"))
-    }
-    return tuple(sorted(names))
+def find_splits(data: str | os.PathLike[str]) -> tuple[str, ...]:
+    """Names of the splits a data set holds, sorted."""
+    return open_source(data).splits()
 
 
-def load_split(path: str | os.PathLike[str], split: str, task: Task) -> Dataset:
-    """Load and validate split ``split`` of the data folder ``path`` for ``task``."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise DataError(f"{folder}: no such data folder")
-    candidates = _split_files(folder, split)
-    questions = candidates[0]
-    present = [file for file in candidates if file.is_file()]
-    if not present:
-        looked = ", ".join(file.name for file in candidates)
-        found = ", ".join(find_splits(folder)) or "none"
-        raise DataError(f"{folder}: no split {split!r} (looked for {looked}; splits found: {found})")
-    if len(present) > 1:
-        raise DataError(f"{folder}: split {split!r} is ambiguous: both {present[0].name} and {present[1].name} exist")
-    if present[0] == questions:
-        users = _lamp_users(questions, folder / f"{split}_outputs.json", split, task)
+def load_split(data: str | os.PathLike[str], split: str, task: Task) -> Dataset:
+    """Load and validate split ``split`` of the data set ``data`` for ``task``."""
+    source = open_source(data)
+    held = source.split(split)
+    if isinstance(held, LampFiles):
+        users = _lamp_users(held.questions, held.outputs, split, task)
     else:
-        users = _row_users(present[0], split, task)
-    return Dataset(path=folder, split=split, task=task, users=_without_queries(users, _query_prompts(folder, task), task))
+        users = _row_users(held, split, task)
+    return Dataset(path=source.ref, split=split, task=task, users=_without_queries(users, _query_prompts(source.inputs(), task), task))
 
 
-def _split_files(folder: Path, split: str) -> tuple[Path, Path, Path]:
-    """The files a split may come in: LaMP questions, a JSON list of rows, JSONL rows."""
-    return folder / f"{split}_questions.json", folder / f"{split}.json", folder / f"{split}.jsonl"
-
-
-def _query_prompts(folder: Path, task: Task) -> frozenset[str]:
-    """The normalised prompt of every query of every split in ``folder``.
-
-    Read leniently, so that no split's queries escape, not even those of a split that fails
-    validation: every record with an ``input`` is a query; a JSON file that is not a list
-    (e.g. a task definition) holds none.
-    """
-    prompts: set[str] = set()
-    for split in find_splits(folder):
-        for file in filter(Path.is_file, _split_files(folder, split)):
-            data = [record for _, record in _records(file)] if file.suffix == ".jsonl" else _read_json(file)
-            for record in data if isinstance(data, list) else ():
-                if isinstance(record, dict) and _is_scalar(record.get("input")):
-                    prompts.add(_normalised(task.prompt(Query(id="", input=_as_text(record["input"]), gold=None))))
-    return frozenset(prompts)
+def _query_prompts(inputs: Iterable[Any], task: Task) -> frozenset[str]:
+    """The normalised prompt of every query input of a data set (every split's, see
+    ``Source.inputs``), whatever else its record holds."""
+    return frozenset(_normalised(task.prompt(Query(id="", input=_as_text(value), gold=None))) for value in inputs if _is_scalar(value))
 
 
 def _without_queries(users: dict[str, User], query_prompts: frozenset[str], task: Task) -> dict[str, User]:
@@ -220,7 +189,7 @@ def _lamp_users(questions: Path, outputs: Path, split: str, task: Task) -> dict[
     else:
         raise DataError(f"{outputs}: missing (only a {GOLDLESS_SPLIT!r} split may come without golds)")
     builder = _UserBuilder(questions)
-    for label, record in _records(questions):
+    for label, record in json_records(questions):
         at = f"{questions}: {label}"
         _require_object(record, at)
         question_id = _safe_id(_field(record, "id", at), at)
@@ -241,7 +210,7 @@ def _lamp_users(questions: Path, outputs: Path, split: str, task: Task) -> dict[
 
 def _golds(outputs: Path) -> dict[str, str]:
     """Gold outputs by question id from a LaMP outputs file."""
-    data = _read_json(outputs)
+    data = read_json(outputs)
     if not isinstance(data, dict) or not isinstance(data.get("golds"), list):
         raise DataError(f'{outputs}: expected an object {{"task", "golds": [...]}}')
     golds: dict[str, str] = {}
@@ -255,13 +224,13 @@ def _golds(outputs: Path) -> dict[str, str]:
     return golds
 
 
-def _row_users(file: Path, split: str, task: Task) -> dict[str, User]:
-    """Users of a LongLaMP-style rows file (.json list or .jsonl)."""
-    builder = _UserBuilder(file)
-    for label, record in _records(file):
-        _require_object(record, f"{file}: {label}")
-        user_id = _row_user_id(record, f"{file}: {label}")
-        where = f"{file}: {label} (user {user_id!r})"
+def _row_users(rows: Rows, split: str, task: Task) -> dict[str, User]:
+    """Users of a split held as LongLaMP-style rows, read one record at a time."""
+    builder = _UserBuilder(rows.name)
+    for at, record in rows.read():
+        _require_object(record, at)
+        user_id = _row_user_id(record, at)
+        where = f"{at} (user {user_id!r})"
         if "id" in record:
             query_id = _safe_id(_field(record, "id", where), where)
         else:
@@ -289,8 +258,8 @@ def _row_user_id(record: Mapping[str, Any], where: str) -> str:
 class _UserBuilder:
     """Collects queries per user, checking query ids are unique and a user's profile is one."""
 
-    def __init__(self, file: Path) -> None:
-        self._file = file
+    def __init__(self, name: str | Path) -> None:
+        self._name = name
         self._profiles: dict[str, tuple[ProfileItem, ...]] = {}
         self._queries: dict[str, list[Query]] = {}
         self._query_ids: set[str] = set()
@@ -319,7 +288,7 @@ class _UserBuilder:
     def users(self) -> dict[str, User]:
         """The users, in order of their first record."""
         if not self._queries:
-            raise DataError(f"{self._file}: contains no records")
+            raise DataError(f"{self._name}: contains no records")
         return {
             user_id: User(id=user_id, profile=self._profiles[user_id], queries=tuple(queries))
             for user_id, queries in self._queries.items()
@@ -337,7 +306,7 @@ def _profile(record: Mapping[str, Any], task: Task, where: str, user_id: str) ->
     if "profile" not in record:
         raise DataError(f"{where}: lacks field 'profile'")
     if not isinstance(raw, list):
-        raise DataError(f"{where}: field 'profile' must be a list, got {_kind(raw)}")
+        raise DataError(f"{where}: field 'profile' must be a list, got {kind(raw)}")
     if not raw:
         raise DataError(f"{where}: empty profile")
     required = task.item_fields()
@@ -366,44 +335,9 @@ def _profile_item(entry: Mapping[str, Any], default_id: str, at: str) -> Profile
     )
 
 
-def _records(file: Path) -> list[tuple[str, Any]]:
-    """(label, record) pairs of a JSON list file or a JSONL file."""
-    if file.suffix == ".jsonl":
-        lines = _read_text(file).split("\n")  # not splitlines: U+2028, U+0085 … may sit inside a JSON string
-        return [
-            (f"line {number}", _parse_json(line, f"{file}: line {number}"))
-            for number, line in enumerate(lines, start=1)
-            if line.strip()
-        ]
-    data = _read_json(file)
-    if not isinstance(data, list):
-        raise DataError(f"{file}: expected a JSON list of records, got {_kind(data)}")
-    return [(f"record {index}", record) for index, record in enumerate(data)]
-
-
-def _read_json(file: Path) -> Any:
-    return _parse_json(_read_text(file), str(file))
-
-
-def _read_text(file: Path) -> str:
-    try:
-        return file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{file}: cannot read ({exc})") from None
-
-
-def _parse_json(text: str, where: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
-    except (ValueError, RecursionError) as exc:
-        raise DataError(f"{where}: unreadable JSON ({exc})") from None
-
-
 def _require_object(value: Any, where: str) -> None:
     if not isinstance(value, dict):
-        raise DataError(f"{where}: expected a JSON object, got {_kind(value)}")
+        raise DataError(f"{where}: expected a JSON object, got {kind(value)}")
 
 
 def _field(record: Mapping[str, Any], key: str, where: str) -> str:
@@ -412,7 +346,7 @@ def _field(record: Mapping[str, Any], key: str, where: str) -> str:
         raise DataError(f"{where}: lacks field {key!r}")
     value = record[key]
     if not _is_scalar(value):
-        raise DataError(f"{where}: field {key!r} must be a string or number, got {_kind(value)}")
+        raise DataError(f"{where}: field {key!r} must be a string or number, got {kind(value)}")
     text = _as_text(value)
     if _SURROGATE.search(text):
         raise DataError(f"{where}: field {key!r} holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which is not text")
@@ -431,13 +365,6 @@ def _is_scalar(value: Any) -> bool:
 
 def _as_text(value: str | int | float) -> str:
     return value if isinstance(value, str) else str(value)
-
-
-def _kind(value: Any) -> str:
-    """A JSON name for a value's type, for error messages."""
-    if value is None:
-        return "null"
-    return {dict: "object", list: "list", str: "string", bool: "boolean"}.get(type(value), "number")
 
 
 def _numeric_dates(dates: list[str]) -> list[float] | None:

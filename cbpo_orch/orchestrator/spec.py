@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from cbpo_orch.data.dataset import DataError, Dataset
+from cbpo_orch.data.sources import open_source
 from cbpo_orch.data.tasks import Task
 from cbpo_orch.method.config import TASK_ADAPTER_CONFIG, ConfigError, TrainConfig
 from cbpo_orch.method.methods import method_spec
@@ -176,7 +177,7 @@ def check_budgets(task: Task, dataset: Dataset, users: tuple[str, ...], model: s
     check_prompts(load_tokenizer(model), prompts, budgets, model_context(model))
 
 
-def check_paths(data: Path, model: Path) -> tuple[str, str]:
-    if not data.is_dir():
-        raise DataError(f"{data}: no such data folder")
-    return str(data.resolve()), str(check_model_dir(model).resolve())
+def check_paths(data: str | Path, model: Path) -> tuple[str, str]:
+    """The job's data set as it reopens anywhere (``Source.ref``: an absolute path or a hub id)
+    and its model's folder, absolute; DataError or ModelError where either is missing."""
+    return open_source(data).ref, str(check_model_dir(model).resolve())
