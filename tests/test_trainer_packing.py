@@ -97,9 +97,10 @@ def test_more_users_than_slots_need_someone_to_take_each_ended_adapter(loaded):
 
 
 def rows_per_forward(model) -> tuple[list[int], object]:
-    """The batch sizes of ``model``'s forwards, recorded from now on (and the hook's handle)."""
+    """The batch sizes of ``model``'s forwards, recorded from now on (and the hook's handle):
+    those of its decoder body, which every log-prob pass runs (``logprobs.py`` calls it directly)."""
     sizes: list[int] = []
-    handle = model.register_forward_pre_hook(lambda _, args, kwargs: sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    handle = model.base_model.register_forward_pre_hook(lambda _, args, kwargs: sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
     return sizes, handle
 
 

@@ -6,6 +6,7 @@ both sides. A prompt is never cut: one over its budget raises :class:`BudgetErro
 training item over budget is left out by :func:`within_budget` instead). A completion is
 y followed by the end-of-sequence token; a y longer than its budget is cut to it *without*
 the end-of-sequence token, so a cut target never teaches the model to stop early.
+A batch's completion log-probs come from ``logprobs.py`` (:func:`completion_logps`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from cbpo_orch.data.tasks import Budgets
 from cbpo_orch.method.config import ConfigError
+from cbpo_orch.training.logprobs import completion_logps
 
 
 class BudgetError(ConfigError):
@@ -121,24 +123,6 @@ def collate(pairs: list[EncodedPair], pad_id: int) -> TokenBatch:
         attention[row, :n] = 1
         completion[row, pair.prompt_len : n] = True
     return TokenBatch(ids, attention, completion)
-
-
-def completion_logps(model, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probabilities of each row's completion tokens, and their counts.
-
-    Prompt and padding positions are masked out (METHOD.md §7: sums, not means). Only
-    the positions from the batch's earliest completion token on go through the LM head
-    (``logits_to_keep``): prompts are most of each row, and vocabulary-wide logits are
-    the largest tensors of a step.
-    """
-    first = max(int(batch.completion_mask.int().argmax(-1).min()), 1)
-    keep = batch.input_ids.shape[1] - first + 1
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep)
-    logits = out.logits[:, :-1].float()
-    targets = batch.input_ids[:, first:]
-    mask = batch.completion_mask[:, first:]
-    token_logps = torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-    return (token_logps * mask).sum(-1), mask.sum(-1)
 
 
 @torch.no_grad()
