@@ -35,7 +35,7 @@ def train_args(data, model, out, *extra) -> list[str]:
 def test_train_user_writes_adapter_and_metrics(tiny_model_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CBPO_ORCH_HOME", str(tmp_path / "home"))
     out = tmp_path / "out"
-    code, stdout, stderr = run_cli(monkeypatch, capsys, *train_args(SAMPLE_DATA, tiny_model_dir, out, "--method", "cbpo"))
+    code, stdout, stderr = run_cli(monkeypatch, capsys, *train_args(SAMPLE_DATA, tiny_model_dir, out, "--method", "cbpo", "--selection"))
     assert code == 0, stderr
     assert {"adapter_config.json", "adapter_model.safetensors", "metrics.json", "predictions.jsonl", "trainer_state.json"} <= {p.name for p in out.iterdir()}
     metrics = json.loads((out / "metrics.json").read_text())

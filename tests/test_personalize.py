@@ -62,8 +62,8 @@ def test_every_method_trains_scores_and_reloads(context, method, tmp_path):
     base = load_model(context.loaded.path, "cpu").model
     reloaded = PeftModel.from_pretrained(base, str(tmp_path))
     prompts = [context.task.prompt(q) for q in context.dataset.user(user_id).queries]
-    again = generate(reloaded, context.loaded.tokenizer, prompts, context.task.budgets(128, 12), 16, torch.device("cpu"))
-    assert again == [p["prediction"] for p in outcome.predictions]
+    again = generate(reloaded, context.loaded.tokenizer, prompts, context.task.budgets(128, 12), 16, torch.device("cpu"), decoding=context.task.decoding)
+    assert [a.text for a in again] == [p["prediction"] for p in outcome.predictions]
 
 
 def test_same_seed_same_adapter(context):
@@ -151,3 +151,24 @@ def test_users_personalized_together_get_what_each_gets_alone(context, monkeypat
         assert packed.metrics["losses"] == pytest.approx(alone.metrics["losses"], rel=1e-4, abs=1e-6)
         assert packed.metrics["selection"]["selected_epoch"] == alone.metrics["selection"]["selected_epoch"]
         assert [p["prediction"] for p in packed.predictions] == [p["prediction"] for p in alone.predictions]
+
+
+def test_evaluation_items_are_the_newest_never_trained_and_scored_with_the_queries(context):
+    """--eval-items 4 of a 16-item profile: the 4 newest items are answered after the queries and
+    scored with them (the mean over all), and training sees only the 12 older ones."""
+    from cbpo_orch.training.evaluation import rouge
+
+    user_id = next(iter(context.dataset.users))
+    outcome = personalize_user(context, user_id, TrainConfig(method="sft", lr=_lr(context), **{**FAST, "eval_items": 4}))
+    newest = context.dataset.examples(user_id, 16)[-4:]
+    queries = context.dataset.user(user_id).queries
+    assert outcome.metrics["n_pos"] == 12
+    assert [p["id"] for p in outcome.predictions] == [q.id for q in queries] + [e.item_id for e in newest]
+    assert [p["eval_item"] for p in outcome.predictions] == [False] * len(queries) + [True] * 4
+    assert [p["gold"] for p in outcome.predictions[len(queries):]] == [e.y for e in newest]
+    expected = rouge([p["prediction"] for p in outcome.predictions], [p["gold"] for p in outcome.predictions])
+    assert outcome.metrics["rouge1"] == pytest.approx(expected["rouge1"])
+    evaluation = outcome.metrics["evaluation"]
+    assert evaluation["n_scored"] == len(queries) + 4 and evaluation["n_eval_items"] == 4
+    assert evaluation["steps"] == len(outcome.metrics["losses"]) > 0
+    assert evaluation["hit_budget"] == sum(p["finish_reason"] == "length" for p in outcome.predictions)

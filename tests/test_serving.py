@@ -134,7 +134,8 @@ def test_export_writes_each_servable_adapter_the_merged_base_and_a_manifest(job,
         base = load_model(out / "base", "cpu")
         model = PeftModel.from_pretrained(base.model, str(out / user)).eval()
         prompts = [catalog.task.prompt(q) for q in dataset.user(user).queries]
-        assert generate(model, base.tokenizer, prompts, budgets, 16, torch.device("cpu")) == [p["prediction"] for p in job.predictions[user]]
+        answers = generate(model, base.tokenizer, prompts, budgets, 16, torch.device("cpu"), decoding=catalog.task.decoding)
+        assert [a.text for a in answers] == [p["prediction"] for p in job.predictions[user]]
 
 
 def _registered_adapter_job(job, tiny_model_dir, edit=lambda config: config, r: int = 4) -> str:
@@ -210,7 +211,7 @@ def test_batched_generation_equals_one_at_a_time_and_the_recorded_predictions(jo
         for user in (*job.served, None):
             rows.append(Row(ids, catalog.budgets.new_tokens, adapters.get(user)))
             keys.append((owner, query.id, user))
-    generator = BatchedGenerator(loaded, catalog.lora, max_rows=len(rows))
+    generator = BatchedGenerator(loaded, catalog.lora, max_rows=len(rows), decoding=catalog.task.decoding)
 
     together = [c.text for c in generator.generate(rows)]
     alone = [generator.generate([row])[0].text for row in rows]

@@ -331,5 +331,5 @@ def generate(
     loaded, model = loaded_for_job(space, spec, rows[0]["adapter_path"], device)
     prompt = task.prompt(Query(id="cli", input=text, gold=None))
     budgets = task.budgets(spec.train.max_prompt_tokens, max_new_tokens or spec.train.max_new_tokens)
-    out = greedy(model, loaded.tokenizer, [prompt], budgets, 1, loaded.device)
-    typer.echo(out[0])
+    [completion] = greedy(model, loaded.tokenizer, [prompt], budgets, 1, loaded.device, decoding=task.decoding)
+    typer.echo(completion.text)

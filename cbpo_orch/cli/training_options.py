@@ -47,8 +47,9 @@ _OPTIONS: list[tuple[str, object, object]] = [
     ("max_prompt_tokens", Annotated[Optional[int], _option("Prompt budget in tokens (default: the task's); a query over it is an error at submit, never cut.")], None),
     ("max_new_tokens", Annotated[Optional[int], _option("Completion budget: generation length, and the cut of training targets (default: the task's).")], None),
     ("max_profile", Annotated[Optional[int], _option("Use only each user's N most recent history items.")], None),
-    ("selection", Annotated[bool, _option("Do no harm: hold out each user's most recent items, keep the best epoch or the starting model (--no-selection: the paper's protocol).")], _DEFAULT.selection),
+    ("selection", Annotated[bool, _option("Do no harm (ours, off by default): hold out each user's most recent items, keep the best epoch by their log-likelihood or the starting model. Off: the spec's epochs, the paper's protocol.")], _DEFAULT.selection),
     ("selection_min_items", Annotated[int, _option("Users with fewer history items train on all of them, without selection.")], _DEFAULT.selection_min_items),
+    ("eval_items", Annotated[int, _option("Also score each user on its K newest history items (at most half of them), never trained on: a per-user mean over more than the split's 1–2 queries.", "--eval-items")], _DEFAULT.eval_items),
     ("seed", Annotated[int, _option("Random seed (training is deterministic given it).")], _DEFAULT.seed),
 ]
 

@@ -29,6 +29,7 @@ SHORT_PROMPT_TOKENS = 512
 SHORT_OUTPUT_TOKENS = 100
 LONG_PROMPT_TOKENS = 1536
 LONG_OUTPUT_TOKENS = 512
+NO_REPEAT_NGRAM = 3
 
 
 def _template_fields(template: str, where: str) -> tuple[str, ...]:
@@ -63,6 +64,31 @@ class Budgets:
 
 
 @dataclass(frozen=True)
+class Decoding:
+    """How a completion ends and what it may not repeat: the task's generation settings, the
+    same for every arm and for evaluation and serving alike.
+
+    ``single_line``: the completion ends at its first line break after any text (headlines,
+    titles, commit subjects are one line; a small model otherwise runs on to its budget).
+    ``no_repeat_ngram``: no n-gram of the completion's own tokens occurs twice (0: off). The
+    prompt does not count, so copying a phrase from the article stays allowed, and greedy
+    decoding cannot fall into a loop.
+    """
+
+    single_line: bool = False
+    no_repeat_ngram: int = 0
+
+    def ended(self, text: str) -> bool:
+        """Whether a completion's text so far has reached its end by the line rule."""
+        return self.single_line and "\n" in text.lstrip()
+
+    def finish(self, text: str) -> str:
+        """The completion's final text: stripped, and cut to its first line when single-line."""
+        text = text.strip()
+        return text.split("\n", 1)[0].rstrip() if self.single_line else text
+
+
+@dataclass(frozen=True)
 class Task:
     """A generation task: templates giving (x, y) from a profile item and a query's prompt."""
 
@@ -73,6 +99,8 @@ class Task:
     max_prompt_tokens: int = SHORT_PROMPT_TOKENS
     max_new_tokens: int = SHORT_OUTPUT_TOKENS
     description: str = ""
+    single_line: bool = False
+    no_repeat_ngram: int = NO_REPEAT_NGRAM
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -88,6 +116,8 @@ class Task:
             value = getattr(self, attribute)
             if type(value) is not int or value <= 0:
                 raise DataError(f"{where}: {attribute} must be a positive integer, got {value!r}")
+        if type(self.no_repeat_ngram) is not int or self.no_repeat_ngram < 0 or self.no_repeat_ngram == 1:
+            raise DataError(f"{where}: no_repeat_ngram must be 0 (off) or an integer ≥ 2, got {self.no_repeat_ngram!r}")
 
     def item_fields(self) -> tuple[str, ...]:
         """The profile item fields the item templates use, in order of first use."""
@@ -102,6 +132,10 @@ class Task:
         """The prompt for a query."""
         return self.query_prompt.format(input=query.input)
 
+    @property
+    def decoding(self) -> Decoding:
+        return Decoding(self.single_line, self.no_repeat_ngram)
+
     def budgets(self, prompt_tokens: int | None = None, new_tokens: int | None = None) -> Budgets:
         """The task's token budgets, each overridden where a value is given."""
         return Budgets(prompt_tokens or self.max_prompt_tokens, new_tokens or self.max_new_tokens)
@@ -112,12 +146,14 @@ BUILTIN_TASKS: dict[str, Task] = {
     for task in (
         Task(
             name="lamp4",
+            single_line=True,
             item_prompt="Generate a headline for the following article: {text}",
             item_target="{title}",
             description="LaMP-4 personalized news headline generation (article -> headline).",
         ),
         Task(
             name="lamp5",
+            single_line=True,
             item_prompt="Generate a title for the following abstract of a paper: {abstract}",
             item_target="{title}",
             description="LaMP-5 personalized scholarly title generation (abstract -> title).",
@@ -152,6 +188,7 @@ BUILTIN_TASKS: dict[str, Task] = {
         ),
         Task(
             name="commit-subject",
+            single_line=True,
             item_prompt="Generate a commit subject line for the following change description: {text}",
             item_target="{title}",
             max_prompt_tokens=960,
@@ -179,6 +216,9 @@ def load_task(name_or_path: str | os.PathLike[str]) -> Task:
     return _task_from_file(path)
 
 
+_KINDS = {int: "an integer", bool: "true or false", str: "a string"}
+
+
 def _task_from_file(path: Path) -> Task:
     """Parse and validate a JSON task definition file."""
     try:
@@ -197,9 +237,9 @@ def _task_from_file(path: Path) -> Task:
         if name not in definition:
             raise DataError(f"{path}: lacks field {name!r}")
     for name, value in definition.items():
-        expected = int if name in ("max_prompt_tokens", "max_new_tokens") else str
+        expected = {"max_prompt_tokens": int, "max_new_tokens": int, "no_repeat_ngram": int, "single_line": bool}.get(name, str)
         if type(value) is not expected:
-            raise DataError(f"{path}: field {name!r} must be {'an integer' if expected is int else 'a string'}")
+            raise DataError(f"{path}: field {name!r} must be {_KINDS[expected]}")
     try:
         return Task(**definition)
     except DataError as exc:

@@ -34,10 +34,14 @@ class TrainConfig:
     ``epochs=None`` takes the method's default (SFT 2, preference methods 3);
     ``gamma=None`` estimates γ per user (METHOD.md §4); ``max_profile`` caps the
     user's history to its most recent items; ``max_prompt_tokens`` and
-    ``max_new_tokens`` of None take the task's budgets. ``selection`` (ours, on by
-    default; off is the paper's protocol) holds out a user's most recent items, scores
-    the starting model and every epoch on them, and keeps the best (see ``selection.py``);
-    users with fewer than ``selection_min_items`` items train without it.
+    ``max_new_tokens`` of None take the task's budgets. ``selection`` (ours, off by default:
+    the paper's protocol, the spec's epochs per method family) holds out a user's most recent
+    items, scores the starting model and every epoch on them by log-likelihood, and keeps the
+    best (see ``selection.py``); users with fewer than ``selection_min_items`` items train
+    without it. It is off because that score is SFT's own objective: SFT raises it every epoch
+    while a preference method lowers it on purpose, so it kept C-BPO's early epochs (README,
+    Benchmarks). ``eval_items`` sets aside each user's newest items (at most half), scored
+    like queries and never trained on (``data/evaluation_items.py``).
     """
 
     method: str = "cbpo"
@@ -62,8 +66,9 @@ class TrainConfig:
     max_prompt_tokens: int | None = None
     max_new_tokens: int | None = None
     max_profile: int | None = None
-    selection: bool = True
+    selection: bool = False
     selection_min_items: int = 6
+    eval_items: int = 0
     eval_batch_size: int = 16
     seed: int = 0
 
@@ -85,6 +90,7 @@ class TrainConfig:
             (self.max_new_tokens is None or self.max_new_tokens >= 1, "max-new-tokens must be ≥ 1"),
             (self.max_profile is None or self.max_profile >= 2, "max-profile must be ≥ 2"),
             (self.selection_min_items >= 3, "selection-min-items must be ≥ 3 (two held out, one to train on)"),
+            (self.eval_items >= 0, "eval-items must be ≥ 0"),
             (self.lora.r >= 1, "lora-r must be ≥ 1"),
             (0 <= self.seed < 2**32, "seed must be in [0, 2^32)"),
         ]

@@ -35,7 +35,7 @@ from cbpo_orch.storage.reference_cache import Entry, ReferenceCache, is_left_out
 from cbpo_orch.storage.registry import InvalidTransition, Registry
 from cbpo_orch.workers.context import cached_history, history_datasets
 from cbpo_orch.workers.entrypoints import BUILD_TASK_ADAPTER, EMBED_SHARD, GAMMA_SHARD, PERSONALIZE_USERS, REFERENCE_SHARD
-from cbpo_orch.workers.user_items import UserItems, gamma_inputs, trained_pairs, user_items
+from cbpo_orch.workers.user_items import UserItems, gamma_inputs, trained_pairs, user_items, with_task_level_gamma
 
 if TYPE_CHECKING:
     from cbpo_orch.workers.personalize import UserOutcome
@@ -115,7 +115,7 @@ def _drive(space: Workspace, job_id: str, spec: JobSpec, resources: Resources, p
         pending = registry.runs(job_id, states=("pending",))
         planned = _planned_items(spec, datasets[0], history, pending)
         reference = _reference_pass(space, spec, task, planned, tam_path, resources, progress)
-        gammas = _gamma_pass(history, planned, progress)
+        gammas = with_task_level_gamma(_gamma_pass(history, planned, progress))
         progress.stage("personalizing users")
         _fan_out(space, job_id, spec, resources, pending, history, reference, gammas, tam_path, progress, worker_fn, lease)
     except LeaseLost:
@@ -460,7 +460,7 @@ def _record(space: Workspace, job_id: str, run, attempt: int, outcome: UserOutco
         "n_aux": m["n_aux"],
         "seconds": m["seconds"],
         "phase_seconds": m["phase_seconds"],
-        "extra": {"losses": m["losses"], "selection": m["selection"], "predictions": outcome.predictions},
+        "extra": {"losses": m["losses"], "selection": m["selection"], "evaluation": m["evaluation"], "predictions": outcome.predictions},
     }
     space.registry.record_success(run.run_id, metrics, adapter)
 

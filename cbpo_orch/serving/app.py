@@ -25,9 +25,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from cbpo_orch.serving.catalog import Catalog, UnknownUser, UserNotReady
-from cbpo_orch.serving.generator import Completion, Row
+from cbpo_orch.serving.generator import Row
 from cbpo_orch.serving.keys import ApiKeys
 from cbpo_orch.serving.openai_api import SSE_DONE, ApiError, completion_body, models_body, new_completion_id, parse_completion_request, sse_event
+from cbpo_orch.training.generation import Completion
 
 LOOPBACK_NAMES = ("localhost",)
 LOG = logging.getLogger("ray.serve")
@@ -145,7 +146,7 @@ def _adapter_server(options: ServeOptions):
             self.catalog = catalog
             self.device = "cuda" if options.gpus_per_replica > 0 else "cpu"
             loaded = starting_model(catalog.model_path, catalog.task_adapter, self.device)
-            self.generator = BatchedGenerator(loaded, catalog.lora, options.max_batch_size)
+            self.generator = BatchedGenerator(loaded, catalog.lora, options.max_batch_size, catalog.task.decoding)
             self._stats = {"batches": 0, "rows": 0, "most_users": 0}
             self._batch.set_max_batch_size(options.max_batch_size)
             self._batch.set_batch_wait_timeout_s(options.batch_wait_s)

@@ -20,9 +20,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessor
 
+from cbpo_orch.data.tasks import Decoding
 from cbpo_orch.method.config import LoraSettings
+from cbpo_orch.training.generation import Completion, RowEnds, generate_batch
 from cbpo_orch.training.models import LoadedModel
 from cbpo_orch.training.multi_lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MultiLora
 
@@ -59,17 +61,6 @@ class Row:
 
 
 @dataclass(frozen=True)
-class Completion:
-    """A row's answer: the text (special tokens dropped, stripped, as evaluation decodes it),
-    why it ended (``stop``: end-of-sequence, ``length``: ``max_tokens``) and token counts."""
-
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclass(frozen=True)
 class Chunk:
     """What one generation step added to a row's text; its last chunk holds the completion."""
 
@@ -82,12 +73,13 @@ StepCallback = Callable[[list["Chunk | None"]], None]
 
 
 class BatchedGenerator:
-    """``loaded``'s model with ``max_rows`` adapter slots, generating for many users at once."""
+    """``loaded``'s model with ``max_rows`` adapter slots, generating for many users at once,
+    every row ended and guarded by the task's ``decoding`` as evaluation's rows are."""
 
-    def __init__(self, loaded: LoadedModel, lora: LoraSettings, max_rows: int):
+    def __init__(self, loaded: LoadedModel, lora: LoraSettings, max_rows: int, decoding: Decoding = Decoding()):
         if max_rows < 1:
             raise ValueError("max_rows must be ≥ 1")
-        self.loaded, self.max_rows = loaded, max_rows
+        self.loaded, self.max_rows, self.decoding = loaded, max_rows, decoding
         self.multi = MultiLora(loaded.model, lora, n_slots=max_rows + 1)
         self._held: list[UserAdapter | None] = [None] * (max_rows + 1)
         self._one_batch_at_a_time = threading.Lock()
@@ -102,27 +94,15 @@ class BatchedGenerator:
 
     def _generate(self, rows: list[Row], on_step: StepCallback | None) -> list[Completion]:
         tokenizer, device = self.loaded.tokenizer, self.loaded.device
-        width = max(len(row.prompt_ids) for row in rows)
-        input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention = torch.zeros_like(input_ids)
-        for i, row in enumerate(rows):
-            input_ids[i, width - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids)
-            attention[i, width - len(row.prompt_ids) :] = 1
-        tracker = _Tracker(rows, tokenizer, on_step)
+        tracker = _Tracker(rows, tokenizer, self.decoding, on_step)
         sampling = [_RowSampling(rows)] if any(row.temperature > 0 for row in rows) else []
         self.loaded.model.eval()
-        with self.multi.routed(torch.tensor(self._place(rows), device=device)):
-            self.loaded.model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention.to(device),
-                max_new_tokens=max(row.max_tokens for row in rows),
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                stopping_criteria=StoppingCriteriaList([tracker]),
-                logits_processor=LogitsProcessorList(sampling),
-            )
-        return tracker.completions
+        slots = torch.tensor(self._place(rows), device=device)
+        generate_batch(
+            self.loaded.model, [row.prompt_ids for row in rows], max(row.max_tokens for row in rows), tokenizer.pad_token_id,
+            tokenizer.eos_token_id, device, slots, self.multi, tracker, self.decoding.no_repeat_ngram, sampling,
+        )
+        return [tracker.completion(i) for i in range(len(rows))]
 
     def _place(self, rows: list[Row]) -> list[int]:
         """Each row's slot: 0 for the base model, else the slot holding its user's adapter
@@ -139,51 +119,37 @@ class BatchedGenerator:
         return [0 if row.adapter is None else slot_of[id(row.adapter)] for row in rows]
 
 
-class _Tracker(StoppingCriteria):
-    """Follows every row step by step: its tokens, its end (EOS or its own ``max_tokens``)
-    and the text it has shown so far; tells ``generate`` which rows are done."""
+class _Tracker(RowEnds):
+    """:class:`RowEnds` that also shows each step's new text of every row to ``on_step``."""
 
-    def __init__(self, rows: list[Row], tokenizer, on_step: StepCallback | None):
-        self.rows, self.tokenizer, self.on_step = rows, tokenizer, on_step
-        self.tokens: list[list[int]] = [[] for _ in rows]
+    def __init__(self, rows: list[Row], tokenizer, decoding: Decoding, on_step: StepCallback | None):
+        super().__init__(tokenizer, decoding, [row.max_tokens for row in rows], [len(row.prompt_ids) for row in rows])
+        self.on_step = on_step
         self.shown = [""] * len(rows)
-        self.ended: list[Completion | None] = [None] * len(rows)
+        self.chunks: list[Chunk | None] = [None] * len(rows)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        chunks: list[Chunk | None] = []
-        for i, token in enumerate(input_ids[:, -1].tolist()):
-            if self.ended[i] is not None:
-                chunks.append(None)
-                continue
-            reason = "stop" if token == self.tokenizer.eos_token_id else None
-            if reason is None:
-                self.tokens[i].append(token)
-                reason = "length" if len(self.tokens[i]) >= self.rows[i].max_tokens else None
-            chunks.append(self._chunk(i, reason))
+        self.chunks = [None] * len(self.budgets)
+        done = super().__call__(input_ids, scores, **kwargs)
         if self.on_step is not None:
-            self.on_step(chunks)
-        return torch.tensor([c is not None for c in self.ended], device=input_ids.device)
+            self.on_step(self.chunks)
+        return done
 
-    def _chunk(self, i: int, reason: str | None) -> Chunk:
-        """The text row ``i`` adds now. Until the row ends, trailing spaces and incomplete
+    def on_token(self, row: int, reason: str | None) -> None:
+        """The text row ``row`` adds now. Until the row ends, trailing spaces and incomplete
         characters are held back (the final text is stripped, and a byte-level token may
         be half a character)."""
-        text = self.tokenizer.decode(self.tokens[i], skip_special_tokens=True).strip()
         completion = None
         if reason is None:
-            text = text.rstrip("\ufffd").rstrip()
+            text = self.raw_text(row).strip().rstrip("\ufffd").rstrip()
         else:
-            completion = Completion(text, reason, len(self.rows[i].prompt_ids), len(self.tokens[i]))
-            self.ended[i] = completion
-        if not text.startswith(self.shown[i]):
-            return Chunk("", completion)
-        added, self.shown[i] = text[len(self.shown[i]) :], text
-        return Chunk(added, completion)
-
-    @property
-    def completions(self) -> list[Completion]:
-        """Every row's completion, once ``generate`` is over (each row ends by EOS or its ``max_tokens``)."""
-        return list(self.ended)
+            completion = self.completion(row)
+            text = completion.text
+        if not text.startswith(self.shown[row]):
+            self.chunks[row] = Chunk("", completion)
+            return
+        added, self.shown[row] = text[len(self.shown[row]) :], text
+        self.chunks[row] = Chunk(added, completion)
 
 
 class _RowSampling(LogitsProcessor):

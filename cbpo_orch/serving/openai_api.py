@@ -14,7 +14,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from cbpo_orch.serving.generator import Chunk, Completion
+from cbpo_orch.serving.generator import Chunk
+from cbpo_orch.training.generation import Completion
 
 
 class ApiError(Exception):

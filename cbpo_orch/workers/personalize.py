@@ -1,5 +1,6 @@
-"""Personalize users with one method: hold out → select aux → estimate γ → train (keeping
-the best epoch on the held-out items; several users in the same passes) → generate → score.
+"""Personalize users with one method: hold out → select aux → estimate γ → train (several
+users in the same passes; with selection, keeping the best epoch on the held-out items) →
+answer the user's queries and evaluation items → score.
 
 A plain function over a loaded :class:`UserContext`: callable from the CLI, a test or
 a Ray worker alike. It writes nothing; it returns the metrics and the adapter's files,
@@ -21,7 +22,7 @@ from cbpo_orch.method.config import TrainConfig
 from cbpo_orch.method.methods import method_spec
 from cbpo_orch.training.encoding import BudgetError, encode_pair, within_budget
 from cbpo_orch.training.evaluation import rouge
-from cbpo_orch.training.generation import generate
+from cbpo_orch.training.generation import Completion, generate
 from cbpo_orch.training.models import LoadedModel
 from cbpo_orch.training.multi_lora import MultiLora, attached_multi_lora
 from cbpo_orch.training.pack_memory import pack_slots
@@ -102,6 +103,7 @@ class _Prepared:
     positives: list
     held_out: list
     auxiliary: list
+    evaluation: list
     gamma: float | None
     gamma_reason: str | None
     work: UserTraining | None = None
@@ -153,28 +155,33 @@ def personalize_users(
     return outcomes
 
 
-def _answer(context: UserContext, prepared: list[_Prepared], config: TrainConfig, budgets: Budgets, multi: MultiLora | None = None) -> list[list[str]]:
-    """Every user's queries answered in shared batches, each row by its user's slot of
-    ``multi`` (without one: by the starting model); each user's generate phase is the shared one's."""
+def _answer(context: UserContext, prepared: list[_Prepared], config: TrainConfig, budgets: Budgets, multi: MultiLora | None = None) -> list[list[Completion]]:
+    """Every user's queries and evaluation items answered in shared batches, each row by its
+    user's slot of ``multi`` (without one: by the starting model), ended and guarded by the
+    task's decoding; each user's generate phase is the shared one's."""
     loaded = context.loaded
-    prompts = [_prompts(context, item.user_id) for item in prepared]
+    prompts = [[prompt for _, prompt, _ in _asked(context, item)] for item in prepared]
     slots = [slot for slot, own in enumerate(prompts) for _ in own] if multi is not None else None
     shared: dict[str, float] = {}
     with _phase(shared, "generate"):
-        flat = iter(generate(loaded.model, loaded.tokenizer, [p for own in prompts for p in own], budgets, config.eval_batch_size, loaded.device, slots, multi))
+        flat = iter(generate(loaded.model, loaded.tokenizer, [p for own in prompts for p in own], budgets, config.eval_batch_size, loaded.device, slots, multi, context.task.decoding))
     for item in prepared:
         item.phases.update(shared)
     return [[next(flat) for _ in own] for own in prompts]
 
 
 def _prepare(context: UserContext, user_id: str, config: TrainConfig) -> _Prepared:
-    """Hold out → select aux → estimate γ, for one user."""
+    """Hold out → select aux → estimate γ, for one user; its evaluation items whose prompt is
+    over the budget are left out, as training items are."""
     phases: dict[str, float] = {}
     with _phase(phases, "aux"):
         items = user_items(context.dataset, context.history, user_id, config)
     with _phase(phases, "gamma"):
         gamma, gamma_reason = _gamma(context, items, config)
-    return _Prepared(user_id, phases, items.positives, items.held_out, items.auxiliary, gamma, gamma_reason)
+    budgets = context.task.budgets(config.max_prompt_tokens, config.max_new_tokens)
+    fitting = set(_fitting(context.loaded.tokenizer, items.evaluation, budgets, user_id))
+    evaluation = [e for e in items.evaluation if (e.x, e.y) in fitting]
+    return _Prepared(user_id, phases, items.positives, items.held_out, items.auxiliary, evaluation, gamma, gamma_reason)
 
 
 def _add_work(item: _Prepared, tokenizer, budgets: Budgets, config: TrainConfig, loaded) -> None:
@@ -204,24 +211,35 @@ def _selection(item: _Prepared, result: TrainResult) -> dict:
     }
 
 
-def _prompts(context: UserContext, user_id: str) -> list[str]:
-    return [context.task.prompt(q) for q in context.dataset.user(user_id).queries]
+def _asked(context: UserContext, item: _Prepared) -> list[tuple[str, str, str | None]]:
+    """(id, prompt, gold) of what the user is answered on: its queries (gold None where the
+    split has none), then its evaluation items (their own text is the gold)."""
+    queries = [(q.id, context.task.prompt(q), q.gold) for q in context.dataset.user(item.user_id).queries]
+    return queries + [(e.item_id, e.x, e.y) for e in item.evaluation]
 
 
 def _outcome(
     context: UserContext,
     item: _Prepared,
     config: TrainConfig,
-    outputs: list[str],
+    outputs: list[Completion],
     result: TrainResult | None,
     files: dict[str, bytes] | None,
     selection: dict | None = None,
 ) -> UserOutcome:
-    """Score the user's outputs and gather its metrics and predictions."""
-    queries = context.dataset.user(item.user_id).queries
+    """Score the user's outputs and gather its metrics and predictions. The scores are the
+    mean over every answered item with a gold (queries and evaluation items alike); none
+    where no item has one."""
+    asked = _asked(context, item)
+    scored = [(out.text, gold) for out, (_, _, gold) in zip(outputs, asked) if gold is not None]
     with _phase(item.phases, "score"):
-        golds = [q.gold for q in queries]
-        scores = rouge(outputs, golds) if all(g is not None for g in golds) else {"rouge1": None, "rougeL": None}
+        scores = rouge([text for text, _ in scored], [gold for _, gold in scored]) if scored else {"rouge1": None, "rougeL": None}
+    evaluation = {
+        "n_scored": len(scored),
+        "n_eval_items": len(item.evaluation),
+        "hit_budget": sum(out.finish_reason == "length" for out in outputs),
+        "steps": result.steps if result else 0,
+    }
     metrics = {
         "user_id": item.user_id,
         "method": config.method,
@@ -231,13 +249,18 @@ def _outcome(
         "n_pos": len(item.positives),
         "n_aux": len(item.auxiliary),
         "selection": selection or {},
+        "evaluation": evaluation,
         "train_seconds": item.phases.get("train", 0.0),
         "seconds": round(sum(item.phases.values()), 3),
         "phase_seconds": item.phases,
         "losses": result.losses if result else [],
         "config": config.to_dict(),
     }
-    predictions = [{"id": q.id, "prediction": out, "gold": q.gold} for q, out in zip(queries, outputs)]
+    n_queries = len(asked) - len(item.evaluation)
+    predictions = [
+        {"id": id_, "prediction": out.text, "gold": gold, "finish_reason": out.finish_reason, "eval_item": k >= n_queries}
+        for k, ((id_, _, gold), out) in enumerate(zip(asked, outputs))
+    ]
     return UserOutcome(item.user_id, config.method, metrics, files, predictions)
 
 

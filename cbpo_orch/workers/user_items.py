@@ -1,5 +1,6 @@
-"""What a user trains on, before any model touches it: its positives, its held-out slice
-and its aux items (METHOD.md §5), for one method's config.
+"""What a user trains on and is evaluated on, before any model touches it: its evaluation
+items, its positives, its held-out slice and its aux items (METHOD.md §5), for one method's
+config.
 
 Plain data over the dataset and the history index (no torch): the worker calls it before
 training a user, and the driver calls it to plan the job's one π_ref pass over the very
@@ -8,10 +9,14 @@ pairs its runs will train on, and its one γ pass over the very rows γ is estim
 
 from __future__ import annotations
 
+import hashlib
+import statistics
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from cbpo_orch.data.dataset import Dataset, Example
+from cbpo_orch.data.evaluation_items import split_evaluation
 from cbpo_orch.data.history import HistoryIndex
 from cbpo_orch.method.config import TrainConfig
 from cbpo_orch.method.methods import method_spec
@@ -22,27 +27,37 @@ from cbpo_orch.method.selection import split_holdout
 class UserItems:
     """``own_rows``/``aux_rows``: the positives' and the aux items' rows of the history index
     (γ is estimated on their embeddings); ``auxiliary``: the aux items the method trains on
-    (none for a method without aux)."""
+    (none for a method without aux); ``evaluation``: the newest items, scored like queries by
+    every method and never trained on."""
 
     positives: list[Example]
     held_out: list[Example]
     own_rows: list[int]
     aux_rows: list[int]
     auxiliary: list[Example]
+    evaluation: list[Example]
 
 
 def user_items(dataset: Dataset, history: HistoryIndex, user_id: str, config: TrainConfig) -> UserItems:
-    """Hold out the user's most recent items (when the method trains and selection is on),
-    then draw ``aux_ratio`` × positives rows of other users' items by ``aux_strategy``."""
+    """Set aside the user's newest ``eval_items`` items for evaluation, hold out the most
+    recent of the rest (when the method trains and selection is on), then draw
+    ``aux_ratio`` × positives rows of other users' items by ``aux_strategy``, the draw seeded
+    by the user and the seed (``aux_seed``)."""
     spec = method_spec(config.method)
-    items = dataset.examples(user_id, config.max_profile)
+    items, evaluation = split_evaluation(dataset.examples(user_id, config.max_profile), config.eval_items)
     selects = config.selection and spec.trains
     positives, held_out = split_holdout(items, config.selection_min_items) if selects else (items, [])
     own_rows = history.rows(positives)
     n_aux = max(1, round(config.aux_ratio * len(positives)))
-    aux_rows = history.auxiliary(user_id, own_rows, n_aux, config.aux_strategy, config.seed)
+    aux_rows = history.auxiliary(user_id, own_rows, n_aux, config.aux_strategy, aux_seed(user_id, config.seed))
     auxiliary = [history.examples[row] for row in aux_rows] if spec.uses_aux else []
-    return UserItems(positives, held_out, own_rows, aux_rows, auxiliary)
+    return UserItems(positives, held_out, own_rows, aux_rows, auxiliary, evaluation)
+
+
+def aux_seed(user_id: str, seed: int) -> int:
+    """The seed of a user's aux draw: its own per (user, seed), so that users do not all draw
+    the same positions of the pool."""
+    return int.from_bytes(hashlib.blake2b(f"{user_id}\0{seed}".encode(), digest_size=8).digest(), "little")
 
 
 def trained_pairs(items: Iterable[UserItems]) -> list[tuple[str, str]]:
@@ -61,3 +76,22 @@ def gamma_inputs(items: UserItems, config: TrainConfig) -> GammaInputs | None:
     if not method_spec(config.method).uses_gamma or config.gamma is not None:
         return None
     return (tuple(items.own_rows), tuple(items.aux_rows), config.gamma_estimator, config.gamma_max, config.fallback_gamma, config.seed)
+
+
+def with_task_level_gamma(gammas: dict[GammaInputs, tuple[float, str | None]]) -> dict[GammaInputs, tuple[float, str | None]]:
+    """``gammas`` (γ and, for a fallback, why) with every fallback replaced by the median of
+    the fitted estimates made with the same estimator settings, its reason saying so: a user
+    too short to cross-fit belongs to the job's task, not to the constant. Unchanged where no
+    estimate with those settings was fitted."""
+    fitted: dict[tuple, list[float]] = defaultdict(list)
+    for inputs, (gamma, reason) in gammas.items():
+        if reason is None:
+            fitted[inputs[2:]].append(gamma)  # (estimator, gamma_max, fallback_gamma, seed)
+    out = {}
+    for inputs, (gamma, reason) in gammas.items():
+        found = fitted.get(inputs[2:])
+        if reason is not None and found:
+            gamma = statistics.median(found)
+            reason = f"{reason.split(':')[0]}: task-level gamma {gamma:.3f}, the median of the job's {len(found)} estimated users"
+        out[inputs] = (gamma, reason)
+    return out
