@@ -9,7 +9,8 @@ run's scores are filed in a ledger committed beside the results (DATA-MODEL.run.
 with the task adapters the runs started from (results/task-adapters/), so that a later
 session, on a machine whose bench/.home is empty, trains only the runs the ledger lacks.
 
-    # 1. tune on a validation slice (the first --validation users), never reported
+    # 1. tune on validation users (--validation of them, drawn at random among users no larger
+    #    than the reported ones' 90th percentile of history size), never reported
     python bench/quality.py tune --task commit-subject --data ../shared/data/numpy-commit-subject \
         --model ../shared/models/commit-lm-17m --validation 5 --grid lr=1e-4,1e-3 --grid beta=0.1,1.0
     # 2. report every arm on the remaining users with the chosen options
@@ -20,9 +21,17 @@ session, on a machine whose bench/.home is empty, trains only the runs the ledge
     python bench/quality.py report --task commit-subject ...
     #    (`report` with tune's arguments, --grid included, files and prints the tune's rows)
 
+The protocol is one for every arm: each user is scored on the split's queries and on its
+--eval-items newest history items (never trained on; default 8), its score the mean over
+them; the spec's epochs per method family (no selection unless an arm asks for it); the same
+decoding (the task's stop and repetition guard). --min-items keeps users with at least that
+many history items.
+
 Outputs under bench/results/: NAME.json (per-user ROUGE and γ per arm, means, paired
-bootstrap 95% CIs of arm − sft), NAME.md (the table) and NAME.png (bars with CIs; γ vs gain).
-With several --seeds, each (user, arm) scores the mean over seeds, and the CIs are over users.
+bootstrap 95% CIs of arm − sft and arm − base, optimizer steps and the share of outputs that
+ran to the token budget per arm, and the "protocol"), NAME.md (the table) and NAME.png (bars
+with CIs; γ vs gain). With several --seeds, each (user, arm) scores the mean over seeds, and
+the CIs are over users.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import argparse
 import itertools
 import json
 import math
+import random
 import re
 import shutil
 import subprocess
@@ -63,9 +73,11 @@ ARMS: dict[str, tuple[str, dict[str, str]]] = {
     "cbpo-gamma0.8": ("cbpo", {"gamma": "0.8"}),
     "cbpo-nearest": ("cbpo", {"aux_strategy": "nearest"}),
     "cbpo-farthest": ("cbpo", {"aux_strategy": "farthest"}),
-    "cbpo-no-selection": ("cbpo", {"selection": "off"}),
-    "sft-no-selection": ("sft", {"selection": "off"}),
+    "cbpo-selection": ("cbpo", {"selection": "on"}),
+    "sft-selection": ("sft", {"selection": "on"}),
 }
+EVALUATION_KEYS = ("steps", "hit_budget", "n_scored")  # a run's extra.evaluation the report reads
+VALIDATION_SEED = 0
 
 
 def parse_pairs(items: list[str]) -> dict[str, str]:
@@ -95,9 +107,25 @@ def cli_flags(options: dict[str, str]) -> list[str]:
 
 
 def split_users(args) -> tuple[list[str], list[str]]:
-    users = list(load_split(args.data, args.split, load_task(args.task)).users)
-    validation, report = users[: args.validation], users[args.validation :]
-    return validation, report[: args.users] if args.users else report
+    """(validation users, reported users) among the users with at least --min-items history
+    items: --validation of them drawn at random (a fixed seed) among those no larger than the
+    90th percentile of history size, so that tuning sees users like the reported ones and
+    never the largest; the others are reported (at most --users, in file order)."""
+    sizes = {u: len(user.profile) for u, user in load_split(args.data, args.split, load_task(args.task)).users.items()}
+    return draw_validation(sizes, args.validation, args.min_items, args.users)
+
+
+def draw_validation(sizes: dict[str, int], n: int, min_items: int = 0, n_report: int | None = None) -> tuple[list[str], list[str]]:
+    """``split_users`` over users' history sizes (in file order)."""
+    users = [u for u, size in sizes.items() if size >= min_items]
+    if not users:
+        raise SystemExit(f"no user has at least {min_items} history items")
+    ordered = sorted(sizes[u] for u in users)
+    cap = ordered[min(len(ordered) - 1, math.floor(0.9 * len(ordered)))]
+    candidates = [u for u in users if sizes[u] <= cap]
+    validation = random.Random(VALIDATION_SEED).sample(candidates, min(n, len(candidates)))
+    report = [u for u in users if u not in validation]
+    return validation, report[:n_report] if n_report else report
 
 
 class Ledger:
@@ -126,7 +154,8 @@ class Ledger:
         for row in rows:
             run = f"{row['method']}/{row['user_id']}"
             if run not in group:
-                scores = {"rouge1": row["rouge1"], "rougeL": row["rougeL"], "gamma": row["gamma"], **trainer_state(row["adapter_path"])}
+                scores = {"rouge1": row["rouge1"], "rougeL": row["rougeL"], "gamma": row["gamma"], **trainer_state(row["adapter_path"]),
+                          **{k: row[k] for k in EVALUATION_KEYS if row.get(k) is not None}}
                 group[run] = {"job": job, "scores": scores}
                 added = True
         if added:
@@ -224,9 +253,14 @@ class Jobs:
             process.communicate()
 
     def results(self, job: str) -> list[dict]:
-        """The job's finished runs (``cbpo-orch results``), whether or not the job is done."""
+        """The job's finished runs (``cbpo-orch results``), whether or not the job is done, each
+        with its optimizer steps, outputs that ran to the budget and items scored (the run's
+        ``extra.evaluation``)."""
+        from cbpo_orch.orchestrator.workspace import Workspace
+
         out = subprocess.run(CLI + ["results", job, "--format", "json", "--home", str(self.args.home)], capture_output=True, text=True, check=True)
-        return json.loads(out.stdout)
+        extras = Workspace.open(self.args.home).registry.extras(job)
+        return [{**row, **extras.get((row["user_id"], row["method"]), {}).get("evaluation", {})} for row in json.loads(out.stdout)]
 
 
 def run_arms(jobs: Jobs, arms: dict[str, tuple[str, dict[str, str]]], users: list[str], shared: dict[str, str], seed: int, submit: bool = True) -> dict[str, dict[str, dict]]:
@@ -317,10 +351,17 @@ def summarize(per_seed: dict[int, dict[str, dict[str, dict]]], users: list[str])
         entry = {
             metric: sum(scores[u][metric] for u in complete) / len(complete) for metric in ("rouge1", "rougeL")
         }
-        entry["ci_vs_sft"] = {
-            metric: list(paired_bootstrap_ci([scores[u][metric] for u in complete], [per_arm["sft"][u][metric] for u in complete])[1:])
-            for metric in ("rouge1", "rougeL")
-        }
+        for baseline in ("sft", "base"):
+            if baseline in per_arm:
+                entry[f"ci_vs_{baseline}"] = {
+                    metric: list(paired_bootstrap_ci([scores[u][metric] for u in complete], [per_arm[baseline][u][metric] for u in complete])[1:])
+                    for metric in ("rouge1", "rougeL")
+                }
+        for key, name in (("steps", "steps_mean"), ("n_scored", "items_mean")):
+            if all(key in scores[u] for u in complete):
+                entry[name] = sum(scores[u][key] for u in complete) / len(complete)
+        if all("hit_budget" in scores[u] and scores[u].get("n_scored") for u in complete):
+            entry["hit_budget_share"] = sum(scores[u]["hit_budget"] for u in complete) / sum(scores[u]["n_scored"] for u in complete)
         entry["per_seed"] = {
             seed: {metric: sum(runs[arm][u][metric] for u in complete) / len(complete) for metric in ("rouge1", "rougeL")}
             for seed, runs in per_seed.items()
@@ -343,27 +384,33 @@ def summarize(per_seed: dict[int, dict[str, dict[str, dict]]], users: list[str])
     return summary
 
 
+def _delta(entry: dict, other: dict | None, key: str, metric: str) -> str:
+    """``arm − other`` of ``metric`` with its paired bootstrap 95% CI, or — for the baseline itself."""
+    if other is None or key not in entry or entry is other:
+        return "—"
+    lo, hi = entry[key][metric]
+    return f"{entry[metric] - other[metric]:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+
+
 def markdown(summary: dict, title: str) -> str:
     seeds = summary["seeds"]
     seeds_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))} (each user's score is its mean over seeds)"
-    lines = [f"### {title}", "", f"{len(summary['users'])} users; {seeds_text}; mean ROUGE-1 / ROUGE-L; Δ vs sft with paired bootstrap 95% CI; "
-             "for EMA-reference arms, the final mean rewards m₊ (own items) and m_U (aux); users whose ROUGE-1 is below base's; "
-             "share of users for whom selection kept the starting model", "",
-             "| arm | ROUGE-1 | ROUGE-L | Δ R-1 vs sft [95% CI] | Δ R-L vs sft [95% CI] | m₊ / m_U | users < base | kept start |",
-             "|---|---|---|---|---|---|---|---|"]
-    sft = summary["arms"]["sft"]
-    for arm, entry in summary["arms"].items():
-        deltas = []
-        for metric in ("rouge1", "rougeL"):
-            if arm == "sft":
-                deltas.append("—")
-            else:
-                lo, hi = entry["ci_vs_sft"][metric]
-                deltas.append(f"{entry[metric] - sft[metric]:+.4f} [{lo:+.4f}, {hi:+.4f}]")
+    arms = summary["arms"]
+    items = next((e["items_mean"] for e in arms.values() if "items_mean" in e), None)
+    items_text = f"{items:.1f} scored items per user (queries and evaluation items); " if items is not None else ""
+    lines = [f"### {title}", "", f"{len(summary['users'])} users; {items_text}{seeds_text}; mean ROUGE-1 / ROUGE-L; Δ vs sft and vs base with "
+             "paired bootstrap 95% CIs over users; optimizer steps per user; share of outputs that ran to the token budget; "
+             "for EMA-reference arms, the final mean rewards m₊ (own items) and m_U (aux); users whose ROUGE-1 is below base's", "",
+             "| arm | ROUGE-1 | ROUGE-L | Δ R-1 vs sft [95% CI] | Δ R-1 vs base [95% CI] | Δ R-L vs sft [95% CI] | steps | at budget | m₊ / m_U | users < base |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    sft, base = arms["sft"], arms.get("base")
+    for arm, entry in arms.items():
         rewards = f"{entry['m_pos']:+.2f} / {entry['m_aux']:+.2f}" if "m_pos" in entry else ""
         below = f"{entry['users_below_base']}" if "users_below_base" in entry else ""
-        start = f"{entry['selected_start_share']:.0%}" if "selected_start_share" in entry else ""
-        lines.append(f"| {arm} | {entry['rouge1']:.4f} | {entry['rougeL']:.4f} | {deltas[0]} | {deltas[1]} | {rewards} | {below} | {start} |")
+        steps = f"{entry['steps_mean']:.0f}" if "steps_mean" in entry else ""
+        budget = f"{entry['hit_budget_share']:.0%}" if "hit_budget_share" in entry else ""
+        lines.append(f"| {arm} | {entry['rouge1']:.4f} | {entry['rougeL']:.4f} | {_delta(entry, sft, 'ci_vs_sft', 'rouge1')} | "
+                     f"{_delta(entry, base, 'ci_vs_base', 'rouge1')} | {_delta(entry, sft, 'ci_vs_sft', 'rougeL')} | {steps} | {budget} | {rewards} | {below} |")
     if summary.get("gamma_vs_gain") is not None:
         lines += ["", f"Spearman ρ between a user's estimated γ and cbpo − sft ROUGE-L: {summary['gamma_vs_gain']:+.2f}"]
     return "\n".join(lines) + "\n"
@@ -408,7 +455,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--split", default="dev")
-    parser.add_argument("--validation", type=int, default=5, help="the first N users: tuning only, never reported")
+    parser.add_argument("--validation", type=int, default=5, help="N users drawn at random (never the largest): tuning only, never reported")
+    parser.add_argument("--min-items", type=int, default=0, help="only users with at least N history items")
+    parser.add_argument("--eval-items", type=int, default=8, help="score each user on its N newest history items too (never trained on)")
     parser.add_argument("--users", type=int, default=None, help="report on at most N users after the validation slice")
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated arm names (run mode)")
     parser.add_argument("--grid", action="append", default=[], help="tune: KEY=V1,V2 (repeatable)")
@@ -427,7 +476,7 @@ def main(argv: list[str] | None = None) -> None:
     name = args.name or f"{args.task}-{args.model.name}"
     out = HERE / "results"
     out.mkdir(parents=True, exist_ok=True)
-    shared = parse_pairs(args.set)
+    shared = {"eval_items": str(args.eval_items), **parse_pairs(args.set)}
     validation, report = split_users(args)
     stem = f"{args.data.name}-{args.model.name}.{'tune' if args.grid else 'run'}"
     pin_task_adapters(args.home, TASK_ADAPTERS)
@@ -453,8 +502,11 @@ def main(argv: list[str] | None = None) -> None:
     partial = len(summary["users"]) < len(report) or len(per_seed) < len(args.seeds)
     config = {"options": shared, "task_adapter": args.task_adapter, "split": args.split, "validation_users": validation,
               "arms": {a: {"method": m, "options": o} for a, (m, o) in arms.items()}}
+    protocol = {"queries_per_user": next((e["items_mean"] for e in summary["arms"].values() if "items_mean" in e), None),
+                "eval_items": args.eval_items, "min_items": args.min_items, "task_adapter": args.task_adapter != "none",
+                "selection": "log-likelihood" if shared.get("selection") == "on" else "none", "seeds": list(per_seed)}
     result = {"task": args.task, "model": str(args.model), "data": str(args.data), "users": summary["users"],
-              "seeds": args.seeds, "config": config, "arms": summary["arms"],
+              "seeds": args.seeds, "protocol": protocol, "config": config, "arms": summary["arms"],
               "gamma_vs_gain_spearman": summary.get("gamma_vs_gain"), "partial": partial}
     (out / f"{name}.json").write_text(json.dumps(result, indent=2))
     title = f"{args.task} · {args.model.name}"

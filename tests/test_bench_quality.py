@@ -206,3 +206,27 @@ def test_missing_runs_never_ask_again_for_a_finished_run():
     asked = {(u, m) for users, methods in jobs for u in users for m in methods}
     assert not asked & covered and len(asked) == 7
     assert quality.missing_runs(["a"], ["cbpo"], covered) == []
+
+
+def test_validation_users_are_drawn_at_random_below_the_largest_and_never_reported():
+    sizes = {f"u{i}": size for i, size in enumerate([5, 300, 12, 40, 41, 8, 60, 9, 1000, 30, 2])}
+    validation, report = quality.draw_validation(sizes, 3, min_items=5)
+    assert len(validation) == 3 and not set(validation) & set(report)
+    assert set(validation) | set(report) == {u for u, s in sizes.items() if s >= 5}  # u10 has 2 items
+    assert "u8" not in validation and all(sizes[u] <= 300 for u in validation)  # 90th percentile of 10 users: 300
+    assert validation != ["u0", "u1", "u2"]  # not the first users of the file
+    assert quality.draw_validation(sizes, 3, min_items=5) == (validation, report)
+    assert quality.draw_validation(sizes, 3, min_items=5, n_report=2)[1] == report[:2]
+
+
+def test_summarize_gives_cis_against_base_steps_and_the_share_of_outputs_at_the_budget():
+    def run(r1, steps, hit, scored=10):
+        return {**scores(r1), "steps": steps, "hit_budget": hit, "n_scored": scored}
+
+    per_seed = {0: {"base": {"a": run(0.2, 0, 1), "b": run(0.4, 0, 3)}, "sft": {"a": run(0.3, 6, 0), "b": run(0.5, 10, 1)}}}
+    arms = quality.summarize(per_seed, ["a", "b"])["arms"]
+    assert arms["sft"]["ci_vs_base"]["rouge1"] == pytest.approx([0.1, 0.1])
+    assert arms["sft"]["steps_mean"] == 8 and arms["sft"]["items_mean"] == 10
+    assert arms["base"]["hit_budget_share"] == pytest.approx(4 / 20)
+    table = quality.markdown(quality.summarize(per_seed, ["a", "b"]), "t")
+    assert "+0.1000 [+0.1000, +0.1000]" in table and "| 20% |" in table
