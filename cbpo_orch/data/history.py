@@ -25,14 +25,18 @@ from cbpo_orch.data.embedding import pair_text
 
 @dataclass
 class HistoryIndex:
+    """``embedder``: the embedding model's name the rows were embedded by (None: the default),
+    which embeds the prompts that retrieval asks with too."""
+
     examples: list[Example]
     embeddings: np.ndarray
     index: AuxIndex
+    embedder: str | None = None
 
     @classmethod
-    def from_examples(cls, examples: list[Example], embeddings: np.ndarray) -> "HistoryIndex":
+    def from_examples(cls, examples: list[Example], embeddings: np.ndarray, embedder: str | None = None) -> "HistoryIndex":
         index = AuxIndex(embeddings, [e.user_id for e in examples], [e.item_id for e in examples])
-        return cls(examples, embeddings, index)
+        return cls(examples, embeddings, index, embedder)
 
     def rows(self, examples: list[Example]) -> list[int]:
         """Row numbers of ``examples`` (matched by user and item id)."""
@@ -56,14 +60,14 @@ class HistoryIndex:
                 out.write(json.dumps(asdict(example)) + "\n")
 
     @classmethod
-    def load(cls, folder: Path) -> "HistoryIndex":
+    def load(cls, folder: Path, embedder: str | None = None) -> "HistoryIndex":
         with open(folder / "examples.jsonl", encoding="utf-8") as lines:
             examples = [Example(**json.loads(line)) for line in lines]
-        return cls(examples, np.load(folder / "embeddings.npy"), AuxIndex.load(folder / "faiss"))
+        return cls(examples, np.load(folder / "embeddings.npy"), AuxIndex.load(folder / "faiss"), embedder)
 
 
-def build_history_index(datasets: list[Dataset], embed_texts: Callable[[list[str]], np.ndarray]) -> HistoryIndex:
+def build_history_index(datasets: list[Dataset], embed_texts: Callable[[list[str]], np.ndarray], embedder: str | None = None) -> HistoryIndex:
     """Embed every profile pair of every user in ``datasets`` (``embed_texts``: texts to
-    unit-norm rows, in order) and index them."""
+    unit-norm rows, in order, by the model named ``embedder``) and index them."""
     examples = [example for dataset in datasets for example in dataset.profile_examples()]
-    return HistoryIndex.from_examples(examples, embed_texts([pair_text(e.x, e.y) for e in examples]))
+    return HistoryIndex.from_examples(examples, embed_texts([pair_text(e.x, e.y) for e in examples]), embedder)

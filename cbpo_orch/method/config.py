@@ -41,7 +41,9 @@ class TrainConfig:
     without it. It is off because that score is SFT's own objective: SFT raises it every epoch
     while a preference method lowers it on purpose, so it kept C-BPO's early epochs (README,
     Benchmarks). ``eval_items`` sets aside each user's newest items (at most half), scored
-    like queries and never trained on (``data/evaluation_items.py``).
+    like queries and never trained on (``data/evaluation_items.py``). ``retrieve``: RAG's k,
+    the user's items retrieved by ``retriever`` into each prompt (0: the task's default;
+    ``data/retrieval.py``).
     """
 
     method: str = "cbpo"
@@ -69,6 +71,8 @@ class TrainConfig:
     selection: bool = False
     selection_min_items: int = 6
     eval_items: int = 0
+    retrieve: int = 0
+    retriever: str = "embedding"
     eval_batch_size: int = 16
     seed: int = 0
 
@@ -91,6 +95,8 @@ class TrainConfig:
             (self.max_profile is None or self.max_profile >= 2, "max-profile must be ≥ 2"),
             (self.selection_min_items >= 3, "selection-min-items must be ≥ 3 (two held out, one to train on)"),
             (self.eval_items >= 0, "eval-items must be ≥ 0"),
+            (self.retrieve >= 0, "retrieve must be ≥ 0"),
+            (self.retriever in ("embedding",), "retriever must be embedding"),
             (self.lora.r >= 1, "lora-r must be ≥ 1"),
             (0 <= self.seed < 2**32, "seed must be in [0, 2^32)"),
         ]

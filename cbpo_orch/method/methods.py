@@ -4,8 +4,10 @@ Every method runs through the same trainer; a method only decides whether it tra
 whether it reads auxiliary items, whether its objective compares with the reference model
 π_ref (the preference methods; SFT does not, so its π_ref pass is skipped), which objective
 its step descends and its default number of epochs (the paper: SFT 2 epochs, preference
-methods 3), whether its reference point also reads mismatched pairs (KTO), and whether its
-objective weighs the auxiliary items by a per-user γ (C-BPO).
+methods 3), whether its reference point also reads mismatched pairs (KTO), whether its
+objective weighs the auxiliary items by a per-user γ (C-BPO), and what its prompts carry
+before the asked one (``workers/prompts.py``: nothing, the user's retrieved items for RAG, a
+summary of the user for PAG).
 """
 
 from __future__ import annotations
@@ -23,12 +25,15 @@ class MethodSpec:
     default_epochs: int = 3
     mismatched: bool = False  # its reference point reads π_ref on mismatched pairs (KTO)
     uses_gamma: bool = False  # its objective reads the user's γ (C-BPO, METHOD.md §4)
+    prompt: str = "plain"  # plain | retrieved | summary: what goes before each prompt
 
 
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
         MethodSpec("base", "the untouched starting model (base, or base + task adapter)", trains=False, uses_aux=False, uses_reference=False),
+        MethodSpec("rag", "the starting model, each prompt after the user's k most similar earlier items", trains=False, uses_aux=False, uses_reference=False, prompt="retrieved"),
+        MethodSpec("pag", "the starting model, each prompt after its own summary of the user's history", trains=False, uses_aux=False, uses_reference=False, prompt="summary"),
         MethodSpec("sft", "OPPU: token cross-entropy on the user's own history", uses_aux=False, uses_reference=False, default_epochs=2),
         MethodSpec("sft-aux", "ablation: SFT on the user's history plus the auxiliary items", uses_reference=False, default_epochs=2),
         MethodSpec("kto", "KTO: desirable = own history, undesirable = auxiliary items", mismatched=True),

@@ -460,7 +460,7 @@ def _record(space: Workspace, job_id: str, run, attempt: int, outcome: UserOutco
         "n_aux": m["n_aux"],
         "seconds": m["seconds"],
         "phase_seconds": m["phase_seconds"],
-        "extra": {"losses": m["losses"], "selection": m["selection"], "evaluation": m["evaluation"], "predictions": outcome.predictions},
+        "extra": {"losses": m["losses"], "selection": m["selection"], "evaluation": m["evaluation"], "prompting": m["prompting"], "predictions": outcome.predictions},
     }
     space.registry.record_success(run.run_id, metrics, adapter)
 

@@ -36,7 +36,7 @@ def build_history(datasets: list[Dataset], embedder_name: str | None = None, emb
         from cbpo_orch.data.embedding import embed, load_embedder
 
         embed_texts = partial(embed, load_embedder(embedder_name))
-    return build_history_index(datasets, embed_texts)
+    return build_history_index(datasets, embed_texts, embedder_name)
 
 
 def history_key(datasets: list[Dataset], embedder_name: str | None) -> str:
@@ -54,7 +54,7 @@ def cached_history(cache_root: Path, datasets: list[Dataset], embedder_name: str
     from ``cache_root``."""
     folder = cache_root / "history" / history_key(datasets, embedder_name)
     if (folder / "examples.jsonl").is_file():
-        return HistoryIndex.load(folder)
+        return HistoryIndex.load(folder, embedder_name)
     history = build_history(datasets, embedder_name, embed_texts)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".building-"))

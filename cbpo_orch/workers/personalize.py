@@ -15,8 +15,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cbpo_orch.data.dataset import Dataset
+from cbpo_orch.data.dataset import Dataset, Example
 from cbpo_orch.data.history import HistoryIndex
+from cbpo_orch.data.retrieval import Asked
 from cbpo_orch.data.tasks import Budgets, Task
 from cbpo_orch.method.config import TrainConfig
 from cbpo_orch.method.methods import method_spec
@@ -40,6 +41,7 @@ from cbpo_orch.training.trainer import (
     train_and_hold,
 )
 from cbpo_orch.workers.gamma_pass import Gamma, estimated_gamma
+from cbpo_orch.workers.prompts import Composed, UserAsk, compose
 from cbpo_orch.workers.user_items import GammaInputs, UserItems, gamma_inputs, user_items
 
 
@@ -96,10 +98,13 @@ def _phase(phases: dict[str, float], name: str):
 
 @dataclass
 class _Prepared:
-    """One user made ready to train: the held-out split, aux items, γ and the training work."""
+    """One user made ready to train: the held-out split, aux items, γ and the training work;
+    ``items``: all of the user's items the method may see, oldest first; ``composed``: the
+    prompts it is answered on, once composed."""
 
     user_id: str
     phases: dict[str, float]
+    items: list[Example]
     positives: list
     held_out: list
     auxiliary: list
@@ -108,6 +113,7 @@ class _Prepared:
     gamma_reason: str | None
     work: UserTraining | None = None
     held_pairs: list[tuple[str, str]] = field(default_factory=list)
+    composed: Composed | None = None
 
 
 def personalize_user(context: UserContext, user_id: str, config: TrainConfig, on_step: StepCallback | None = None) -> UserOutcome:
@@ -157,12 +163,17 @@ def personalize_users(
 
 def _answer(context: UserContext, prepared: list[_Prepared], config: TrainConfig, budgets: Budgets, multi: MultiLora | None = None) -> list[list[Completion]]:
     """Every user's queries and evaluation items answered in shared batches, each row by its
-    user's slot of ``multi`` (without one: by the starting model), ended and guarded by the
-    task's decoding; each user's generate phase is the shared one's."""
+    user's slot of ``multi`` (without one: by the starting model), on the prompts its method
+    composes (``prompts.py``), ended and guarded by the task's decoding; each user's prompts
+    and generate phases are the shared ones'."""
     loaded = context.loaded
-    prompts = [[prompt for _, prompt, _ in _asked(context, item)] for item in prepared]
-    slots = [slot for slot, own in enumerate(prompts) for _ in own] if multi is not None else None
     shared: dict[str, float] = {}
+    with _phase(shared, "prompts"):
+        composed = compose(context, [UserAsk(item.items, _asked(context, item)) for item in prepared], config, budgets)
+    for item, own in zip(prepared, composed):
+        item.composed = own
+    prompts = [own.prompts for own in composed]
+    slots = [slot for slot, own in enumerate(prompts) for _ in own] if multi is not None else None
     with _phase(shared, "generate"):
         flat = iter(generate(loaded.model, loaded.tokenizer, [p for own in prompts for p in own], budgets, config.eval_batch_size, loaded.device, slots, multi, context.task.decoding))
     for item in prepared:
@@ -176,12 +187,13 @@ def _prepare(context: UserContext, user_id: str, config: TrainConfig) -> _Prepar
     phases: dict[str, float] = {}
     with _phase(phases, "aux"):
         items = user_items(context.dataset, context.history, user_id, config)
+    seen = context.dataset.examples(user_id, config.max_profile)
     with _phase(phases, "gamma"):
         gamma, gamma_reason = _gamma(context, items, config)
     budgets = context.task.budgets(config.max_prompt_tokens, config.max_new_tokens)
     fitting = set(_fitting(context.loaded.tokenizer, items.evaluation, budgets, user_id))
     evaluation = [e for e in items.evaluation if (e.x, e.y) in fitting]
-    return _Prepared(user_id, phases, items.positives, items.held_out, items.auxiliary, evaluation, gamma, gamma_reason)
+    return _Prepared(user_id, phases, seen, items.positives, items.held_out, items.auxiliary, evaluation, gamma, gamma_reason)
 
 
 def _add_work(item: _Prepared, tokenizer, budgets: Budgets, config: TrainConfig, loaded) -> None:
@@ -211,11 +223,13 @@ def _selection(item: _Prepared, result: TrainResult) -> dict:
     }
 
 
-def _asked(context: UserContext, item: _Prepared) -> list[tuple[str, str, str | None]]:
-    """(id, prompt, gold) of what the user is answered on: its queries (gold None where the
-    split has none), then its evaluation items (their own text is the gold)."""
-    queries = [(q.id, context.task.prompt(q), q.gold) for q in context.dataset.user(item.user_id).queries]
-    return queries + [(e.item_id, e.x, e.y) for e in item.evaluation]
+def _asked(context: UserContext, item: _Prepared) -> list[Asked]:
+    """What the user is answered on: its queries (gold None where the split has none; every
+    item of the user comes before them), then its evaluation items (their own text is the
+    gold; the items before one are those older than it)."""
+    position = {e.item_id: i for i, e in enumerate(item.items)}
+    queries = [Asked(q.id, context.task.prompt(q), q.gold, len(item.items)) for q in context.dataset.user(item.user_id).queries]
+    return queries + [Asked(e.item_id, e.x, e.y, position[e.item_id]) for e in item.evaluation]
 
 
 def _outcome(
@@ -231,7 +245,7 @@ def _outcome(
     mean over every answered item with a gold (queries and evaluation items alike); none
     where no item has one."""
     asked = _asked(context, item)
-    scored = [(out.text, gold) for out, (_, _, gold) in zip(outputs, asked) if gold is not None]
+    scored = [(out.text, a.gold) for out, a in zip(outputs, asked) if a.gold is not None]
     with _phase(item.phases, "score"):
         scores = rouge([text for text, _ in scored], [gold for _, gold in scored]) if scored else {"rouge1": None, "rougeL": None}
     evaluation = {
@@ -254,12 +268,15 @@ def _outcome(
         "seconds": round(sum(item.phases.values()), 3),
         "phase_seconds": item.phases,
         "losses": result.losses if result else [],
+        "prompting": item.composed.record,
         "config": config.to_dict(),
     }
     n_queries = len(asked) - len(item.evaluation)
+    carried = item.composed.carried or [[] for _ in asked]
     predictions = [
-        {"id": id_, "prediction": out.text, "gold": gold, "finish_reason": out.finish_reason, "eval_item": k >= n_queries}
-        for k, ((id_, _, gold), out) in enumerate(zip(asked, outputs))
+        {"id": a.id, "prediction": out.text, "gold": a.gold, "finish_reason": out.finish_reason, "eval_item": k >= n_queries,
+         **({"context_items": ids} if item.composed.carried else {})}
+        for k, (a, out, ids) in enumerate(zip(asked, outputs, carried))
     ]
     return UserOutcome(item.user_id, config.method, metrics, files, predictions)
 

@@ -1,0 +1,72 @@
+"""The RAG and PAG baselines (issue 29): the starting model, untrained, answering each prompt
+after the user's retrieved older items (rag) or after its own summary of the user (pag)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cbpo_orch.data.retrieval import render_items, with_context
+from cbpo_orch.data.tasks import NO_REPEAT_NGRAM, Budgets, Decoding, load_task
+from cbpo_orch.method.config import TrainConfig
+from cbpo_orch.training.generation import generate
+from cbpo_orch.training.models import load_model
+from cbpo_orch.workers.personalize import UserContext, personalize_user
+from cbpo_orch.workers.profile_summary import SUMMARY_INSTRUCTION, SUMMARY_LABEL
+
+BUDGETS = dict(max_profile=16, max_prompt_tokens=384, max_new_tokens=8, eval_items=3)
+
+
+@pytest.fixture(scope="module")
+def context(sample_history, tmp_path_factory) -> UserContext:
+    """The tiny model with untied embeddings: its outputs are words, so texts can be compared."""
+    from tests.tiny_model import build_tiny_model
+
+    dataset, history = sample_history
+    loaded = load_model(build_tiny_model(tmp_path_factory.mktemp("tiny-untied"), tie_embeddings=False), "cpu")
+    return UserContext(task=load_task("lamp4"), dataset=dataset, history=history, loaded=loaded)
+
+
+def _again(context: UserContext, prompts: list[str], budgets: Budgets) -> list[str]:
+    completions = generate(context.loaded.model, context.loaded.tokenizer, prompts, budgets, 16, torch.device("cpu"), decoding=context.task.decoding)
+    return [c.text for c in completions]
+
+
+def _asked_prompts(context: UserContext, user_id: str) -> list[str]:
+    queries = [context.task.prompt(q) for q in context.dataset.user(user_id).queries]
+    return queries + [e.x for e in context.dataset.examples(user_id, 16)[-3:]]
+
+
+def test_rag_answers_each_prompt_after_the_users_own_older_items_and_trains_nothing(context):
+    user_id = next(iter(context.dataset.users))
+    outcome = personalize_user(context, user_id, TrainConfig(method="rag", **BUDGETS))
+    items = context.dataset.examples(user_id, 16)
+    ids = [e.item_id for e in items]
+    assert outcome.adapter_files is None and outcome.metrics["losses"] == []
+    assert outcome.metrics["prompting"] == {"retrieve": 4, "retriever": "embedding"}
+
+    prompts = []
+    for prediction, bare in zip(outcome.predictions, _asked_prompts(context, user_id)):
+        carried = prediction["context_items"]
+        before = ids.index(prediction["id"]) if prediction["eval_item"] else len(ids)
+        assert 1 <= len(carried) <= 4 and all(ids.index(item) < before for item in carried)
+        prompts.append(with_context(render_items([items[ids.index(item)] for item in carried]), bare))
+    assert [p["prediction"] for p in outcome.predictions] == _again(context, prompts, context.task.budgets(384, 8))
+
+
+def test_pag_writes_one_summary_of_the_users_older_items_and_puts_it_before_each_prompt(context):
+    user_id = next(iter(context.dataset.users))
+    outcome = personalize_user(context, user_id, TrainConfig(method="pag", **BUDGETS))
+    prompting = outcome.metrics["prompting"]
+    trainable = context.dataset.examples(user_id, 16)[:-3]  # the summary never reads an evaluation item
+    assert outcome.adapter_files is None and 1 <= prompting["summary_items"] <= len(trainable)
+
+    read = SUMMARY_INSTRUCTION.format(items=render_items(trainable[len(trainable) - prompting["summary_items"] :]))
+    [summary] = generate(context.loaded.model, context.loaded.tokenizer, [read], Budgets(392 - 96, 96), 1, torch.device("cpu"), decoding=Decoding(no_repeat_ngram=NO_REPEAT_NGRAM))
+    assert prompting["summary"] == summary.text != ""
+    assert prompting["summary_finish"] == summary.finish_reason
+
+    label = SUMMARY_LABEL.format(summary=summary.text)
+    prompts = [with_context(label, bare) for bare in _asked_prompts(context, user_id)]
+    assert [p["prediction"] for p in outcome.predictions] == _again(context, prompts, context.task.budgets(384, 8))
+    assert "context_items" not in outcome.predictions[0]
