@@ -3,6 +3,8 @@ after the user's retrieved older items (rag) or after its own summary of the use
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from cbpo_orch.training.generation import generate
 from cbpo_orch.training.models import load_model
 from cbpo_orch.workers.personalize import UserContext, personalize_user
 from cbpo_orch.workers.profile_summary import SUMMARY_INSTRUCTION, SUMMARY_LABEL
+from tests.test_orchestrator import Cli, _ok, _registry, dev_users, history_cache, home  # noqa: F401  (fixtures: the sample's users, a home holding its index)
 
 BUDGETS = dict(max_profile=16, max_prompt_tokens=384, max_new_tokens=8, eval_items=3)
 
@@ -70,3 +73,30 @@ def test_pag_writes_one_summary_of_the_users_older_items_and_puts_it_before_each
     prompts = [with_context(label, bare) for bare in _asked_prompts(context, user_id)]
     assert [p["prediction"] for p in outcome.predictions] == _again(context, prompts, context.task.budgets(384, 8))
     assert "context_items" not in outcome.predictions[0]
+
+
+def test_submit_runs_base_rag_pag_sft_and_cbpo_end_to_end_on_the_sample(home, tiny_model_dir, dev_users):
+    """``cbpo-orch submit --method base,rag,pag,sft,cbpo``: every run succeeds; rag and pag
+    train nothing and record how they prompted (rag: k, the retriever and each prediction's
+    items; pag: the summary), the other arms record nothing of the kind."""
+    methods = ("base", "rag", "pag", "sft", "cbpo")
+    cli = Cli(home)
+    try:
+        submitted = cli.run("submit", "--model", str(tiny_model_dir), "--users", "2", "--method", ",".join(methods), "--workers", "1",
+                            "--max-profile", "8", "--epochs", "1", "--max-new-tokens", "8", "--max-prompt-tokens", "384", "--eval-items", "2")
+        job = _ok(submitted)
+        rows = json.loads(cli.run("results", job, "--format", "json").stdout)
+    finally:
+        cli.cleanup()
+    assert sorted((row["user_id"], row["method"]) for row in rows) == sorted((u, m) for u in dev_users[:2] for m in methods)
+    with _registry(home) as registry:
+        assert registry.job(job).state == "succeeded"
+        extras = registry.extras(job)
+    for row in rows:
+        extra, method = extras[(row["user_id"], row["method"])], row["method"]
+        assert (row["adapter_path"] is None) == (method in ("base", "rag", "pag"))
+        assert set(extra["prompting"]) == {"rag": {"retrieve", "retriever"}, "pag": {"summary", "summary_items", "summary_finish"}}.get(method, set())
+        assert all(("context_items" in p) == (method == "rag") for p in extra["predictions"])
+    assert extras[(dev_users[0], "rag")]["prompting"] == {"retrieve": 4, "retriever": "embedding"}
+    assert all(p["context_items"] for p in extras[(dev_users[0], "rag")]["predictions"])
+    assert extras[(dev_users[0], "pag")]["prompting"]["summary_items"] >= 1
