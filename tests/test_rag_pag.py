@@ -75,6 +75,41 @@ def test_pag_writes_one_summary_of_the_users_older_items_and_puts_it_before_each
     assert "context_items" not in outcome.predictions[0]
 
 
+def test_an_arm_trained_with_retrieve_trains_and_answers_on_prompts_carrying_only_older_items(context, monkeypatch, tmp_path):
+    """sft --retrieve 2: each item it trains on carries items older than it only (the first
+    none), never an evaluation item; its queries and evaluation items carry the items that
+    rag would retrieve, and the saved adapter answers those prompts with the recorded predictions."""
+    from peft import PeftModel
+
+    from cbpo_orch.workers import personalize
+
+    encoded = []
+    real = personalize.encode_samples
+    monkeypatch.setattr(personalize, "encode_samples", lambda tokenizer, pairs, positive, budgets: encoded.append(pairs) or real(tokenizer, pairs, positive, budgets))
+    user_id = next(iter(context.dataset.users))
+    outcome = personalize_user(context, user_id, TrainConfig(method="sft", retrieve=2, epochs=1, lr=5e-3, **BUDGETS))
+    items = context.dataset.examples(user_id, 16)
+    trained = encoded[0]
+    assert [y for _, y in trained] == [e.y for e in items[:-3]]
+    assert trained[0][0] == items[0].x
+    for i, (x, _) in enumerate(trained):
+        carried = [e for e in items if f"{e.x}\n{e.y}" in x]
+        assert x.endswith(items[i].x) and carried == [e for e in items[:i] if e in carried]
+        assert i < 2 or 1 <= len(carried) <= 2
+
+    rag = personalize_user(context, user_id, TrainConfig(method="rag", retrieve=2, **BUDGETS))
+    assert [p["context_items"] for p in outcome.predictions] == [p["context_items"] for p in rag.predictions]
+    assert outcome.metrics["prompting"] == {"retrieve": 2, "retriever": "embedding"}
+    for name, content in outcome.adapter_files.items():
+        (tmp_path / name).write_bytes(content)
+    reloaded = PeftModel.from_pretrained(load_model(context.loaded.path, "cpu").model, str(tmp_path))
+    ids = [e.item_id for e in items]
+    prompts = [with_context(render_items([items[ids.index(i)] for i in p["context_items"]]), bare)
+               for p, bare in zip(outcome.predictions, _asked_prompts(context, user_id))]
+    again = generate(reloaded, context.loaded.tokenizer, prompts, context.task.budgets(384, 8), 16, torch.device("cpu"), decoding=context.task.decoding)
+    assert [c.text for c in again] == [p["prediction"] for p in outcome.predictions]
+
+
 def test_submit_runs_base_rag_pag_sft_and_cbpo_end_to_end_on_the_sample(home, tiny_model_dir, dev_users):
     """``cbpo-orch submit --method base,rag,pag,sft,cbpo``: every run succeeds; rag and pag
     train nothing and record how they prompted (rag: k, the retriever and each prediction's

@@ -41,8 +41,9 @@ class TrainConfig:
     without it. It is off because that score is SFT's own objective: SFT raises it every epoch
     while a preference method lowers it on purpose, so it kept C-BPO's early epochs (README,
     Benchmarks). ``eval_items`` sets aside each user's newest items (at most half), scored
-    like queries and never trained on (``data/evaluation_items.py``). ``retrieve``: RAG's k,
-    the user's items retrieved by ``retriever`` into each prompt (0: the task's default;
+    like queries and never trained on (``data/evaluation_items.py``). ``retrieve``: the user's
+    items retrieved by ``retriever`` into each prompt of a trained arm, in training and
+    evaluation alike, and RAG's k (0: a trained arm none, RAG the task's default;
     ``data/retrieval.py``).
     """
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cbpo_orch.data.dataset import Dataset, Example
@@ -141,7 +141,7 @@ def personalize_users(
         return [_outcome(context, item, config, outputs, None, None) for item, outputs in zip(prepared, answers)]
 
     for item in prepared:
-        _add_work(item, tokenizer, budgets, config, loaded)
+        _add_work(context, item, budgets, config)
     works = [item.work for item in prepared]
     n_slots = pack_slots(loaded.model, config.lora, works, config.batch_size, loaded.device)
     with attached_multi_lora(loaded.model, config.lora, n_slots=n_slots) as multi:
@@ -196,12 +196,15 @@ def _prepare(context: UserContext, user_id: str, config: TrainConfig) -> _Prepar
     return _Prepared(user_id, phases, seen, items.positives, items.held_out, items.auxiliary, evaluation, gamma, gamma_reason)
 
 
-def _add_work(item: _Prepared, tokenizer, budgets: Budgets, config: TrainConfig, loaded) -> None:
-    """The user's training work: the items within budget, encoded; KTO's mismatched pairs;
-    the held-out score."""
-    pos_pairs = _fitting(tokenizer, item.positives, budgets, item.user_id, required=True)
-    aux_pairs = _fitting(tokenizer, item.auxiliary, budgets, item.user_id)
-    held_pairs = _fitting(tokenizer, item.held_out, budgets, item.user_id)
+def _add_work(context: UserContext, item: _Prepared, budgets: Budgets, config: TrainConfig) -> None:
+    """The user's training work: the items within budget, prompted as the method prompts
+    (``_prompted``), encoded; KTO's mismatched pairs; the held-out score."""
+    loaded = context.loaded
+    tokenizer = loaded.tokenizer
+    positives, auxiliary, held_out = _prompted(context, item, budgets, config)
+    pos_pairs = _fitting(tokenizer, positives, budgets, item.user_id, required=True)
+    aux_pairs = _fitting(tokenizer, auxiliary, budgets, item.user_id)
+    held_pairs = _fitting(tokenizer, held_out, budgets, item.user_id)
     item.held_pairs = held_pairs
     item.work = UserTraining(
         samples=encode_samples(tokenizer, pos_pairs, True, budgets) + encode_samples(tokenizer, aux_pairs, False, budgets),
@@ -210,6 +213,20 @@ def _add_work(item: _Prepared, tokenizer, budgets: Budgets, config: TrainConfig,
         kl_pairs=mismatched_pairs(tokenizer, pos_pairs + aux_pairs, budgets) if method_spec(config.method).mismatched else None,
         validate=_held_out_score(loaded.model, tokenizer, held_pairs, budgets, config, loaded.device) if held_pairs else None,
     )
+
+
+def _prompted(context: UserContext, item: _Prepared, budgets: Budgets, config: TrainConfig) -> tuple[list[Example], list[Example], list[Example]]:
+    """The user's positives, aux and held-out items with their prompts as its method composes
+    them (``prompts.py``): with ``--retrieve``, after the user's items retrieved for each (an
+    own item's from the items older than it, an aux item's from every item the user trains
+    on), as its queries and evaluation items are."""
+    own = item.positives + item.held_out
+    asked = [Asked(e.item_id, e.x, e.y, before) for before, e in enumerate(own)]
+    asked += [Asked(e.item_id, e.x, e.y, len(own)) for e in item.auxiliary]
+    [composed] = compose(context, [UserAsk(item.items, asked)], config, budgets)
+    prompted = [replace(e, x=x) for e, x in zip(own + item.auxiliary, composed.prompts)]
+    n = len(item.positives)
+    return prompted[:n], prompted[len(own) :], prompted[n : len(own)]
 
 
 def _selection(item: _Prepared, result: TrainResult) -> dict:

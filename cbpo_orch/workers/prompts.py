@@ -1,5 +1,6 @@
 """The prompts a user is answered on, as its method composes them (``MethodSpec.prompt``):
-``plain``; ``retrieved``, after the user's k most similar earlier items (RAG); ``summary``, after the starting model's summary of the user (PAG).
+``plain``; ``retrieved``, after the user's k most similar earlier items (RAG, and a trained arm
+with ``--retrieve k``, in training as in evaluation); ``summary``, after the starting model's summary of the user (PAG).
 
 One composer per kind, chosen by name (``COMPOSERS``), each over every user of a pack at once
 (the asked prompts of a pack are embedded in one call, its summaries written in one batched
@@ -47,8 +48,10 @@ class Composed:
 
 
 def prompt_kind(config: TrainConfig) -> str:
-    """How ``config``'s method composes its prompts."""
-    return method_spec(config.method).prompt
+    """How ``config``'s method composes its prompts: its spec's kind, or retrieved items for an
+    arm that trains with ``--retrieve k`` (``base`` stays the plain baseline)."""
+    spec = method_spec(config.method)
+    return "retrieved" if spec.trains and config.retrieve else spec.prompt
 
 
 def compose(context: UserContext, users: list[UserAsk], config: TrainConfig, budgets: Budgets) -> list[Composed]:
