@@ -110,6 +110,25 @@ def test_an_arm_trained_with_retrieve_trains_and_answers_on_prompts_carrying_onl
     assert [c.text for c in again] == [p["prediction"] for p in outcome.predictions]
 
 
+def test_the_server_composes_a_retrieve_jobs_request_as_evaluation_composed_the_users_queries(context, tmp_path):
+    """A request of a --retrieve job's user is prompted with the items its queries carried in
+    evaluation (``context_items``), read from the job's split and history index."""
+    from cbpo_orch.serving.catalog import ServedRetrieval
+    from cbpo_orch.serving.retrieval import served_context
+    from cbpo_orch.workers.prompts import served_prompt
+
+    user_id = next(iter(context.dataset.users))
+    config = TrainConfig(method="sft", retrieve=2, **BUDGETS)
+    recorded = personalize_user(context, user_id, TrainConfig(method="rag", retrieve=2, **BUDGETS)).predictions
+    context.history.save(tmp_path / "history")
+    retrieval = ServedRetrieval(context.dataset.path, "dev", str(tmp_path / "history"), None, config)
+    served = served_context(retrieval, context.task, context.loaded.tokenizer, context.loaded.path)
+    items = {e.item_id: e for e in context.dataset.examples(user_id, 16)}
+    for query, prediction in zip(context.dataset.user(user_id).queries, recorded):
+        expected = with_context(render_items([items[i] for i in prediction["context_items"]]), context.task.prompt(query))
+        assert served_prompt(served, user_id, context.task.prompt(query), config, context.task.budgets(384, 8)) == expected
+
+
 def test_submit_runs_base_rag_pag_sft_and_cbpo_end_to_end_on_the_sample(home, tiny_model_dir, dev_users):
     """``cbpo-orch submit --method base,rag,pag,sft,cbpo``: every run succeeds; rag and pag
     train nothing and record how they prompted (rag: k, the retriever and each prediction's

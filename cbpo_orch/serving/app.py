@@ -207,6 +207,11 @@ def _ingress():
 
             self.server, self.catalog, self.keys = server, catalog, keys
             self.tokenizer = load_tokenizer(catalog.model_path)
+            self.retrieval = None
+            if catalog.retrieval is not None:
+                from cbpo_orch.serving.retrieval import served_context
+
+                self.retrieval = served_context(catalog.retrieval, catalog.task, self.tokenizer, catalog.model_path)
 
         @api.get("/v1/models")
         async def models(self, request: Request):
@@ -248,8 +253,13 @@ def _ingress():
                     raise ApiError(404, f"{error}: `model` must be one of GET /v1/models", "model") from None
                 except UserNotReady as error:
                     raise ApiError(409, str(error), "model") from None
+            prompt = self.catalog.task.prompt(Query(id="request", input=parsed.prompt, gold=None))
+            if user is not None and self.retrieval is not None:
+                from cbpo_orch.workers.prompts import served_prompt
+
+                prompt = served_prompt(self.retrieval, user, prompt, self.catalog.retrieval.config, self.catalog.budgets)
             try:
-                ids = prompt_ids(self.tokenizer, self.catalog.task.prompt(Query(id="request", input=parsed.prompt, gold=None)), self.catalog.budgets.prompt_tokens)
+                ids = prompt_ids(self.tokenizer, prompt, self.catalog.budgets.prompt_tokens)
             except BudgetError as error:
                 raise ApiError(400, str(error), "prompt") from None
             return user, parsed, Row(ids, parsed.max_tokens, None, parsed.temperature, parsed.top_p)

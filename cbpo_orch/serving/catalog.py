@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cbpo_orch.data.tasks import Budgets, Task
-from cbpo_orch.method.config import LoraSettings
+from cbpo_orch.method.config import LoraSettings, TrainConfig
 
 
 class NotServable(ValueError):
@@ -41,8 +41,23 @@ class UserAdapterEntry:
 
 
 @dataclass(frozen=True)
+class ServedRetrieval:
+    """What a ``--retrieve`` job's prompts carry, for the server to compose a request's prompt
+    as evaluation composed the user's queries: the split the users' items come from, the
+    folder of the job's history index and its embedder, and the method's config (k,
+    retriever, profile cap)."""
+
+    data: str
+    split: str
+    history: str
+    embedder: str | None
+    config: TrainConfig
+
+
+@dataclass(frozen=True)
 class Catalog:
-    """A job's starting model and its users' adapters for one method."""
+    """A job's starting model and its users' adapters for one method; ``retrieval``: how its
+    prompts carry retrieved items (None: they carry none)."""
 
     job_id: str
     method: str
@@ -52,6 +67,7 @@ class Catalog:
     budgets: Budgets
     task: Task
     users: dict[str, UserAdapterEntry] = field(default_factory=dict)
+    retrieval: ServedRetrieval | None = None
 
     @property
     def base_name(self) -> str:
@@ -81,6 +97,8 @@ def load_catalog(space, job_id: str, method: str) -> Catalog:
     from cbpo_orch.method.methods import method_spec
     from cbpo_orch.orchestrator.driver import job_task_adapter
     from cbpo_orch.orchestrator.spec import JobSpec
+    from cbpo_orch.workers.context import history_datasets, history_key
+    from cbpo_orch.workers.prompts import prompt_kind
 
     info = space.registry.job(job_id)
     if method not in info.methods:
@@ -95,6 +113,10 @@ def load_catalog(space, job_id: str, method: str) -> Catalog:
         row, run = adapters.get(user), runs[user]
         users[user] = UserAdapterEntry(user, run.state, row and row["adapter_path"], row and row["sha256"], run.error)
     train, task = spec.config_for(method), load_task(spec.task)
+    retrieval = None
+    if prompt_kind(train) == "retrieved":
+        folder = space.cache / "history" / history_key(history_datasets(spec.data, spec.split, task), spec.embedder)
+        retrieval = ServedRetrieval(spec.data, spec.split, str(folder), spec.embedder, train)
     return Catalog(
         job_id=job_id,
         method=method,
@@ -104,4 +126,5 @@ def load_catalog(space, job_id: str, method: str) -> Catalog:
         budgets=task.budgets(train.max_prompt_tokens, train.max_new_tokens),
         task=task,
         users=users,
+        retrieval=retrieval,
     )

@@ -59,6 +59,14 @@ def compose(context: UserContext, users: list[UserAsk], config: TrainConfig, bud
     return COMPOSERS[prompt_kind(config)](context, users, config, budgets)
 
 
+def served_prompt(context: UserContext, user_id: str, prompt: str, config: TrainConfig, budgets: Budgets) -> str:
+    """A served request's prompt for ``user_id``, composed as the user's queries were in
+    evaluation (every item of the user comes before it), so that it is answered alike."""
+    items = context.dataset.examples(user_id, config.max_profile)
+    [composed] = compose(context, [UserAsk(items, [Asked("request", prompt, None, len(items))])], config, budgets)
+    return composed.prompts[0]
+
+
 def _plain(context: UserContext, users: list[UserAsk], config: TrainConfig, budgets: Budgets) -> list[Composed]:
     return [Composed([a.prompt for a in user.asked]) for user in users]
 
