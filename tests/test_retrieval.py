@@ -4,9 +4,10 @@ asked, never itself, the most similar first, dropped whole over the budget, dete
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from cbpo_orch.data.dataset import Example
-from cbpo_orch.data.retrieval import Asked, default_k, fitted_prompt, render_items, retrieve, with_context
+from cbpo_orch.data.retrieval import Asked, bm25_scores, default_k, fitted_prompt, render_items, retrieve, with_context
 from cbpo_orch.data.tasks import load_task
 
 
@@ -47,11 +48,19 @@ def test_items_over_the_budget_are_dropped_whole_the_least_similar_first():
     assert fitted_prompt(items, "the query", length, len("the query")) == ("the query", 0)
 
 
+def test_bm25_scores_only_the_older_items_and_ranks_shared_rare_words_first():
+    texts = [("Write: the senate votes on the budget", "Senate Votes"), ("Write: a cat is rescued", "Cat Rescued"), ("Write: senate budget", "Budget")]
+    items = [Example(x, y, f"u-{i}", "u") for i, (x, y) in enumerate(texts)]
+    scores = bm25_scores(items, Asked("q", "Write: senate budget", None, before=2))
+    assert len(scores) == 2 and scores[0] > 5 * scores[1]
+    assert len(bm25_scores(items, Asked("q", "Write: senate budget", None, before=0))) == 0
+
+
 def test_default_k_is_four_for_short_tasks_and_two_for_long_ones():
     assert [default_k(load_task(name)) for name in ("lamp4", "lamp5", "commit-subject", "longlamp2", "longlamp4")] == [4, 4, 4, 2, 2]
 
 
-def _rag(sample_history, tmp_path_factory, k: int = 3):
+def _rag(sample_history, tmp_path_factory, k: int = 3, retriever: str = "embedding"):
     from types import SimpleNamespace
 
     from cbpo_orch.method.config import TrainConfig
@@ -68,21 +77,22 @@ def _rag(sample_history, tmp_path_factory, k: int = 3):
         users[user_id] = UserAsk(items, asked)
     tokenizer = load_tokenizer(build_tiny_model(tmp_path_factory.mktemp("tiny")))
     context = SimpleNamespace(task=dataset.task, history=history, loaded=SimpleNamespace(tokenizer=tokenizer))
-    config = TrainConfig(method="rag", retrieve=k)
+    config = TrainConfig(method="rag", retrieve=k, retriever=retriever)
     return users, compose(context, list(users.values()), config, dataset.task.budgets(2048))
 
 
-def test_rag_on_the_sample_retrieves_only_the_users_own_older_items_and_again_the_same(sample_history, tmp_path_factory):
-    users, composed = _rag(sample_history, tmp_path_factory)
+@pytest.mark.parametrize("retriever", ["embedding", "bm25"])
+def test_rag_on_the_sample_retrieves_only_the_users_own_older_items_and_again_the_same(sample_history, tmp_path_factory, retriever):
+    users, composed = _rag(sample_history, tmp_path_factory, retriever=retriever)
     for (user_id, user), own in zip(users.items(), composed):
         ids = [e.item_id for e in user.items]
-        assert own.record == {"retrieve": 3, "retriever": "embedding"}
+        assert own.record == {"retrieve": 3, "retriever": retriever}
         for asked, prompt, carried in zip(user.asked, own.prompts, own.carried):
             assert len(carried) == 3 and asked.id not in carried
             assert all(ids.index(item) < asked.before for item in carried)  # the user's own, older items only
             chosen = [user.items[ids.index(item)] for item in carried]
             assert prompt == with_context(render_items(chosen), asked.prompt)
-    assert [own.carried for own in _rag(sample_history, tmp_path_factory)[1]] == [own.carried for own in composed]
+    assert [own.carried for own in _rag(sample_history, tmp_path_factory, retriever=retriever)[1]] == [own.carried for own in composed]
 
 
 def test_rag_ranks_by_the_asked_prompts_embedding(sample_history, tmp_path_factory):

@@ -51,7 +51,7 @@ _OPTIONS: list[tuple[str, object, object]] = [
     ("selection_min_items", Annotated[int, _option("Users with fewer history items train on all of them, without selection.")], _DEFAULT.selection_min_items),
     ("eval_items", Annotated[int, _option("Also score each user on its K newest history items (at most half of them), never trained on: a per-user mean over more than the split's 1–2 queries.", "--eval-items")], _DEFAULT.eval_items),
     ("retrieve", Annotated[int, _option("Put each user's K most similar earlier history items before every prompt of a trained arm, in training, evaluation and serving alike; rag's K (0: none for a trained arm, the task's default for rag).", "--retrieve")], _DEFAULT.retrieve),
-    ("retriever", Annotated[str, _option("How --retrieve and rag rank a user's items: embedding (the job's embedder).")], _DEFAULT.retriever),
+    ("retriever", Annotated[str, _option("How --retrieve and rag rank a user's items: embedding (the job's embedder) | bm25 (the bm25s package, over the candidates alone).")], _DEFAULT.retriever),
     ("seed", Annotated[int, _option("Random seed (training is deterministic given it).")], _DEFAULT.seed),
 ]
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cbpo_orch.data.dataset import Example, _normalised
+from cbpo_orch.data.embedding import pair_text
 from cbpo_orch.data.tasks import SHORT_OUTPUT_TOKENS, Task
 
 SHORT_TASK_K = 4
@@ -86,3 +87,25 @@ def fitted_prompt(retrieved: Sequence[Example], prompt: str, length: Callable[[s
 def embedding_scores(item_vectors: np.ndarray, asked_vectors: np.ndarray) -> np.ndarray:
     """[asked, items] cosine similarities of unit-norm embeddings."""
     return asked_vectors @ item_vectors.T
+
+
+class MissingRetriever(ImportError):
+    """A retriever whose package is not installed."""
+
+
+def bm25_scores(items: Sequence[Example], asked: Asked) -> np.ndarray:
+    """BM25 scores (``bm25s``, English stop words) of the first ``asked.before`` items, each
+    read as the embedder reads it, for the asked prompt. The index holds those items only, so
+    nothing later weighs in, not even through its term statistics."""
+    try:
+        import bm25s
+    except ImportError:
+        raise MissingRetriever("--retriever bm25 needs the bm25s package: pip install bm25s") from None
+    texts = [pair_text(item.x, item.y) for item in items[: asked.before]]
+    corpus = bm25s.tokenize(texts, stopwords="en", show_progress=False)
+    [query] = bm25s.tokenize([asked.prompt], stopwords="en", return_ids=False, show_progress=False)
+    if not (corpus.vocab and query):  # only stop words on one side: nothing matches
+        return np.zeros(len(texts), dtype=np.float32)
+    index = bm25s.BM25()
+    index.index(corpus, show_progress=False)
+    return index.get_scores(query)

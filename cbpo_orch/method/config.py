@@ -97,7 +97,7 @@ class TrainConfig:
             (self.selection_min_items >= 3, "selection-min-items must be ≥ 3 (two held out, one to train on)"),
             (self.eval_items >= 0, "eval-items must be ≥ 0"),
             (self.retrieve >= 0, "retrieve must be ≥ 0"),
-            (self.retriever in ("embedding",), "retriever must be embedding"),
+            (self.retriever in ("embedding", "bm25"), "retriever must be embedding or bm25"),
             (self.lora.r >= 1, "lora-r must be ≥ 1"),
             (0 <= self.seed < 2**32, "seed must be in [0, 2^32)"),
         ]

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cbpo_orch.data.dataset import Example
-from cbpo_orch.data.retrieval import Asked, default_k, embedding_scores, fitted_prompt, retrieve, with_context
+from cbpo_orch.data.retrieval import Asked, bm25_scores, default_k, embedding_scores, fitted_prompt, retrieve, with_context
 from cbpo_orch.data.tasks import Budgets
 from cbpo_orch.method.config import TrainConfig
 from cbpo_orch.method.methods import method_spec
@@ -101,6 +101,11 @@ def _embedding_scores(context: UserContext, users: list[UserAsk]) -> list[np.nda
     return [embedding_scores(history.embeddings[history.rows(user.items)], np.array([next(vectors) for _ in user.asked])) for user in users]
 
 
+def _bm25_scores(context: UserContext, users: list[UserAsk]) -> list[list[np.ndarray]]:
+    """Each asked prompt's BM25 scores of its candidates (``retrieval.bm25_scores``)."""
+    return [[bm25_scores(user.items, asked) for asked in user.asked] for user in users]
+
+
 def _summarized(context: UserContext, users: list[UserAsk], config: TrainConfig, budgets: Budgets) -> list[Composed]:
     """Each prompt after the user's summary where both fit the budget. The summary reads only
     items older than everything the user is asked (``Asked.before``)."""
@@ -126,4 +131,4 @@ def _length(context: UserContext) -> Callable[[str], int]:
 
 
 COMPOSERS: dict[str, Callable[..., list[Composed]]] = {"plain": _plain, "retrieved": _retrieved, "summary": _summarized}
-RETRIEVERS: dict[str, Callable[..., list[np.ndarray]]] = {"embedding": _embedding_scores}
+RETRIEVERS: dict[str, Callable[..., list]] = {"embedding": _embedding_scores, "bm25": _bm25_scores}
