@@ -89,18 +89,12 @@ def embedding_scores(item_vectors: np.ndarray, asked_vectors: np.ndarray) -> np.
     return asked_vectors @ item_vectors.T
 
 
-class MissingRetriever(ImportError):
-    """A retriever whose package is not installed."""
-
-
 def bm25_scores(items: Sequence[Example], asked: Asked) -> np.ndarray:
     """BM25 scores (``bm25s``, English stop words) of the first ``asked.before`` items, each
     read as the embedder reads it, for the asked prompt. The index holds those items only, so
     nothing later weighs in, not even through its term statistics."""
-    try:
-        import bm25s
-    except ImportError:
-        raise MissingRetriever("--retriever bm25 needs the bm25s package: pip install bm25s") from None
+    import bm25s  # imported here: only a bm25 job pays for it
+
     texts = [pair_text(item.x, item.y) for item in items[: asked.before]]
     corpus = bm25s.tokenize(texts, stopwords="en", show_progress=False)
     [query] = bm25s.tokenize([asked.prompt], stopwords="en", return_ids=False, show_progress=False)
