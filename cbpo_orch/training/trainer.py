@@ -208,6 +208,56 @@ def slot_schedule(lengths: list[int], n_slots: int) -> list[tuple[int, int]]:
     return schedule
 
 
+def _rng_state(device: torch.device) -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if torch.device(device).type == "cuda" else None
+
+
+def _set_rng_state(device: torch.device, state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def backward_by_rows(
+    logps_of: Callable[[slice], tuple[torch.Tensor, torch.Tensor]],
+    n_rows: int,
+    micro_rows: int,
+    losses_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    device,
+) -> torch.Tensor:
+    """Backpropagate ``losses_of(logp, n_tokens).sum()`` for a batch of ``n_rows`` rows whose
+    log-probs ``logps_of(rows)`` gives, ``micro_rows`` rows through the model at a time;
+    returns the losses, detached.
+
+    A loss reads batch-wide quantities (C-BPO's δ and bracket move with the batch's means, SFT
+    divides by the batch's tokens), so a micro-batch's loss is no share of the batch's. The
+    rows' log-probs come first, with no graph; the losses and their gradient with respect to
+    each row's log-prob are then taken once, on the whole batch (δ updated once, the bracket's
+    sign taken once); each micro-batch then runs again with a graph and backpropagates its
+    rows' log-probs times those gradients, which by the chain rule add up to the whole batch's
+    gradient. A micro-batch's second run replays its first's random state: dropout draws the
+    same masks. With ``micro_rows ≥ n_rows`` it is one plain forward/backward."""
+    if micro_rows >= n_rows:
+        logp, n_tokens = logps_of(slice(0, n_rows))
+        losses = losses_of(logp, n_tokens)
+        losses.sum().backward()
+        return losses.detach()
+    starts = range(0, n_rows, micro_rows)
+    states, parts = [], []
+    with torch.no_grad():
+        for start in starts:
+            states.append(_rng_state(device))
+            parts.append(logps_of(slice(start, start + micro_rows)))
+    logp = torch.cat([part for part, _ in parts]).requires_grad_()
+    losses = losses_of(logp, torch.cat([n for _, n in parts]))
+    losses.sum().backward()
+    for start, state in zip(starts, states):
+        _set_rng_state(device, state)
+        part, _ = logps_of(slice(start, start + micro_rows))
+        part.backward(logp.grad[start : start + micro_rows])
+    return losses.detach()
+
+
 DoneCallback = Callable[[int, int, TrainResult], None]
 
 
@@ -230,12 +280,15 @@ def train_adapters(
     on_done: DoneCallback | None = None,
     reference: ReferenceLogps | None = None,
     per_pass: int | None = None,
+    micro_rows: int | None = None,
 ) -> list[TrainResult]:
     """Train ``users`` with ``config.method`` in the slots of ``multi``, every user in a slot
     in the same steps; each user starts from a fresh adapter (its seed). A step's rows go
     through the model ``per_pass`` users at a time (``users_per_pass`` of the device by
     default), their gradients meeting in one optimizer step; a user's result does not depend
-    on it.
+    on it. With ``micro_rows``, a pass's rows go through the model that many at a time, with
+    the whole pass's losses and gradients (``backward_by_rows``; less memory, one more
+    forward per step).
 
     With more users than slots, a slot whose user ends takes the next one (``slot_schedule``);
     ``on_done(user, slot, result)`` is then called while the slot still holds the ended
@@ -247,8 +300,8 @@ def train_adapters(
     if len(users) > multi.n_slots and on_done is None:
         raise ValueError(f"{len(users)} users for {multi.n_slots} adapter slots need an on_done that takes each ended adapter")
     per_pass = users_per_pass(device, multi.n_slots) if per_pass is None else per_pass
-    if per_pass < 1:
-        raise ValueError("per_pass must be ≥ 1")
+    if per_pass < 1 or (micro_rows is not None and micro_rows < 1):
+        raise ValueError("per_pass and micro_rows must be ≥ 1")
     seed_everything(config.seed)
     reference = ReferenceLogps() if reference is None else reference
     started = time.perf_counter()
@@ -309,19 +362,26 @@ def train_adapters(
         samples = {slot: users[in_slot[slot]].samples for slot in group}
         slots = torch.tensor([slot for slot, _ in rows], device=device)
         index = {slot: torch.tensor(batches[slot][0], device=device) for slot in group}
-        batch = collate([samples[slot][i].pair for slot, i in rows], pad_id).to(device)
+        pairs = [samples[slot][i].pair for slot, i in rows]
+        micro = len(rows) if micro_rows is None else micro_rows
         positive = torch.tensor([samples[slot][i].positive for slot, i in rows], device=device)
         ref = torch.cat([ref_logps[in_slot[slot]][index[slot]] for slot in group]) if uses_reference else None
-        with multi.routed(slots):
-            logp, n_tokens = completion_logps(model, batch)
-            kl_logratio = None
-            if config.method == "kto":
-                kl_batch = [users[in_slot[slot]].kl_pairs[i] for slot, i in rows]
-                kl_ref = torch.cat([ref_kl[in_slot[slot]][index[slot]] for slot in group])
-                kl_logratio = sequence_logps(model, kl_batch, pad_id, len(rows), device) - kl_ref
-            losses = loss_fn(logp, n_tokens, ref, positive, slots, kl_logratio)
-            losses.sum().backward()
-        return losses.detach()
+        kl_logratio = None
+        if config.method == "kto":
+            kl_batch = [users[in_slot[slot]].kl_pairs[i] for slot, i in rows]
+            kl_ref = torch.cat([ref_kl[in_slot[slot]][index[slot]] for slot in group])
+            kl_logps = []
+            for start in range(0, len(rows), micro):
+                with multi.routed(slots[start : start + micro]):
+                    kl_logps.append(sequence_logps(model, kl_batch[start : start + micro], pad_id, micro, device))
+            kl_logratio = torch.cat(kl_logps) - kl_ref
+
+        def logps_of(part: slice) -> tuple[torch.Tensor, torch.Tensor]:
+            with multi.routed(slots[part]):
+                return completion_logps(model, collate(pairs[part], pad_id).to(device))
+
+        losses_of = lambda logp, n_tokens: loss_fn(logp, n_tokens, ref, positive, slots, kl_logratio)  # noqa: E731
+        return backward_by_rows(logps_of, len(rows), micro, losses_of, device)
 
     total_steps = max(start + len(plan.steps) for (_, start), plan in zip(schedule, plans))
     for t in range(total_steps):
