@@ -48,6 +48,8 @@ def test_task_adapter_key_changes_with_what_the_adapter_depends_on():
     key = task_adapter_key(spec())
     assert key == task_adapter_key(spec(methods=("kto",), users=tuple(IDS[2:4])))
     assert key == task_adapter_key(spec(train=TrainConfig(gamma=0.7, max_profile=16, lr=5e-3)))
+    # what concerns only user adapters leaves the task adapter alone
+    assert key == task_adapter_key(spec(train=TrainConfig(max_profile=16, eval_items=8, selection=True, beta=1.0)))
     for changed in (spec(task_adapter_lr=2e-3), spec(task_adapter_epochs=1), spec(model="/models/other"),
                     spec(train=TrainConfig(max_profile=8)), spec(train=TrainConfig(max_profile=16, seed=1))):
         assert task_adapter_key(changed) != key

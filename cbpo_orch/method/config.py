@@ -130,3 +130,10 @@ class TrainConfig:
 
 TASK_ADAPTER_CONFIG = TrainConfig(method="sft", epochs=3, lr=1e-4, lora=TASK_ADAPTER_LORA)
 """The task adapter's training (METHOD.md §6): SFT of a r=16 LoRA on the non-test users."""
+
+TASK_ADAPTER_FIELDS = (
+    "method", "epochs", "lr", "batch_size", "lora", "weight_decay", "max_grad_norm", "warmup_ratio",
+    "max_prompt_tokens", "max_new_tokens", "max_profile", "seed",
+)
+"""The fields of a config that SFT of the task adapter reads: with the task, data and model, its
+identity (a field that only concerns user adapters, such as ``eval_items``, leaves it alone)."""

@@ -25,7 +25,7 @@ from cbpo_orch.data.dataset import DataError, Dataset
 from cbpo_orch.data.embedding import embedding_cost
 from cbpo_orch.data.history import HistoryIndex
 from cbpo_orch.data.tasks import Task, load_task
-from cbpo_orch.method.config import TrainConfig
+from cbpo_orch.method.config import TASK_ADAPTER_FIELDS, TrainConfig
 from cbpo_orch.method.methods import method_spec, mismatched_pairs
 from cbpo_orch.orchestrator import scheduler
 from cbpo_orch.orchestrator.lease import LEASE_TTL_S, JobLease, LeaseLost
@@ -194,7 +194,8 @@ def _history(space: Workspace, spec: JobSpec, datasets: list[Dataset], progress:
 
 
 def task_adapter_key(spec: JobSpec) -> str:
-    identity = {"task": spec.task, "data": spec.data, "model": spec.model, "config": spec.task_adapter_config().to_dict(), "version": 1}
+    config = {name: value for name, value in spec.task_adapter_config().to_dict().items() if name in TASK_ADAPTER_FIELDS}
+    identity = {"task": spec.task, "data": spec.data, "model": spec.model, "config": config, "version": 2}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
 
