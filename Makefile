@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CLI := $(VENV)/bin/cbpo-orch
 
-.PHONY: setup model demo test gpu-check gpu-wheels
+.PHONY: setup model demo sample-task-adapter test gpu-check gpu-wheels
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -16,8 +16,20 @@ $(VENV)/.installed: pyproject.toml
 model: setup
 	$(CLI) setup-model
 
+# The demo starts from the shipped sample's task adapter for the default model (built by
+# `make sample-task-adapter`), and scores each user on 4 newest items besides its 2 queries.
+SAMPLE := cbpo_orch/samples/huffpost-headline
+SAMPLE_TASK_ADAPTER := $(SAMPLE)/task-adapter-SmolLM2-135M-Instruct
 demo: model
-	$(CLI) submit --users 3 --method base,sft,cbpo --max-profile 16
+	$(CLI) submit --users 3 --method base,sft,cbpo --max-profile 24 --eval-items 4 --task-adapter $(SAMPLE_TASK_ADAPTER)
+
+# The sample's task adapter: SFT of a LoRA (r=16 on q/k/v/o) on the sample's 6 train-split users'
+# 24 newest items, 2 epochs at lr 1e-3, stored in bf16 (3.7 MB).
+sample-task-adapter: model
+	rm -rf $(SAMPLE_TASK_ADAPTER).new
+	$(CLI) train-task-adapter --task lamp4 --data $(SAMPLE) --max-profile 24 --epochs 2 --lr 1e-3 --out $(SAMPLE_TASK_ADAPTER).new
+	$(PY) -c "import sys, torch; from safetensors.torch import load_file, save_file; f = sys.argv[1]; save_file({k: v.to(torch.bfloat16) for k, v in load_file(f).items()}, f)" $(SAMPLE_TASK_ADAPTER).new/adapter_model.safetensors
+	rm -rf $(SAMPLE_TASK_ADAPTER) && mv $(SAMPLE_TASK_ADAPTER).new $(SAMPLE_TASK_ADAPTER)
 
 # Two pytest processes, one test file each at a time: most tests wait on Ray, a subprocess or a
 # server rather than compute, so two overlap on 2 cores.

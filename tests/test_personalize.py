@@ -153,11 +153,13 @@ def test_users_personalized_together_get_what_each_gets_alone(context, monkeypat
         assert [p["prediction"] for p in packed.predictions] == [p["prediction"] for p in alone.predictions]
 
 
-def test_evaluation_items_are_the_newest_never_trained_and_scored_with_the_queries(context):
+def test_evaluation_items_are_the_newest_never_trained_and_scored_with_the_queries(sample_history, tiny_model_dir):
     """--eval-items 4 of a 16-item profile: the 4 newest items are answered after the queries and
     scored with them (the mean over all), and training sees only the 12 older ones."""
     from cbpo_orch.training.evaluation import rouge
 
+    dataset, history = sample_history
+    context = UserContext(task=load_task("lamp4"), dataset=dataset, history=history, loaded=load_model(tiny_model_dir, "cpu"))
     user_id = next(iter(context.dataset.users))
     outcome = personalize_user(context, user_id, TrainConfig(method="sft", lr=_lr(context), **{**FAST, "eval_items": 4}))
     newest = context.dataset.examples(user_id, 16)[-4:]
