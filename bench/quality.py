@@ -75,6 +75,10 @@ ARMS: dict[str, tuple[str, dict[str, str]]] = {
     "cbpo-farthest": ("cbpo", {"aux_strategy": "farthest"}),
     "cbpo-selection": ("cbpo", {"selection": "on"}),
     "sft-selection": ("sft", {"selection": "on"}),
+    "rag": ("rag", {}),
+    "pag": ("pag", {}),
+    "sft-retrieve": ("sft", {"retrieve": "4"}),
+    "cbpo-retrieve": ("cbpo", {"retrieve": "4"}),
 }
 EVALUATION_KEYS = ("steps", "hit_budget", "n_scored")  # a run's extra.evaluation the report reads
 VALIDATION_SEED = 0
