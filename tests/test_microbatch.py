@@ -4,13 +4,16 @@ and bracket included (fp32, rel 1e-5)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 from cbpo_orch.method.config import LoraSettings, TrainConfig
 from cbpo_orch.method.objectives import negative_loss, per_user_mean
 from cbpo_orch.training.encoding import collate, completion_logps
+from cbpo_orch.training.micro_batch import ACTIVATION_BUDGET, activation_bytes, micro_batch_rows
 from cbpo_orch.training.multi_lora import attached_multi_lora
 from cbpo_orch.training.trainer import MethodLoss, Sample, UserTraining, backward_by_rows, train_adapters
 from tests.test_logprobs import random_batch
@@ -94,3 +97,16 @@ def test_training_with_micro_batches_gives_the_same_losses(tiny_model_dir, metho
 
 class _PadOnly:
     pad_token_id = 1
+
+
+def test_a_cpu_pass_is_cut_to_the_activation_budget_and_a_cuda_pass_is_not():
+    """SmolLM2-135M's shape: rows of 560 tokens (a long review) go one at a time, headline rows
+    of 100 several at a time, a tiny model's all at once; on CUDA the pass stays whole."""
+    smollm2 = SimpleNamespace(config=LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9), dtype=torch.float32)
+    assert micro_batch_rows(smollm2, 8, 560, "cpu") == 1
+    rows = micro_batch_rows(smollm2, 8, 100, "cpu")
+    assert 1 < rows < 8 and rows * activation_bytes(smollm2.config, 100, torch.float32) <= ACTIVATION_BUDGET
+    assert (rows + 1) * activation_bytes(smollm2.config, 100, torch.float32) > ACTIVATION_BUDGET
+    tiny = SimpleNamespace(config=LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4), dtype=torch.float32)
+    assert micro_batch_rows(tiny, 8, 128, "cpu") == 8
+    assert micro_batch_rows(smollm2, 8, 560, torch.device("cuda")) == 8
