@@ -30,7 +30,7 @@ class TrainConfig:
     """Everything that decides how one user's adapter is trained and evaluated.
 
     ``lr`` is ours: the paper's 1e-4 (Mistral-7B) leaves the adapters of small models
-    inert, 3e-3 was tuned on validation users (README, Benchmarks).
+    inert, 3e-3 was tuned on validation users (docs/benchmarks.md).
     ``epochs=None`` takes the method's default (SFT 2, preference methods 3);
     ``gamma=None`` estimates γ per user (METHOD.md §4); ``max_profile`` caps the
     user's history to its most recent items; ``max_prompt_tokens`` and
@@ -39,8 +39,8 @@ class TrainConfig:
     items, scores the starting model and every epoch on them by log-likelihood, and keeps the
     best (see ``selection.py``); users with fewer than ``selection_min_items`` items train
     without it. It is off because that score is SFT's own objective: SFT raises it every epoch
-    while a preference method lowers it on purpose, so it kept C-BPO's early epochs (README,
-    Benchmarks). ``eval_items`` sets aside each user's newest items (at most half), scored
+    while a preference method lowers it on purpose, so it kept C-BPO's early epochs
+    (docs/benchmarks.md). ``eval_items`` sets aside each user's newest items (at most half), scored
     like queries and never trained on (``data/evaluation_items.py``). ``retrieve``: the user's
     items retrieved by ``retriever`` into each prompt of a trained arm, in training and
     evaluation alike, and RAG's k (0: a trained arm none, RAG the task's default;

@@ -1,4 +1,5 @@
-"""Do no harm (ours; not in the paper): per-user epoch selection on the user's own history.
+"""Do no harm (ours; not in the paper; off by default): per-user epoch selection on the user's
+own history.
 
 The user's most recent profile items, never a query, are held out as a time-ordered
 validation slice: the starting model (epoch 0) and the adapter after every epoch are
@@ -11,7 +12,11 @@ The score is the held-out items' mean log-probability per completion token: how 
 the model finds the user's own unseen texts, which is what personalizing means. It costs
 one forward pass. ROUGE of greedy outputs on 2–8 items was tried first: it moves in
 jumps when one output changes a word, so it mostly kept the starting model or picked an
-epoch by chance, and generating was most of a user's run time (README, Benchmarks).
+epoch by chance, and generating was most of a user's run time (docs/benchmarks.md).
+
+The log-probability is SFT's own objective, not a method-neutral score: SFT raises it every
+epoch, a preference method lowers it on purpose (it pushes shared text down). It kept SFT's
+last epoch for every user and C-BPO's early ones, so selection is opt-in (``--selection``).
 """
 
 from __future__ import annotations
