@@ -165,3 +165,19 @@ def test_a_job_mixing_users_with_and_without_golds_succeeds_and_records_every_pr
         [prediction] = extras[(user, "sft")]["predictions"]
         assert prediction["id"] == question["id"] and isinstance(prediction["prediction"], str)
     assert extras[(unscored, "sft")]["predictions"][0]["gold"] is None
+
+    # serving answers the user without golds as the job recorded it
+    from cbpo_orch.data.dataset import Query
+    from cbpo_orch.orchestrator.workspace import Workspace
+    from cbpo_orch.serving.catalog import load_catalog
+    from cbpo_orch.serving.generator import BatchedGenerator, Row, load_user_adapter
+    from cbpo_orch.training.encoding import prompt_ids
+    from cbpo_orch.training.task_adapter import starting_model
+
+    catalog = load_catalog(Workspace.open(tmp_path / "home"), job, "sft")
+    assert set(catalog.servable) == {scored, unscored}
+    loaded = starting_model(catalog.model_path, catalog.task_adapter, "cpu")
+    adapter = load_user_adapter(unscored, catalog.adapter(unscored).adapter_path, catalog.lora, "cpu")
+    ids = prompt_ids(loaded.tokenizer, catalog.task.prompt(Query("q", questions[1]["input"], None)), catalog.budgets.prompt_tokens)
+    [served] = BatchedGenerator(loaded, catalog.lora, 1, catalog.task.decoding).generate([Row(ids, catalog.budgets.new_tokens, adapter)])
+    assert served.text == extras[(unscored, "sft")]["predictions"][0]["prediction"]
