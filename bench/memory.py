@@ -24,7 +24,7 @@ of them: the run's peak.
     PYTHONPATH=/tmp/before .venv/bin/python bench/memory.py --label before   # another tree's code
 
 Writes ``bench/results/memory-<device>-<model>.json``: ``{label: {task: {"user", "items",
-"phases_gb": {phase: GB}, "user_gb", "seconds"}}}``, adding to what is there under other
+"phases_gib": {phase: GiB}, "user_gib", "seconds"}}}``, adding to what is there under other
 labels, and prints a table of every label.
 """
 
@@ -153,7 +153,7 @@ def child(args) -> dict:
     seconds = time.perf_counter() - started
     phases = {name: round(peak / 2**30, 3) for name, peak in recorder.peaks.items() if name in PHASES}
     items = {key: outcome.metrics[key] for key in ("n_pos", "n_aux")}
-    return {"user": user, "items": items, "phases_gb": phases, "user_gb": max(phases.values()), "seconds": round(seconds, 1)}
+    return {"user": user, "items": items, "phases_gib": phases, "user_gib": max(phases.values()), "seconds": round(seconds, 1)}
 
 
 def measure(args, task: str) -> dict:
@@ -169,10 +169,10 @@ def measure(args, task: str) -> dict:
 
 
 def table(results: dict) -> str:
-    lines = [f"{'label':<10} {'task':<10} {'user':<16} " + " ".join(f"{p:>9}" for p in (*PHASES, "user")) + "   (GB)"]
+    lines = [f"{'label':<10} {'task':<10} {'user':<16} " + " ".join(f"{p:>9}" for p in (*PHASES, "user")) + "   (GiB)"]
     for label, tasks in results.items():
         for task, run in tasks.items():
-            peaks = [run["phases_gb"].get(p) for p in PHASES] + [run["user_gb"]]
+            peaks = [run["phases_gib"].get(p) for p in PHASES] + [run["user_gib"]]
             lines.append(f"{label:<10} {task:<10} {run['user']:<16} " + " ".join(f"{'—' if v is None else f'{v:.2f}':>9}" for v in peaks))
     return "\n".join(lines)
 
