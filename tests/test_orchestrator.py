@@ -224,7 +224,7 @@ def _attempt_dirs(home: Path, job: str, user: str, method: str) -> list[str]:
 
 
 def test_submit_then_status_and_results(cli, home, tiny_model_dir, dev_users):
-    submitted = cli.run("submit", "--model", str(tiny_model_dir), "--users", "3", "--method", "sft,cbpo", "--workers", "2", "--examples", "2", *FAST)
+    submitted = cli.run("submit", "--model", str(tiny_model_dir), "--users", "3", "--method", "sft,cbpo", "--workers", "2", "--examples", "2", "--selection", *FAST)
     job = _ok(submitted)
     shown = re.findall(r"^  +(gold|sft|cbpo): ", submitted.stdout, flags=re.MULTILINE)
     assert shown == ["gold", "sft", "cbpo"] * 2, submitted.stdout  # one query of the first 2 users, every method

@@ -21,7 +21,7 @@ TASK = load_task("lamp4")
 @pytest.mark.parametrize("method", ["cbpo", "bco"])
 def test_a_worker_started_from_the_jobs_pass_computes_no_pair_and_trains_the_same(tiny_model_dir, sample_history, method):
     dataset, history = sample_history
-    config = TrainConfig(method=method, lr=5e-3, epochs=2, batch_size=8, max_profile=12, max_prompt_tokens=128, max_new_tokens=12)
+    config = TrainConfig(method=method, lr=5e-3, epochs=2, batch_size=8, max_profile=12, max_prompt_tokens=128, max_new_tokens=12, selection=True)
     users = list(dataset.users)[:2]
     planned = [user_items(dataset, history, user, config) for user in users]
     assert all(items.held_out for items in planned), "selection holds items out: the pass must leave them out too"
