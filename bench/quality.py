@@ -388,6 +388,11 @@ def summarize(per_seed: dict[int, dict[str, dict[str, dict]]], users: list[str])
     return summary
 
 
+def items_per_user(arms: dict) -> float | None:
+    """The mean number of items a user was scored on (the same for every arm that reports it)."""
+    return next((entry["items_mean"] for entry in arms.values() if "items_mean" in entry), None)
+
+
 def _delta(entry: dict, other: dict | None, key: str, metric: str) -> str:
     """``arm − other`` of ``metric`` with its paired bootstrap 95% CI, or — for the baseline itself."""
     if other is None or key not in entry or entry is other:
@@ -400,21 +405,23 @@ def markdown(summary: dict, title: str) -> str:
     seeds = summary["seeds"]
     seeds_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))} (each user's score is its mean over seeds)"
     arms = summary["arms"]
-    items = next((e["items_mean"] for e in arms.values() if "items_mean" in e), None)
+    items = items_per_user(arms)
     items_text = f"{items:.1f} scored items per user (queries and evaluation items); " if items is not None else ""
     lines = [f"### {title}", "", f"{len(summary['users'])} users; {items_text}{seeds_text}; mean ROUGE-1 / ROUGE-L; Δ vs sft and vs base with "
              "paired bootstrap 95% CIs over users; optimizer steps per user; share of outputs that ran to the token budget; "
-             "for EMA-reference arms, the final mean rewards m₊ (own items) and m_U (aux); users whose ROUGE-1 is below base's", "",
-             "| arm | ROUGE-1 | ROUGE-L | Δ R-1 vs sft [95% CI] | Δ R-1 vs base [95% CI] | Δ R-L vs sft [95% CI] | steps | at budget | m₊ / m_U | users < base |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "for EMA-reference arms, the final mean rewards m₊ (own items) and m_U (aux); users whose ROUGE-1 is below base's; "
+             "for arms with selection, the share of users for whom it kept the starting model", "",
+             "| arm | ROUGE-1 | ROUGE-L | Δ R-1 vs sft [95% CI] | Δ R-1 vs base [95% CI] | Δ R-L vs sft [95% CI] | steps | at budget | m₊ / m_U | users < base | kept start |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     sft, base = arms["sft"], arms.get("base")
     for arm, entry in arms.items():
         rewards = f"{entry['m_pos']:+.2f} / {entry['m_aux']:+.2f}" if "m_pos" in entry else ""
         below = f"{entry['users_below_base']}" if "users_below_base" in entry else ""
         steps = f"{entry['steps_mean']:.0f}" if "steps_mean" in entry else ""
         budget = f"{entry['hit_budget_share']:.0%}" if "hit_budget_share" in entry else ""
+        start = f"{entry['selected_start_share']:.0%}" if "selected_start_share" in entry else ""
         lines.append(f"| {arm} | {entry['rouge1']:.4f} | {entry['rougeL']:.4f} | {_delta(entry, sft, 'ci_vs_sft', 'rouge1')} | "
-                     f"{_delta(entry, base, 'ci_vs_base', 'rouge1')} | {_delta(entry, sft, 'ci_vs_sft', 'rougeL')} | {steps} | {budget} | {rewards} | {below} |")
+                     f"{_delta(entry, base, 'ci_vs_base', 'rouge1')} | {_delta(entry, sft, 'ci_vs_sft', 'rougeL')} | {steps} | {budget} | {rewards} | {below} | {start} |")
     if summary.get("gamma_vs_gain") is not None:
         lines += ["", f"Spearman ρ between a user's estimated γ and cbpo − sft ROUGE-L: {summary['gamma_vs_gain']:+.2f}"]
     return "\n".join(lines) + "\n"
@@ -506,7 +513,7 @@ def main(argv: list[str] | None = None) -> None:
     partial = len(summary["users"]) < len(report) or len(per_seed) < len(args.seeds)
     config = {"options": shared, "task_adapter": args.task_adapter, "split": args.split, "validation_users": validation,
               "arms": {a: {"method": m, "options": o} for a, (m, o) in arms.items()}}
-    protocol = {"queries_per_user": next((e["items_mean"] for e in summary["arms"].values() if "items_mean" in e), None),
+    protocol = {"queries_per_user": items_per_user(summary["arms"]),
                 "eval_items": args.eval_items, "min_items": args.min_items, "task_adapter": args.task_adapter != "none",
                 "selection": "log-likelihood" if shared.get("selection") == "on" else "none", "seeds": list(per_seed)}
     result = {"task": args.task, "model": str(args.model), "data": str(args.data), "users": summary["users"],

@@ -132,6 +132,11 @@ def generate_batch(
     return generated[:, width:]
 
 
+def _check_slots(slots: list[int] | None, multi: MultiLora | None, n_prompts: int) -> None:
+    if (slots is None) != (multi is None) or (slots is not None and len(slots) != n_prompts):
+        raise ValueError("slots (one per prompt) and the multi-LoRA holding them come together")
+
+
 def generate(
     model,
     tokenizer,
@@ -148,8 +153,7 @@ def generate(
     (one per prompt) and the :class:`MultiLora` that holds them, each prompt is answered by
     its own slot's adapter and prompts of several users share the batches (each row's output
     is the one it gets alone: the rows of a batch only share the base)."""
-    if (slots is None) != (multi is None) or (slots is not None and len(slots) != len(prompts)):
-        raise ValueError("slots (one per prompt) and the multi-LoRA holding them come together")
+    _check_slots(slots, multi, len(prompts))
     encoded = [prompt_ids(tokenizer, x, budgets.prompt_tokens) for x in prompts]
     was_training = model.training
     model.eval()
@@ -179,6 +183,7 @@ def greedy_ids(
     """Greedy continuations (token ids, pads after an early end included) of the prompts'
     token ids ``encoded``, in batches of ``batch_size`` (the throughput bench's decode, no
     tokenizer needed); ``slots`` and ``multi`` as in :func:`generate`."""
+    _check_slots(slots, multi, len(encoded))
     was_training = model.training
     model.eval()
     outputs: list[torch.Tensor] = []

@@ -187,7 +187,7 @@ def _prepare(context: UserContext, user_id: str, config: TrainConfig) -> _Prepar
     phases: dict[str, float] = {}
     with _phase(phases, "aux"):
         items = user_items(context.dataset, context.history, user_id, config)
-    seen = context.dataset.examples(user_id, config.max_profile)
+    seen = items.positives + items.held_out + items.evaluation  # every item of the user, oldest first
     with _phase(phases, "gamma"):
         gamma, gamma_reason = _gamma(context, items, config)
     budgets = context.task.budgets(config.max_prompt_tokens, config.max_new_tokens)
