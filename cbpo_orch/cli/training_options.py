@@ -27,8 +27,8 @@ def _option(help_text: str, flag: str | None = None):
 
 _OPTIONS: list[tuple[str, object, object]] = [
     ("epochs", Annotated[Optional[int], _option("Epochs (default: sft 2, preference methods 3).")], None),
-    ("lr", Annotated[float, _option("AdamW learning rate.")], _DEFAULT.lr),
-    ("beta", Annotated[float, _option("Reward scale β in r = β·(log π − log π_ref).")], _DEFAULT.beta),
+    ("lr", Annotated[Optional[float], _option("AdamW learning rate (default: the method's, tuned per method family).")], None),
+    ("beta", Annotated[Optional[float], _option("Reward scale β in r = β·(log π − log π_ref) (default: the method's).")], None),
     ("batch_size", Annotated[int, _option("Items per step (each batch holds own and aux items).")], _DEFAULT.batch_size),
     ("aux_ratio", Annotated[float, _option("Auxiliary items per own item (ρ).")], _DEFAULT.aux_ratio),
     ("aux_strategy", Annotated[str, _option("Auxiliary selection: random | nearest | farthest.")], _DEFAULT.aux_strategy),

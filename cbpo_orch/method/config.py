@@ -29,9 +29,10 @@ TASK_ADAPTER_LORA = LoraSettings(r=16, alpha=16, dropout=0.05, target_modules=("
 class TrainConfig:
     """Everything that decides how one user's adapter is trained and evaluated.
 
-    ``lr`` is ours: the paper's 1e-4 (Mistral-7B) leaves the adapters of small models
-    inert, 3e-3 was tuned on validation users (docs/benchmarks.md).
-    ``epochs=None`` takes the method's default (SFT 2, preference methods 3);
+    ``epochs``, ``lr`` and ``beta`` of None take the method's recipe (``methods.py``: epochs
+    SFT 2, preference methods 3 as in the paper; lr and β ours, since the paper's lr 1e-4 for
+    Mistral-7B leaves the adapters of small models inert, tuned per method family on validation
+    users, docs/benchmarks.md);
     ``gamma=None`` estimates γ per user (METHOD.md §4); ``max_profile`` caps the
     user's history to its most recent items; ``max_prompt_tokens`` and
     ``max_new_tokens`` of None take the task's budgets. ``selection`` (ours, off by default:
@@ -49,8 +50,8 @@ class TrainConfig:
 
     method: str = "cbpo"
     epochs: int | None = None
-    lr: float = 3e-3
-    beta: float = 0.1
+    lr: float | None = None
+    beta: float | None = None
     batch_size: int = 8
     aux_ratio: float = 1.0
     aux_strategy: str = "random"
@@ -81,8 +82,8 @@ class TrainConfig:
         method_spec(self.method)
         checks = [
             (self.epochs is None or self.epochs >= 1, "epochs must be ≥ 1"),
-            (math.isfinite(self.lr) and self.lr > 0, "lr must be a finite number > 0"),
-            (math.isfinite(self.beta) and self.beta > 0, "beta must be a finite number > 0"),
+            (self.lr is None or (math.isfinite(self.lr) and self.lr > 0), "lr must be a finite number > 0"),
+            (self.beta is None or (math.isfinite(self.beta) and self.beta > 0), "beta must be a finite number > 0"),
             (self.batch_size >= 2, "batch-size must be ≥ 2 (a batch holds positive and aux items)"),
             (math.isfinite(self.aux_ratio) and self.aux_ratio > 0, "aux-ratio must be a finite number > 0"),
             (self.aux_strategy in ("random", "nearest", "farthest"), "aux-strategy must be random, nearest or farthest"),
@@ -108,6 +109,14 @@ class TrainConfig:
     @property
     def resolved_epochs(self) -> int:
         return self.epochs if self.epochs is not None else method_spec(self.method).default_epochs
+
+    @property
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else method_spec(self.method).default_lr
+
+    @property
+    def resolved_beta(self) -> float:
+        return self.beta if self.beta is not None else method_spec(self.method).default_beta
 
     def with_method(self, method: str) -> "TrainConfig":
         return replace(self, method=method)

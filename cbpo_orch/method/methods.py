@@ -3,8 +3,9 @@
 Every method runs through the same trainer; a method only decides whether it trains,
 whether it reads auxiliary items, whether its objective compares with the reference model
 π_ref (the preference methods; SFT does not, so its π_ref pass is skipped), which objective
-its step descends and its default number of epochs (the paper: SFT 2 epochs, preference
-methods 3), whether its reference point also reads mismatched pairs (KTO), whether its
+its step descends, its recipe (default epochs: the paper's SFT 2, preference methods 3;
+default learning rate and β, chosen per method family on validation users, docs/benchmarks.md),
+whether its reference point also reads mismatched pairs (KTO), whether its
 objective weighs the auxiliary items by a per-user γ (C-BPO), and what its prompts carry
 before the asked one (``workers/prompts.py``: nothing, the user's retrieved items for RAG, a
 summary of the user for PAG).
@@ -23,6 +24,8 @@ class MethodSpec:
     uses_aux: bool = True
     uses_reference: bool = True
     default_epochs: int = 3
+    default_lr: float = 3e-3
+    default_beta: float = 0.1  # the reward scale; read only by the preference methods
     mismatched: bool = False  # its reference point reads π_ref on mismatched pairs (KTO)
     uses_gamma: bool = False  # its objective reads the user's γ (C-BPO, METHOD.md §4)
     prompt: str = "plain"  # plain | retrieved | summary: what goes before each prompt

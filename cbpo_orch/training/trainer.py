@@ -164,9 +164,9 @@ class MethodLoss:
         if method in ("sft", "sft-aux"):
             include = positive if method == "sft" else torch.ones_like(positive)
             return objectives.sft_loss(logp, n_tokens, include, user, n)
-        rewards = self.config.beta * (logp - ref_logp)
+        rewards = self.config.resolved_beta * (logp - ref_logp)
         if method == "kto":
-            delta = kto_reference(kl_logratio, user, n, self.config.beta)
+            delta = kto_reference(kl_logratio, user, n, self.config.resolved_beta)
             return objectives.kto_loss(rewards, positive, user, delta, n, self.config.kto_lambda_d, self.config.kto_lambda_u)
         self.reference.update(rewards.detach(), positive, user)
         delta = self.reference.delta()
@@ -312,7 +312,7 @@ def train_adapters(
     starting: dict[int, list[int]] = defaultdict(list)
     for u, (_, start) in enumerate(schedule):
         starting[start].append(u)
-    optimizer = SlotAdamW(multi.parameters(), multi.n_slots, config.lr, config.max_grad_norm, config.weight_decay)
+    optimizer = SlotAdamW(multi.parameters(), multi.n_slots, config.resolved_lr, config.max_grad_norm, config.weight_decay)
     gammas = torch.zeros(multi.n_slots, dtype=torch.float32, device=device)
     loss_fn = MethodLoss(config, gammas)
     fresh_reference = loss_fn.reference.user_state(0)
