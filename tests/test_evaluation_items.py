@@ -25,19 +25,20 @@ def test_each_user_draws_its_own_aux_positions_deterministically():
 
 
 def test_a_user_too_short_to_estimate_takes_the_median_of_the_jobs_estimated_users():
-    from cbpo_orch.workers.user_items import with_task_level_gamma
+    from cbpo_orch.workers.user_items import GammaInputs, with_task_level_gamma
 
     settings = ("elkan-noto", 0.9, 0.5, 0)
     short = "too few items to cross-fit (3 target, 3 auxiliary; need at least 6 each): fallback gamma 0.5"
+    short_user, other_settings = GammaInputs((4,), (9,), *settings), GammaInputs((5,), (9,), "paper", 0.9, 0.5, 0)
     gammas = {
-        ((1,), (9,), *settings): (0.1, None),
-        ((2,), (9,), *settings): (0.3, None),
-        ((3,), (9,), *settings): (0.7, None),
-        ((4,), (9,), *settings): (0.5, short),
-        ((5,), (9,), "paper", 0.9, 0.5, 0): (0.5, short),  # no estimate fitted with its settings: unchanged
+        GammaInputs((1,), (9,), *settings): (0.1, None),
+        GammaInputs((2,), (9,), *settings): (0.3, None),
+        GammaInputs((3,), (9,), *settings): (0.7, None),
+        short_user: (0.5, short),
+        other_settings: (0.5, short),  # no estimate fitted with its settings: unchanged
     }
     out = with_task_level_gamma(gammas)
-    assert out[((4,), (9,), *settings)][0] == 0.3
-    assert "task-level gamma 0.300, the median of the job's 3 estimated users" in out[((4,), (9,), *settings)][1]
-    assert out[((5,), (9,), "paper", 0.9, 0.5, 0)] == (0.5, short)
-    assert out[((1,), (9,), *settings)] == (0.1, None)
+    assert out[short_user][0] == 0.3
+    assert out[short_user][1] == f"{short}; instead the task-level gamma 0.300, the median of the job's 3 estimated users"
+    assert out[other_settings] == (0.5, short)
+    assert out[GammaInputs((1,), (9,), *settings)] == (0.1, None)

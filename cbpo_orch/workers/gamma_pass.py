@@ -15,9 +15,8 @@ Gamma = tuple[float, str | None]
 
 def estimated_gamma(history: HistoryIndex, inputs: GammaInputs) -> Gamma:
     """γ of the rows and settings in ``inputs`` (see ``user_items.gamma_inputs``)."""
-    own_rows, aux_rows, estimator, gamma_max, fallback_gamma, seed = inputs
-    prior = PriorConfig(estimator=estimator, gamma_max=gamma_max, fallback_gamma=fallback_gamma, seed=seed)
-    estimate = estimate_gamma(history.embeddings[list(own_rows)], history.embeddings[list(aux_rows)], prior)
+    prior = PriorConfig(estimator=inputs.estimator, gamma_max=inputs.gamma_max, fallback_gamma=inputs.fallback_gamma, seed=inputs.seed)
+    estimate = estimate_gamma(history.embeddings[list(inputs.own_rows)], history.embeddings[list(inputs.aux_rows)], prior)
     return estimate.gamma, estimate.reason
 
 

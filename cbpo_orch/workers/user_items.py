@@ -14,6 +14,7 @@ import statistics
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from cbpo_orch.data.dataset import Dataset, Example
 from cbpo_orch.data.evaluation_items import split_evaluation
@@ -65,8 +66,20 @@ def trained_pairs(items: Iterable[UserItems]) -> list[tuple[str, str]]:
     return list(dict.fromkeys((e.x, e.y) for user in items for e in (*user.positives, *user.auxiliary)))
 
 
-GammaInputs = tuple
-"""(own rows, aux rows, estimator, gamma_max, fallback_gamma, seed): all an estimated γ depends on."""
+class GammaInputs(NamedTuple):
+    """All an estimated γ depends on: the rows of the user's positives and aux items, and the
+    estimator's settings."""
+
+    own_rows: tuple[int, ...]
+    aux_rows: tuple[int, ...]
+    estimator: str
+    gamma_max: float
+    fallback_gamma: float
+    seed: int
+
+    @property
+    def settings(self) -> tuple[str, float, float, int]:
+        return self.estimator, self.gamma_max, self.fallback_gamma, self.seed
 
 
 def gamma_inputs(items: UserItems, config: TrainConfig) -> GammaInputs | None:
@@ -75,7 +88,7 @@ def gamma_inputs(items: UserItems, config: TrainConfig) -> GammaInputs | None:
     estimate; None where γ is not estimated (a method without γ, or γ fixed by the config)."""
     if not method_spec(config.method).uses_gamma or config.gamma is not None:
         return None
-    return (tuple(items.own_rows), tuple(items.aux_rows), config.gamma_estimator, config.gamma_max, config.fallback_gamma, config.seed)
+    return GammaInputs(tuple(items.own_rows), tuple(items.aux_rows), config.gamma_estimator, config.gamma_max, config.fallback_gamma, config.seed)
 
 
 def with_task_level_gamma(gammas: dict[GammaInputs, tuple[float, str | None]]) -> dict[GammaInputs, tuple[float, str | None]]:
@@ -86,12 +99,12 @@ def with_task_level_gamma(gammas: dict[GammaInputs, tuple[float, str | None]]) -
     fitted: dict[tuple, list[float]] = defaultdict(list)
     for inputs, (gamma, reason) in gammas.items():
         if reason is None:
-            fitted[inputs[2:]].append(gamma)  # (estimator, gamma_max, fallback_gamma, seed)
+            fitted[inputs.settings].append(gamma)
     out = {}
     for inputs, (gamma, reason) in gammas.items():
-        found = fitted.get(inputs[2:])
+        found = fitted.get(inputs.settings)
         if reason is not None and found:
             gamma = statistics.median(found)
-            reason = f"{reason.split(':')[0]}: task-level gamma {gamma:.3f}, the median of the job's {len(found)} estimated users"
+            reason = f"{reason}; instead the task-level gamma {gamma:.3f}, the median of the job's {len(found)} estimated users"
         out[inputs] = (gamma, reason)
     return out
