@@ -63,3 +63,14 @@ def test_the_trainer_descends_with_the_methods_lr_and_beta(tiny_model_dir, monke
     for key, value in explicit.items():
         torch.testing.assert_close(recipe[key], value, rtol=0, atol=0)
     assert any(not torch.equal(other_beta[k], v) for k, v in explicit.items()), "β must change the C-BPO step"
+
+
+def test_submit_help_lists_every_method_of_the_catalogue():
+    from typer.testing import CliRunner
+
+    from cbpo_orch.cli.main import app
+
+    result = CliRunner().invoke(app, ["submit", "--help"], env={"COLUMNS": "2000", "TERMINAL_WIDTH": "2000"})
+    assert result.exit_code == 0
+    for name, spec in METHODS.items():
+        assert f"{name}: {spec.summary}" in result.output

@@ -20,6 +20,7 @@ from cbpo_orch.cli.app import DeviceOpt, HomeOpt, ModelOpt, UsageError, app, res
 from cbpo_orch.cli.progress import job_progress
 from cbpo_orch.cli.training_options import build_config, with_training_options
 from cbpo_orch.home import home_dir
+from cbpo_orch.method.methods import METHOD_CHOICES
 from cbpo_orch.orchestrator.spec import JobSpec, Resources, check_address, check_budgets, check_paths, check_task_adapter, parse_methods, resolve_users
 from cbpo_orch.storage.registry import RESULT_COLUMNS
 
@@ -133,7 +134,7 @@ def submit(
     data: Annotated[Optional[str], typer.Option(help="Data set: a folder (LaMP/LongLaMP JSON, parquet shards or a `datasets` save_to_disk folder), a parquet file, or a hub id OWNER/NAME[:CONFIG] (read through the `datasets` cache). Default: LongLaMP/LongLaMP's user config for longlamp2/3/4, else the shipped HuffPost sample.")] = None,
     model: ModelOpt = None,
     users: Annotated[str, typer.Option(help="'all', N (the first N test users) or id,id,….")] = "3",
-    method: Annotated[str, typer.Option(help="One or more of base,sft,sft-aux,kto,bco,cbpo,cbpo-raw,cbpo-nnpu (comma-separated).")] = "cbpo",
+    method: Annotated[str, typer.Option(help=f"One or more methods, comma-separated: {METHOD_CHOICES}.")] = "cbpo",
     split: Annotated[str, typer.Option(help="Split holding the test users.")] = "dev",
     task_adapter: Annotated[str, typer.Option(help="none | auto (train once on the train split, then reuse) | a task adapter folder.")] = "none",
     task_adapter_lr: Annotated[float, typer.Option(help="Learning rate of an `auto` task adapter (LoRA r=16 on q/k/v/o, SFT).")] = 1e-4,

@@ -47,6 +47,9 @@ METHODS: dict[str, MethodSpec] = {
     )
 }
 
+METHOD_CHOICES = "; ".join(f"{spec.name}: {spec.summary}" for spec in METHODS.values())
+"""Every method with its summary, for help texts."""
+
 
 class UnknownMethod(ValueError):
     """A method name that is not in the catalogue."""
