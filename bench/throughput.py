@@ -250,7 +250,7 @@ def index_and_gamma_seconds(users: list[UserTraining], seed: int = 0) -> dict[st
     user's aux pulled from it; ``gamma``: γ estimated per user on its own and aux vectors.
     Empty where FAISS or scikit-learn is not installed."""
     try:
-        from cbpo_orch.data.dataset import Example
+        from cbpo_orch.data.records import Example
         from cbpo_orch.data.history import HistoryIndex
         from cbpo_orch.method.prior import estimate_gamma
     except ImportError as missing:

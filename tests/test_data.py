@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 import cbpo_orch
-from cbpo_orch.data.dataset import DataError, ProfileItem, User, find_splits, load_split
+from cbpo_orch.data.dataset import DataError, User, find_splits, load_split
+from cbpo_orch.data.records import ProfileItem
 from cbpo_orch.data.tasks import BUILTIN_TASKS, Budgets, load_task
 
 SAMPLE = Path(cbpo_orch.__file__).parent / "samples" / "huffpost-headline"

@@ -12,7 +12,8 @@ from cbpo_orch.data.tasks import load_task
 from cbpo_orch.method.config import TrainConfig
 from cbpo_orch.workers import personalize
 from cbpo_orch.workers.gamma_pass import estimated_gamma, gamma_shard
-from cbpo_orch.workers.personalize import load_user_context, personalize_users
+from cbpo_orch.workers.personalize import personalize_users
+from cbpo_orch.workers.user_context import load_user_context
 from cbpo_orch.workers.user_items import gamma_inputs, user_items
 
 TASK = load_task("lamp4")

@@ -15,7 +15,8 @@ from cbpo_orch.method.config import TrainConfig
 from cbpo_orch.training.models import load_model
 from cbpo_orch.workers import task_adapter as worker_module
 from cbpo_orch.workers.context import history_datasets, history_key
-from cbpo_orch.workers.personalize import UserContext, personalize_user
+from cbpo_orch.workers.personalize import personalize_user
+from cbpo_orch.workers.user_context import UserContext
 
 TASK = load_task("lamp4")
 PROMPT = "Generate a headline for the following article: "

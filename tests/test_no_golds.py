@@ -167,7 +167,7 @@ def test_a_job_mixing_users_with_and_without_golds_succeeds_and_records_every_pr
     assert extras[(unscored, "sft")]["predictions"][0]["gold"] is None
 
     # serving answers the user without golds as the job recorded it
-    from cbpo_orch.data.dataset import Query
+    from cbpo_orch.data.records import Query
     from cbpo_orch.orchestrator.workspace import Workspace
     from cbpo_orch.serving.catalog import load_catalog
     from cbpo_orch.serving.generator import BatchedGenerator, Row, load_user_adapter

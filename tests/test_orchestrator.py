@@ -841,7 +841,8 @@ def test_a_kto_worker_started_from_the_jobs_pass_computes_no_pair_and_trains_the
     from cbpo_orch.orchestrator.spec import JobSpec
     from cbpo_orch.orchestrator.workspace import Workspace
     from cbpo_orch.workers.context import history_datasets
-    from cbpo_orch.workers.personalize import load_user_context, personalize_users
+    from cbpo_orch.workers.personalize import personalize_users
+    from cbpo_orch.workers.user_context import load_user_context
 
     task, space = load_task("lamp4"), Workspace.open(home)
     users = dev_users[:2]

@@ -13,7 +13,8 @@ from cbpo_orch.method.config import TrainConfig
 from cbpo_orch.method.methods import METHODS
 from cbpo_orch.training.generation import generate
 from cbpo_orch.training.models import load_model
-from cbpo_orch.workers.personalize import UserContext, personalize_user
+from cbpo_orch.workers.personalize import personalize_user
+from cbpo_orch.workers.user_context import UserContext
 
 METRIC_KEYS = {"rouge1", "rougeL", "gamma", "gamma_reason", "n_pos", "n_aux", "selection", "train_seconds", "seconds", "phase_seconds", "method", "config", "losses", "user_id"}
 FAST = dict(max_profile=16, max_prompt_tokens=128, max_new_tokens=12, batch_size=8, epochs=3, selection=False)

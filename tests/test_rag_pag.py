@@ -13,7 +13,8 @@ from cbpo_orch.data.tasks import NO_REPEAT_NGRAM, Budgets, Decoding, load_task
 from cbpo_orch.method.config import TrainConfig
 from cbpo_orch.training.generation import generate
 from cbpo_orch.training.models import load_model
-from cbpo_orch.workers.personalize import UserContext, personalize_user
+from cbpo_orch.workers.personalize import personalize_user
+from cbpo_orch.workers.user_context import UserContext
 from cbpo_orch.workers.profile_summary import SUMMARY_INSTRUCTION, SUMMARY_LABEL
 from tests.test_orchestrator import Cli, _ok, _registry, dev_users, history_cache, home  # noqa: F401  (fixtures: the sample's users, a home holding its index)
 

@@ -11,7 +11,8 @@ import pytest
 from cbpo_orch.data.tasks import load_task
 from cbpo_orch.method.config import TrainConfig
 from cbpo_orch.storage.reference_cache import LEFT_OUT, pair_text_key
-from cbpo_orch.workers.personalize import load_user_context, personalize_users
+from cbpo_orch.workers.personalize import personalize_users
+from cbpo_orch.workers.user_context import load_user_context
 from cbpo_orch.workers.reference_pass import reference_shard
 from cbpo_orch.workers.user_items import trained_pairs, user_items
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cbpo_orch.data.dataset import Example
+from cbpo_orch.data.records import Example
 from cbpo_orch.data.retrieval import Asked, bm25_scores, default_k, fitted_prompt, render_items, retrieve, with_context
 from cbpo_orch.data.tasks import load_task
 

@@ -86,7 +86,7 @@ def train_user(
 ) -> None:
     """Personalize ONE user: select aux → estimate γ → train → generate → score; writes the adapter and metrics.json."""
     from cbpo_orch.workers.context import cached_history, history_datasets
-    from cbpo_orch.workers.personalize import load_user_context
+    from cbpo_orch.workers.user_context import load_user_context
     from cbpo_orch.workers.personalize import personalize_user
 
     config = build_config(method, options)

@@ -38,6 +38,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from cbpo_orch.data.errors import DataError, kind
+from cbpo_orch.data.records import Example, ProfileItem, Query
 from cbpo_orch.data.sources import LampFiles, Rows, json_records, open_source, read_json
 
 if TYPE_CHECKING:
@@ -50,34 +51,6 @@ _SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _SAFE_ID_RULE = "letters, digits, '.', '_', '-' only, not starting with '.' or '-', at most 128 characters"
 _SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-@dataclass(frozen=True)
-class ProfileItem:
-    """One history item of a user: its text fields (all strings) and optional date."""
-
-    id: str
-    fields: Mapping[str, str]
-    date: str | None
-
-
-@dataclass(frozen=True)
-class Query:
-    """One query of a user: the input text and the gold output (None where the split has none)."""
-
-    id: str
-    input: str
-    gold: str | None
-
-
-@dataclass(frozen=True)
-class Example:
-    """One (x, y) pair made from a profile item, e.g. for training or the auxiliary index."""
-
-    x: str
-    y: str
-    item_id: str
-    user_id: str
 
 
 @dataclass(frozen=True)

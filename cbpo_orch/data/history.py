@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from cbpo_orch.data.auxiliary import AuxIndex
-from cbpo_orch.data.dataset import Dataset, Example
+from cbpo_orch.data.dataset import Dataset
+from cbpo_orch.data.records import Example
 from cbpo_orch.data.embedding import pair_text
 
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cbpo_orch.data.dataset import Example, _normalised
+from cbpo_orch.data.dataset import _normalised
+from cbpo_orch.data.records import Example
 from cbpo_orch.data.embedding import pair_text
 from cbpo_orch.data.tasks import SHORT_OUTPUT_TOKENS, Task
 

@@ -26,12 +26,8 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from string import Formatter
-from typing import TYPE_CHECKING
-
-from cbpo_orch.data.dataset import DataError
-
-if TYPE_CHECKING:
-    from cbpo_orch.data.dataset import ProfileItem, Query
+from cbpo_orch.data.errors import DataError
+from cbpo_orch.data.records import ProfileItem, Query
 
 SHORT_PROMPT_TOKENS = 512
 SHORT_OUTPUT_TOKENS = 100

@@ -140,7 +140,7 @@ class PersonalizeWorker:
 
         from cbpo_orch.data.dataset import load_split
         from cbpo_orch.data.tasks import load_task
-        from cbpo_orch.workers.personalize import load_user_context
+        from cbpo_orch.workers.user_context import load_user_context
 
         torch.set_num_threads(max(1, threads))
         self.worker_fn = worker_fn

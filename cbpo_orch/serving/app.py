@@ -192,7 +192,7 @@ def _adapter_server(options: ServeOptions):
 def _ingress():
     from ray import serve
 
-    from cbpo_orch.data.dataset import Query
+    from cbpo_orch.data.records import Query
     from cbpo_orch.training.encoding import BudgetError, prompt_ids
 
     api = FastAPI(title="cbpo-orch", description="Every user's adapter of one cbpo-orch job, OpenAI-compatible.")

@@ -18,7 +18,7 @@ from cbpo_orch.data.history import HistoryIndex
 from cbpo_orch.data.tasks import Task
 from cbpo_orch.serving.catalog import ServedRetrieval
 from cbpo_orch.training.models import LoadedModel
-from cbpo_orch.workers.personalize import UserContext
+from cbpo_orch.workers.user_context import UserContext
 
 
 def served_context(retrieval: ServedRetrieval, task: Task, tokenizer, model_path: str) -> UserContext:

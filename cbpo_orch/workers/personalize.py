@@ -13,22 +13,17 @@ import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
-from cbpo_orch.data.dataset import Dataset, Example
-from cbpo_orch.data.history import HistoryIndex
+from cbpo_orch.data.records import Example
 from cbpo_orch.data.retrieval import Asked
-from cbpo_orch.data.tasks import Budgets, Task
+from cbpo_orch.data.tasks import Budgets
 from cbpo_orch.method.config import TrainConfig
 from cbpo_orch.method.methods import method_spec
 from cbpo_orch.training.encoding import BudgetError, encode_pair, within_budget
 from cbpo_orch.training.evaluation import rouge
 from cbpo_orch.training.generation import Completion, generate
-from cbpo_orch.training.models import LoadedModel
 from cbpo_orch.training.multi_lora import MultiLora, attached_multi_lora
 from cbpo_orch.training.pack_memory import pack_slots
-from cbpo_orch.training.reference_logps import ReferenceLogps
-from cbpo_orch.training.task_adapter import starting_model
 from cbpo_orch.training.trainer import (
     StepCallback,
     TrainResult,
@@ -40,38 +35,10 @@ from cbpo_orch.training.trainer import (
     slot_groups,
     train_and_hold,
 )
-from cbpo_orch.workers.gamma_pass import Gamma, estimated_gamma
+from cbpo_orch.workers.gamma_pass import estimated_gamma
 from cbpo_orch.workers.prompts import Composed, UserAsk, compose
-from cbpo_orch.workers.user_items import GammaInputs, UserItems, gamma_inputs, user_items
-
-
-@dataclass
-class UserContext:
-    """What every user of a job shares, loaded once per worker process; ``reference``
-    holds π_ref's log-probs of the job's pass and of every pair trained so far, for all
-    users and methods; ``gammas``: the γ of the job's pass, by their inputs."""
-
-    task: Task
-    dataset: Dataset
-    history: HistoryIndex
-    loaded: LoadedModel
-    reference: ReferenceLogps = field(default_factory=ReferenceLogps)
-    gammas: dict[GammaInputs, Gamma] = field(default_factory=dict)
-
-
-def load_user_context(
-    task: Task,
-    dataset: Dataset,
-    history: HistoryIndex,
-    model_path: str | Path,
-    task_adapter: str | Path | None = None,
-    device: str = "auto",
-    reference: dict[bytes, float] | None = None,
-    gammas: dict[GammaInputs, Gamma] | None = None,
-) -> UserContext:
-    """The worker's context; ``reference`` and ``gammas``: π_ref's log-probs and γ from the job's passes."""
-    loaded = starting_model(model_path, task_adapter, device)
-    return UserContext(task, dataset, history, loaded, ReferenceLogps(reference), dict(gammas or {}))
+from cbpo_orch.workers.user_context import UserContext
+from cbpo_orch.workers.user_items import UserItems, gamma_inputs, user_items
 
 
 @dataclass

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from cbpo_orch.data.dataset import Example
+from cbpo_orch.data.records import Example
 from cbpo_orch.data.retrieval import render_items
 from cbpo_orch.data.tasks import NO_REPEAT_NGRAM, Budgets, Decoding
 from cbpo_orch.training.generation import generate

@@ -12,20 +12,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cbpo_orch.data.dataset import Example
+from cbpo_orch.data.records import Example
 from cbpo_orch.data.retrieval import Asked, bm25_scores, default_k, embedding_scores, fitted_prompt, retrieve, with_context
 from cbpo_orch.data.tasks import Budgets
 from cbpo_orch.method.config import TrainConfig
 from cbpo_orch.method.methods import method_spec
 from cbpo_orch.training.encoding import prompt_lengths
 from cbpo_orch.workers.profile_summary import SUMMARY_LABEL, profile_summaries
-
-if TYPE_CHECKING:
-    from cbpo_orch.workers.personalize import UserContext
+from cbpo_orch.workers.user_context import UserContext
 
 
 @dataclass(frozen=True)

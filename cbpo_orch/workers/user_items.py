@@ -16,7 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from cbpo_orch.data.dataset import Dataset, Example
+from cbpo_orch.data.dataset import Dataset
+from cbpo_orch.data.records import Example
 from cbpo_orch.data.evaluation_items import split_evaluation
 from cbpo_orch.data.history import HistoryIndex
 from cbpo_orch.method.config import TrainConfig
