@@ -20,6 +20,7 @@ from cbpo_orch.home import FolderError, check_folder, default_model_dir, home_di
 from cbpo_orch.method.config import ConfigError
 from cbpo_orch.method.methods import UnknownMethod
 from cbpo_orch.orchestrator.spec import UnreachableCluster
+from cbpo_orch.orchestrator.update import NotUpdatable
 from cbpo_orch.serving.catalog import NotServable
 from cbpo_orch.serving.keys import KeyFileError
 from cbpo_orch.storage.engine import RegistryUnavailable
@@ -41,7 +42,7 @@ class UsageError(ValueError):
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     DataError, ModelError, ConfigError, UnknownMethod, UnknownJob, SchemaVersionError, RegistryUnavailable, FolderError, UsageError, LeaseHeld, NotServable, KeyFileError,
-    UnreachableCluster,
+    UnreachableCluster, NotUpdatable,
 )
 
 TaskOpt = Annotated[str, typer.Option(help="Built-in task (lamp4 lamp5 longlamp2 longlamp3 longlamp4 commit-subject) or a task definition JSON file.")]

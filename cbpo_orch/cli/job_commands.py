@@ -7,7 +7,7 @@ import io
 import json
 import math
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
@@ -22,6 +22,7 @@ from cbpo_orch.cli.training_options import build_config, with_training_options
 from cbpo_orch.home import home_dir
 from cbpo_orch.method.methods import METHOD_CHOICES
 from cbpo_orch.orchestrator.spec import JobSpec, Resources, check_address, check_budgets, check_paths, check_task_adapter, parse_methods, resolve_users
+from cbpo_orch.storage.lineage import VERSION_COLUMNS
 from cbpo_orch.storage.registry import RESULT_COLUMNS
 
 DbOpt = Annotated[Optional[str], typer.Option(help="Registry as a SQLAlchemy URL, e.g. postgresql+psycopg://… (env CBPO_ORCH_DB; default SQLite in the home folder).")]
@@ -56,7 +57,7 @@ def _print_examples(extras: dict, users, methods) -> None:
             OUT.print(f"  {method:>8}: {run['prediction']}", highlight=False, markup=False)
 
 
-def _run(space, job_id: str, resources: Resources | None, examples: int = 0) -> None:
+def run_watched(space, job_id: str, resources: Resources | None, examples: int = 0) -> None:
     """Drive the job in a child process that this one watches (``driver_process.py``) and
     exit with its code; where the driver died without a word, say so and what to run."""
     from cbpo_orch.cli.driver_process import OWN_EXITS, run_in_child
@@ -178,7 +179,7 @@ def submit(
     typer.echo(f"data: {_data_line(data_path, split)}", err=True)
     job_id = space.registry.create_job(task_def.name, list(methods), list(chosen), spec.to_config(resources))
     typer.echo(job_id)
-    _run(space, job_id, resources, examples)
+    run_watched(space, job_id, resources, examples)
 
 
 @app.command()
@@ -197,7 +198,7 @@ def resume(
         raise UsageError(f"job {job} was cancelled; submit it again instead")
     _, stored = JobSpec.from_config(info.config)
     resources = replace(stored, address=address or stored.address, workers=workers or stored.workers)
-    _run(space, job, resources)
+    run_watched(space, job, resources)
 
 
 @app.command()
@@ -219,6 +220,8 @@ def _job_dict(info) -> dict:
         "users": len(info.users),
         "counts": {k: info.counts[k] for k in ("pending", "running", "succeeded", "failed")},
         "error": info.error,
+        "line_id": info.line_id,
+        "parent_job_id": info.parent_job_id,
     }
 
 
@@ -249,6 +252,17 @@ def status(
             OUT.print(f"failed: {run.user_id} · {run.method} ({run.attempts} attempts): {run.error}")
         if jobs[0].error:
             OUT.print(f"error: {jobs[0].error}")
+        _print_line(registry, jobs[0])
+
+
+def _print_line(registry, info) -> None:
+    """Where the job stands in its line of updates, and the versions it trained."""
+    if info.parent_job_id:
+        OUT.print(f"update of job {info.parent_job_id} in the line of job {info.line_id} (promote: {info.promote})", highlight=False)
+    states = Counter(row["state"] for row in registry.versions(info.job_id) if row["job_id"] == info.job_id)
+    if states:
+        shown = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+        OUT.print(f"adapter versions this job trained: {shown} (`cbpo-orch results {info.job_id} --versions`)", highlight=False)
 
 
 def _aggregate(rows: list[dict]) -> list[dict]:
@@ -265,16 +279,21 @@ def _aggregate(rows: list[dict]) -> list[dict]:
 
 def _print_results(rows: list[dict], fmt: str, aggregate: bool) -> None:
     rows = _aggregate(rows) if aggregate else [{k: r[k] for k in RESULT_COLUMNS} for r in rows]
+    _print_rows(rows, fmt, RESULT_COLUMNS)
+
+
+def _print_rows(rows: list[dict], fmt: str, columns: tuple[str, ...]) -> None:
+    """``rows`` as JSON, CSV or a table (the table without paths and checksums)."""
     if fmt == "json":
         typer.echo(json.dumps(rows, indent=2))
     elif fmt == "csv":
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else list(RESULT_COLUMNS), lineterminator="\n")
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else list(columns), lineterminator="\n")
         writer.writeheader()
         writer.writerows({**row, **{key: NO_SCORE for key in SCORES if key in row and row[key] is None}} for row in rows)
         typer.echo(buffer.getvalue(), nl=False)
     else:
-        columns = list(rows[0]) if rows else list(RESULT_COLUMNS)
+        columns = list(rows[0]) if rows else list(columns)
         shown = [c for c in columns if c not in ("adapter_path", "sha256")]
         table = Table(*shown)
         for row in rows:
@@ -285,6 +304,8 @@ def _print_results(rows: list[dict], fmt: str, aggregate: bool) -> None:
 def _cell(value, column: str) -> str:
     if value is None:
         return NO_SCORE if column in SCORES else "—"
+    if column == "data_fingerprint":
+        return value[:12]
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
@@ -293,15 +314,20 @@ def results(
     job: JobArg,
     fmt: Annotated[str, typer.Option("--format", help="table | csv | json.")] = "table",
     aggregate: Annotated[bool, typer.Option("--aggregate", help="One row per method (means over users) instead of one per (user, method).")] = False,
+    versions: Annotated[bool, typer.Option("--versions", help="Instead, every adapter version in the job's line of updates: its state (current, superseded, rejected, rolled-back), the job that trained it, its data fingerprint and number of items, the version it was compared with, and both scores.")] = False,
     home: HomeOpt = None,
     db: DbOpt = None,
 ) -> None:
     """A job's metrics: one row per (user, method), or means per method over the users scored.
-    A user without gold outputs is personalized and answered, and scores n/a."""
+    A user without gold outputs is personalized and answered, and scores n/a. A run an update
+    carried over shows the result it refers to."""
     if fmt not in ("table", "csv", "json"):
         raise UsageError("--format must be table, csv or json")
     registry = open_workspace(home, db, None).registry
     registry.job(job)
+    if versions:
+        _print_rows(registry.versions(job), fmt, VERSION_COLUMNS)
+        return
     _print_results(registry.results(job), fmt, aggregate)
 
 

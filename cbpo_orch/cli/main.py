@@ -7,7 +7,7 @@ import sys
 import typer
 
 from cbpo_orch.cli import job_commands, user_commands  # noqa: F401  (they register their commands)
-from cbpo_orch.cli import serve_commands  # noqa: F401
+from cbpo_orch.cli import lifecycle_commands, serve_commands  # noqa: F401
 from cbpo_orch.cli.app import USER_ERRORS, app
 
 

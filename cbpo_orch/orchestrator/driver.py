@@ -28,6 +28,7 @@ from cbpo_orch.data.tasks import Task, load_task
 from cbpo_orch.method.config import TASK_ADAPTER_FIELDS, TrainConfig
 from cbpo_orch.method.methods import method_spec, mismatched_pairs
 from cbpo_orch.orchestrator import scheduler
+from cbpo_orch.orchestrator.fingerprint import run_inputs
 from cbpo_orch.orchestrator.lease import LEASE_TTL_S, JobLease, LeaseLost
 from cbpo_orch.orchestrator.spec import JobSpec, Resources
 from cbpo_orch.orchestrator.workspace import Workspace
@@ -113,7 +114,9 @@ def _drive(space: Workspace, job_id: str, spec: JobSpec, resources: Resources, p
         history = _history(space, spec, datasets, progress)
         tam_path = _task_adapter(space, spec, resources, progress)
         pending = registry.runs(job_id, states=("pending",))
-        planned = _planned_items(spec, datasets[0], history, pending)
+        by_run = _planned_items(spec, datasets[0], history, pending)
+        registry.record_inputs(run_inputs(datasets[0], pending, spec.config_for, by_run))
+        planned = list(by_run.values())
         reference = _reference_pass(space, spec, task, planned, tam_path, resources, progress)
         gammas = with_task_level_gamma(_gamma_pass(history, planned, progress))
         progress.stage("personalizing users")
@@ -234,18 +237,19 @@ REFERENCE_ROUNDS = 4
 """π_ref shards per CPU (or GPU): a long pass shows its progress a shard at a time."""
 
 
-def _planned_items(spec: JobSpec, dataset: Dataset, history: HistoryIndex, pending: list) -> list[tuple[TrainConfig, UserItems]]:
-    """What each pending run of a method that reads π_ref or γ will train on, drawn by the
-    workers' own ``user_items``, once for both passes. A run whose items cannot be planned is
+def _planned_items(spec: JobSpec, dataset: Dataset, history: HistoryIndex, pending: list) -> dict[int, tuple[TrainConfig, UserItems]]:
+    """What each pending run of a method that reads π_ref or γ or trains on aux items will
+    train on, by run id, drawn by the workers' own ``user_items``, once for both passes and
+    the record of whose items each run draws as aux. A run whose items cannot be planned is
     left out: its worker fails it with the reason."""
-    planned = []
+    planned = {}
     for run in pending:
         config = spec.config_for(run.method)
         method = method_spec(config.method)
-        if not (method.uses_reference or method.uses_gamma):
+        if not (method.uses_reference or method.uses_gamma or method.uses_aux):
             continue
         try:
-            planned.append((config, user_items(dataset, history, run.user_id, config)))
+            planned[run.run_id] = (config, user_items(dataset, history, run.user_id, config))
         except DataError:
             continue
     return planned

@@ -22,7 +22,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 """Version of the schema these models describe; bump it with a migration."""
 
 FREE_LEASE = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -30,6 +30,8 @@ FREE_LEASE = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 JOB_STATES = ("pending", "running", "succeeded", "failed", "cancelled", "interrupted")
 RUN_STATES = ("pending", "running", "succeeded", "failed", "cancelled")
+VERSION_STATES = ("current", "superseded", "rejected", "rolled-back")
+PROMOTE_POLICIES = ("check", "always")
 
 
 def utcnow() -> datetime:
@@ -79,6 +81,12 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     finished_at: Mapped[datetime | None]
     error: Mapped[str | None] = mapped_column(Text)
+    parent_job_id: Mapped[str | None] = mapped_column(String(32))
+    """The job this one updates (``cbpo-orch update``); None for a submitted job."""
+    line_id: Mapped[str | None] = mapped_column(String(32))
+    """The submitted job that the line of updates this job belongs to started from; None: it is that job."""
+    promote: Mapped[str | None] = mapped_column(String(16))
+    """An update's promotion policy (``PROMOTE_POLICIES``); None for a submitted job."""
 
 
 class DriverLease(Base):
@@ -113,6 +121,12 @@ class UserRun(Base):
     error: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    data_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    """The digest of the user's history items the run read (None: recorded before schema 5)."""
+    n_items: Mapped[int | None]
+    """How many history items that digest covers."""
+    source_run_id: Mapped[int | None]
+    """A run an update carried over unchanged: the run whose adapter and metrics it refers to."""
 
 
 class Adapter(Base):
@@ -159,3 +173,49 @@ class TaskAdapter(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     bytes: Mapped[int]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AdapterVersion(Base):
+    """One version of a (user, method)'s adapter in a line of jobs (a submitted job and its
+    updates): the run that trained it, the version it was compared with, and the outcome."""
+
+    __tablename__ = "adapter_versions"
+    __table_args__ = (
+        UniqueConstraint("line_id", "user_id", "method", "number", name="uq_adapter_versions_number"),
+        CheckConstraint(_in("state", VERSION_STATES), name="ck_adapter_versions_state"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    line_id: Mapped[str] = mapped_column(String(32), index=True)
+    user_id: Mapped[str] = mapped_column(String(200), index=True)
+    method: Mapped[str] = mapped_column(String(64))
+    number: Mapped[int]
+    run_id: Mapped[int] = mapped_column(ForeignKey("user_runs.id"), unique=True)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("adapter_versions.id"))
+    state: Mapped[str] = mapped_column(String(16))
+    score: Mapped[float | None] = mapped_column(Float)
+    parent_score: Mapped[float | None] = mapped_column(Float)
+    """The score of the version that was current when this one was compared with it."""
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AuxSource(Base):
+    """A user whose history items a run trained on as auxiliary items (recorded since schema 5)."""
+
+    __tablename__ = "aux_sources"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("user_runs.id"), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(200), primary_key=True, index=True)
+
+
+class AuditEntry(Base):
+    """What a lifecycle command removed or changed, without any of the user's content."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    actor: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(32))
+    subject: Mapped[str] = mapped_column(String(200))
+    detail: Mapped[dict[str, Any]]

@@ -31,12 +31,16 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from . import lineage
 from .engine import make_engine, transact, writer
+from .lineage import Basis, Forgotten, PlannedRun, RunInputs
 from .models import (
     FREE_LEASE,
     JOB_STATES,
+    PROMOTE_POLICIES,
     RUN_STATES,
     Adapter,
+    AuditEntry,
     DriverLease,
     Job,
     Metric,
@@ -67,6 +71,8 @@ RESULT_COLUMNS = (
 """Keys of every row returned by :meth:`Registry.results`, in order."""
 
 _STARTABLE = ("pending", "running")
+_result_run = func.coalesce(UserRun.source_run_id, UserRun.id)
+"""The run whose metrics and adapter stand for a run: its own, or a carried run's source."""
 _FLOAT_METRICS = ("rouge1", "rougeL", "seconds")
 _SCORES = ("rouge1", "rougeL")
 """Metrics that are None for a run whose user has no gold output to score against."""
@@ -130,6 +136,11 @@ class JobInfo:
     finished_at: str | None
     error: str | None
     counts: dict[str, int]
+    line_id: str = ""
+    """The submitted job whose line of updates this job belongs to (its own id for that job)."""
+    parent_job_id: str | None = None
+    """The job this one updates; None for a submitted job."""
+    promote: str | None = None
 
 
 @dataclass(frozen=True)
@@ -143,6 +154,11 @@ class RunInfo:
     state: str
     attempts: int
     error: str | None
+    data_fingerprint: str | None = None
+    """The digest of the user's history items the run read (see ``orchestrator/fingerprint.py``)."""
+    n_items: int | None = None
+    source_run_id: int | None = None
+    """A run an update carried over: the run whose adapter and metrics it refers to."""
 
 
 class Registry:
@@ -288,6 +304,7 @@ class Registry:
             session.add(Metric(run_id=run_id, **metric_values))
             if adapter_values is not None:
                 session.add(Adapter(run_id=run_id, **adapter_values))
+                lineage.record_version(session, run, metric_values["rouge1"])
             run.state = "succeeded"
             run.finished_at = utcnow()
             return True
@@ -374,7 +391,8 @@ class Registry:
         return transact(self._writer, work)
 
     def results(self, job_id: str) -> list[dict[str, Any]]:
-        """Return one row per succeeded (user, method) of a job, keyed by ``RESULT_COLUMNS``.
+        """Return one row per succeeded (user, method) of a job, keyed by ``RESULT_COLUMNS``;
+        a run an update carried over shows the result it refers to.
 
         Rows are sorted by user id then method (string order).  ``adapter_path``
         and ``sha256`` are None for a run recorded without an adapter, ``rouge1``
@@ -396,8 +414,8 @@ class Registry:
                     Adapter.sha256,
                     Metric.seconds,
                 )
-                .join(Metric, Metric.run_id == UserRun.id)
-                .outerjoin(Adapter, Adapter.run_id == UserRun.id)
+                .join(Metric, Metric.run_id == _result_run)
+                .outerjoin(Adapter, Adapter.run_id == _result_run)
                 .where(UserRun.job_id == job_id, UserRun.state == "succeeded")
                 .order_by(UserRun.user_id, UserRun.method)
             )
@@ -413,7 +431,7 @@ class Registry:
             _get_job(session, job_id)
             query = (
                 select(UserRun.user_id, UserRun.method, Metric.extra)
-                .join(Metric, Metric.run_id == UserRun.id)
+                .join(Metric, Metric.run_id == _result_run)
                 .where(UserRun.job_id == job_id, UserRun.state == "succeeded")
             )
             return {(user, method): extra or {} for user, method, extra in session.execute(query)}
@@ -460,6 +478,74 @@ class Registry:
             if existing is None:
                 raise
             return existing
+
+    def record_inputs(self, inputs: Mapping[int, RunInputs]) -> None:
+        """Store what each run (by id) reads of its user's data: its data fingerprint, number
+        of items and aux users (see :class:`~cbpo_orch.storage.lineage.RunInputs`)."""
+        transact(self._writer, lambda session: lineage.record_inputs(session, inputs))
+
+    def update_basis(self, job_id: str) -> dict[tuple[str, str], Basis]:
+        """Per (user, method) of ``job_id``: what an update of it starts from."""
+        return transact(self._engine, lambda session: lineage.update_basis(session, _get_job(session, job_id)))
+
+    def create_update(self, parent_id: str, config: Mapping[str, Any], planned: Sequence[PlannedRun], promote: str) -> str:
+        """Create a job updating ``parent_id`` in its line: a pending run for each planned run
+        that trains, a succeeded run referring to its source for each one carried; returns its id."""
+        if promote not in PROMOTE_POLICIES:
+            raise ValueError(f"promote must be one of {PROMOTE_POLICIES}, not {promote!r}")
+        if not planned:
+            raise ValueError("an update needs at least one run")
+        job_id = uuid.uuid4().hex[:12]
+
+        def work(session: Session) -> None:
+            lineage.add_update(session, _get_job(session, parent_id), job_id, dict(config), list(planned), promote)
+            session.add(DriverLease(job_id=job_id))
+
+        transact(self._writer, work)
+        return job_id
+
+    def versions(self, job_id: str, user_id: str | None = None) -> list[dict[str, Any]]:
+        """Every adapter version in ``job_id``'s line (of one user, if given), keyed by
+        ``lineage.VERSION_COLUMNS``."""
+
+        def work(session: Session) -> list[dict[str, Any]]:
+            rows = lineage.versions(session, _get_job(session, job_id), user_id)
+            return [{**row, "created_at": _iso(row["created_at"])} for row in rows]
+
+        return transact(self._engine, work)
+
+    def rollback(self, job_id: str, user_id: str, methods: Sequence[str] | None = None) -> list[tuple[str, int, int]]:
+        """Make the previous version of ``user_id``'s current adapters (every method of the
+        job, or ``methods``) in ``job_id``'s line current again; returns (method, from, to)."""
+
+        def work(session: Session) -> list[tuple[str, int, int]]:
+            job = _get_job(session, job_id)
+            return lineage.rollback(session, job, user_id, list(methods or job.methods))
+
+        return transact(self._writer, work)
+
+    def forget(self, user_id: str, job_id: str | None = None) -> Forgotten:
+        """Delete every row of ``user_id`` (only in ``job_id``'s line, if given); see
+        :func:`~cbpo_orch.storage.lineage.forget`."""
+
+        def work(session: Session) -> Forgotten:
+            line = None if job_id is None else lineage.line_of(_get_job(session, job_id))
+            return lineage.forget(session, user_id, line)
+
+        return transact(self._writer, work)
+
+    def audit(self, actor: str, action: str, subject: str, detail: Mapping[str, Any]) -> None:
+        """Append a line to the audit log (it must hold no user content)."""
+        transact(self._writer, lambda session: session.add(AuditEntry(actor=actor, action=action, subject=subject, detail=dict(detail))))
+
+    def audit_log(self) -> list[dict[str, Any]]:
+        """Every audit line, oldest first."""
+
+        def work(session: Session) -> list[dict[str, Any]]:
+            entries = session.scalars(select(AuditEntry).order_by(AuditEntry.id))
+            return [{"at": _iso(e.at), "actor": e.actor, "action": e.action, "subject": e.subject, "detail": e.detail} for e in entries]
+
+        return transact(self._engine, work)
 
     def take_lease(self, job_id: str, owner: str, ttl_s: float, replacing: str | None = None) -> None:
         """Make ``owner`` the job's one driver for ``ttl_s`` seconds, if the lease is free,
@@ -571,6 +657,9 @@ def _job_info(job: Job, counts: Mapping[str, int]) -> JobInfo:
         finished_at=None if job.finished_at is None else _iso(job.finished_at),
         error=job.error,
         counts=shown,
+        line_id=lineage.line_of(job),
+        parent_job_id=job.parent_job_id,
+        promote=job.promote,
     )
 
 
@@ -584,6 +673,9 @@ def _run_info(run: UserRun) -> RunInfo:
         state=run.state,
         attempts=run.attempts,
         error=run.error,
+        data_fingerprint=run.data_fingerprint,
+        n_items=run.n_items,
+        source_run_id=run.source_run_id,
     )
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sqlalchemy import Connection, func, insert, inspect, select, text, update
+from sqlalchemy import Connection, func, insert, inspect, literal, select, text, update
 
-from .models import SCHEMA_VERSION, Base, DriverLease, Job, Metric, SchemaVersion
+from .models import SCHEMA_VERSION, Adapter, AdapterVersion, Base, DriverLease, Job, Metric, SchemaVersion, UserRun
 
 Migration = Callable[[Connection], None]
 
@@ -40,7 +40,34 @@ def _scores_may_be_absent(connection: Connection) -> None:
     connection.execute(text(f"DROP TABLE {table}_v3"))
 
 
-MIGRATIONS: dict[int, Migration] = {1: _add_driver_leases, 2: _add_lease_notice, 3: _scores_may_be_absent}
+def _add_lifecycle(connection: Connection) -> None:
+    """4 → 5: a run's data fingerprint and carried-over source, a job's line of updates, and the
+    adapter versions table, where every adapter an existing run recorded becomes version 1 of
+    its (user, method), current, in its job's line (its fingerprint unknown: an update retrains
+    it). The lifecycle's other new tables are made empty by ``create_all``."""
+    _add_columns(connection, Job, ("parent_job_id", "line_id", "promote"))
+    _add_columns(connection, UserRun, ("data_fingerprint", "n_items", "source_run_id"))
+    AdapterVersion.__table__.create(connection)
+    existing = (
+        select(UserRun.job_id, UserRun.user_id, UserRun.method, literal(1), UserRun.id, literal("current"), Metric.rouge1, Adapter.created_at)
+        .join(Adapter, Adapter.run_id == UserRun.id)
+        .outerjoin(Metric, Metric.run_id == UserRun.id)
+        .where(UserRun.state == "succeeded")
+    )
+    columns = ["line_id", "user_id", "method", "number", "run_id", "state", "score", "created_at"]
+    connection.execute(insert(AdapterVersion).from_select(columns, existing))
+
+
+def _add_columns(connection: Connection, model: type, names: tuple[str, ...]) -> None:
+    """Add the nullable columns ``names`` of ``model`` to its table, as the model types them."""
+    table = model.__table__
+    quote = connection.dialect.identifier_preparer.quote
+    for name in names:
+        column_type = table.columns[name].type.compile(connection.dialect)
+        connection.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {quote(name)} {column_type}"))
+
+
+MIGRATIONS: dict[int, Migration] = {1: _add_driver_leases, 2: _add_lease_notice, 3: _scores_may_be_absent, 4: _add_lifecycle}
 """``MIGRATIONS[v]`` upgrades a database from schema version ``v`` to ``v + 1``."""
 
 SCHEMA_LOCK_KEY = 0x6362706F

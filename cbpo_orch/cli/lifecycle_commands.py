@@ -1,0 +1,78 @@
+"""Commands for a job's life after it ran: update it on new data, roll a user's adapter back."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Annotated, Optional
+
+import typer
+
+from cbpo_orch.cli.app import HomeOpt, UsageError, app
+from cbpo_orch.cli.job_commands import AddressOpt, ArtifactsOpt, DbOpt, JobArg, open_workspace, run_watched
+from cbpo_orch.storage.models import PROMOTE_POLICIES
+
+
+@app.command()
+def update(
+    job: JobArg,
+    data: Annotated[str, typer.Option(help="The new version of the job's data set (any form `submit --data` reads), holding the same split.")],
+    users: Annotated[str, typer.Option(help="Which users of the new data to compare: 'all', N (the first N) or id,id,…. The job's other users are carried over.")] = "all",
+    promote: Annotated[str, typer.Option(help="check: a new version becomes current only if its score is not below the current one's, else it is kept as rejected; always: every new version becomes current.")] = "check",
+    home: HomeOpt = None,
+    db: DbOpt = None,
+    artifacts: ArtifactsOpt = None,
+    address: AddressOpt = None,
+) -> None:
+    """Update a job on new data: train only the users that are new or whose history changed
+    (same task, model, methods and options), and carry every other user's adapter over by
+    reference. Prints the update job's id; `cbpo-orch resume` finishes it after a crash."""
+    from cbpo_orch.orchestrator.spec import check_address
+    from cbpo_orch.orchestrator.update import start_update
+
+    if promote not in PROMOTE_POLICIES:
+        raise UsageError(f"--promote must be one of {', '.join(PROMOTE_POLICIES)}")
+    check_address(address)
+    space = open_workspace(home, db, artifacts, writes=True)
+    job_id, plan, resources = start_update(space, job, data, users, promote)
+    typer.echo(f"update of job {job}: {plan.summary()}", err=True)
+    if job_id is None:
+        typer.echo("nothing to train: no job made", err=True)
+        return
+    typer.echo(job_id)
+    resources = replace(resources, address=address or resources.address)
+    run_watched(space, job_id, resources)
+    _print_decisions(space.registry.versions(job_id), job_id)
+
+
+def _print_decisions(versions: list[dict], job_id: str) -> None:
+    """One line per version the update trained: promoted or rejected, with the scores."""
+    for row in versions:
+        if row["job_id"] != job_id:
+            continue
+        against = "" if row["parent"] is None else f" against v{row['parent']} ({_score(row['parent_score'])})"
+        typer.echo(f"{row['user_id']} · {row['method']}: v{row['version']} {row['state']}, score {_score(row['score'])}{against}", err=True)
+
+
+def _score(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+@app.command()
+def rollback(
+    user: Annotated[str, typer.Argument(help="User id.")],
+    job: Annotated[str, typer.Option(help="A job of the line (the submitted job or any of its updates).")],
+    method: Annotated[Optional[str], typer.Option(help="One method (default: every method of the job).")] = None,
+    home: HomeOpt = None,
+    db: DbOpt = None,
+) -> None:
+    """Make the previous version of a user's adapter current again (the current one becomes rolled-back)."""
+    registry = open_workspace(home, db, None).registry
+    info = registry.job(job)
+    if method is not None and method not in info.methods:
+        raise UsageError(f"job {job} did not run method {method!r} (its methods: {', '.join(info.methods)})")
+    done = registry.rollback(job, user, None if method is None else [method])
+    if not done:
+        raise UsageError(f"user {user!r} has no current version with an earlier one in the line of job {job} (see `cbpo-orch results {job} --versions`)")
+    for name, was, now in done:
+        typer.echo(f"{user} · {name}: v{now} current again (v{was} rolled back)")
+

@@ -1,0 +1,223 @@
+"""``cbpo-orch update``: a job on data v1, then v2 where one user gained items, one is new and
+two are unchanged. The driver runs in this process without Ray (``tests/in_process.py``) on
+the tiny random model; the CLI's own lines are checked through typer's runner."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from cbpo_orch.storage.artifacts import directory_sha256
+from tests.in_process import sample_users, without_ray, write_data
+
+TRAIN = dict(max_profile=4, epochs=1, max_new_tokens=4, max_prompt_tokens=128)
+
+
+@pytest.fixture
+def lifecycle(tmp_path, tiny_model_dir, monkeypatch):
+    """A home, data v1 (4 users, the first missing its 3 newest items) and v2 (the first
+    complete, a fifth user new), and a finished sft job on v1."""
+    from cbpo_orch.method.config import TrainConfig
+    from cbpo_orch.orchestrator.driver import run_job
+    from cbpo_orch.orchestrator.spec import JobSpec, Resources
+    from cbpo_orch.orchestrator.workspace import Workspace
+
+    without_ray(monkeypatch)
+    users = sample_users()
+    v1 = write_data(tmp_path / "v1", users[:4], {users[0]: 3})
+    v2 = write_data(tmp_path / "v2", users[:5])
+    space = Workspace.open(tmp_path / "home", writes=True)
+    spec = JobSpec("lamp4", str(v1), "dev", str(tiny_model_dir), ("sft",), tuple(users[:4]), TrainConfig(method="sft", **TRAIN))
+    job = space.registry.create_job("lamp4", ["sft"], users[:4], spec.to_config(Resources(workers=1)))
+    assert run_job(space, job) == "succeeded"
+    return space, job, users, v1, v2
+
+
+class Counting:
+    """The worker function, counting the users it trains."""
+
+    def __init__(self):
+        self.users: list[str] = []
+
+    def __call__(self, context, user_ids, config):
+        from cbpo_orch.workers.personalize import personalize_users
+
+        self.users += user_ids
+        return personalize_users(context, user_ids, config)
+
+
+def test_a_job_records_each_runs_data_fingerprint(lifecycle):
+    from cbpo_orch.data.dataset import load_split
+    from cbpo_orch.data.tasks import load_task
+    from cbpo_orch.orchestrator.fingerprint import user_fingerprint
+
+    space, job, users, v1, _ = lifecycle
+    dataset = load_split(str(v1), "dev", load_task("lamp4"))
+    for run in space.registry.runs(job):
+        assert (run.data_fingerprint, run.n_items) == user_fingerprint(dataset, run.user_id, 4)
+        assert run.n_items == 4 and run.source_run_id is None
+    assert len({run.data_fingerprint for run in space.registry.runs(job)}) == 4
+
+
+def test_update_trains_only_the_new_and_the_changed_user_and_carries_the_rest_by_reference(lifecycle):
+    from cbpo_orch.orchestrator.driver import run_job
+    from cbpo_orch.orchestrator.update import start_update
+
+    space, job, users, _, v2 = lifecycle
+    before = {row["user_id"]: row for row in space.registry.results(job)}
+    update, plan, _ = start_update(space, job, str(v2))
+    assert (plan.new, plan.changed, sorted(plan.unchanged)) == ([users[4]], [users[0]], sorted(users[1:4]))
+    worker = Counting()
+    assert run_job(space, update, worker_fn=worker) == "succeeded"
+
+    assert sorted(worker.users) == sorted([users[0], users[4]])  # exactly 2 runs trained
+    runs = {run.user_id: run for run in space.registry.runs(update)}
+    after = {row["user_id"]: row for row in space.registry.results(update)}
+    assert sorted(after) == sorted(users[:5])
+    for user in users[1:4]:  # unchanged: the same folder, the same bytes, nothing written
+        assert runs[user].attempts == 0 and runs[user].source_run_id is not None
+        assert after[user]["adapter_path"] == before[user]["adapter_path"]
+        assert directory_sha256(after[user]["adapter_path"]) == before[user]["sha256"] == after[user]["sha256"]
+        assert after[user]["rouge1"] == before[user]["rouge1"]
+    written = sorted(p.name for p in (space.artifacts.root / "adapters" / update).iterdir())
+    assert written == sorted([users[0], users[4]])
+    assert after[users[0]]["adapter_path"] != before[users[0]]["adapter_path"]
+
+    versions = {(row["user_id"], row["version"]): row for row in space.registry.versions(update)}
+    assert sorted(versions) == sorted([(u, 1) for u in users[:5]] + [(users[0], 2)])
+    changed = versions[(users[0], 2)]
+    assert (changed["job_id"], changed["parent"], changed["state"], changed["n_items"]) == (update, 1, "current", 4)
+    assert changed["data_fingerprint"] == runs[users[0]].data_fingerprint != versions[(users[0], 1)]["data_fingerprint"]
+    assert versions[(users[0], 1)]["state"] == "superseded"
+    new = versions[(users[4], 1)]
+    assert (new["job_id"], new["parent"], new["state"]) == (update, None, "current")
+    assert all(versions[(u, 1)]["job_id"] == job and versions[(u, 1)]["state"] == "current" for u in users[1:4])
+    assert space.registry.job(update).line_id == job and space.registry.job(update).parent_job_id == job
+
+    again, plan, _ = start_update(space, update, str(v2))  # nothing changed since
+    assert again is None and plan.trains == 0 and len(plan.unchanged) == 5
+
+
+class CrashOnce:
+    """Trains as usual, but the process "dies" (KeyboardInterrupt, as Ctrl-C or a kill
+    leaves the run running) when it reaches ``user`` the first time."""
+
+    def __init__(self, user: str):
+        self.user, self.crashed = user, False
+
+    def __call__(self, context, user_ids, config):
+        from cbpo_orch.workers.personalize import personalize_users
+
+        if self.user in user_ids and not self.crashed:
+            self.crashed = True
+            raise KeyboardInterrupt
+        return personalize_users(context, user_ids, config)
+
+
+def test_an_update_that_crashes_midway_resumes_like_a_job(lifecycle):
+    from cbpo_orch.orchestrator.driver import run_job
+    from cbpo_orch.orchestrator.update import NotUpdatable, start_update
+
+    space, job, users, _, v2 = lifecycle
+    update, _, _ = start_update(space, job, str(v2))
+    crash = CrashOnce(users[4])
+    with pytest.raises(KeyboardInterrupt):
+        run_job(space, update, worker_fn=crash)
+    assert space.registry.job(update).state == "interrupted"
+    with pytest.raises(NotUpdatable, match="resume"):
+        start_update(space, update, str(v2))
+    worker = Counting()
+    assert run_job(space, update, worker_fn=worker) == "succeeded"  # what `cbpo-orch resume` runs
+    assert users[4] in worker.users and set(worker.users) <= {users[0], users[4]}
+    succeeded = [run for run in space.registry.runs(update) if run.source_run_id is None]
+    assert sorted(run.user_id for run in succeeded) == sorted([users[0], users[4]])
+    assert all(run.state == "succeeded" for run in succeeded)
+    versions = space.registry.versions(update)
+    assert sorted((row["user_id"], row["version"]) for row in versions if row["job_id"] == update) == sorted([(users[0], 2), (users[4], 1)])
+
+
+def cbpo(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Run the ``cbpo-orch`` entry point in this process: (exit code, stdout, stderr)."""
+    from cbpo_orch.cli.main import main
+
+    monkeypatch.setattr(sys, "argv", ["cbpo-orch", *args])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    out, err = capsys.readouterr()
+    return exited.value.code or 0, out, err
+
+
+def test_the_update_command_says_what_it_trains_and_refuses_mistakes_in_one_line(lifecycle, monkeypatch, capsys):
+    from cbpo_orch.cli import lifecycle_commands
+    from cbpo_orch.orchestrator.driver import run_job
+
+    space, job, users, _, v2 = lifecycle
+    home = space.artifacts.root.parent
+    monkeypatch.setattr(lifecycle_commands, "run_watched", lambda space, job_id, resources: run_job(space, job_id))
+    monkeypatch.setenv("CBPO_ORCH_HOME", str(home))
+    code, out, err = cbpo(monkeypatch, capsys, "update", job, "--data", str(v2))
+    assert code == 0, err
+    assert f"update of job {job}: 1 new, 1 changed, 3 unchanged users: 2 runs to train, 3 carried over" in err
+    assert f"{users[0]} · sft: v2 current, score 0.0000 against v1 (0.0000)" in err and f"{users[4]} · sft: v1 current" in err
+    update = out.strip()
+    assert space.registry.job(update).parent_job_id == job
+    for args, expected in [
+        (["update", job, "--data", str(v2), "--promote", "sometimes"], "error: --promote must be one of check, always"),
+        (["update", "nosuchjob", "--data", str(v2)], "error: no job with id 'nosuchjob'"),
+        (["update", job, "--data", str(home / "missing")], "error: "),
+        (["update", update, "--data", str(v2), "--users", "nosuchuser"], "error: --users names 1 id(s) not in split"),
+    ]:
+        code, out, err = cbpo(monkeypatch, capsys, *args)
+        assert code == 2 and err.startswith(expected) and len(err.strip().splitlines()) == 1, err
+    code, out, err = cbpo(monkeypatch, capsys, "update", update, "--data", str(v2))
+    assert code == 0 and "5 unchanged users: 0 runs to train" in err and "nothing to train: no job made" in err and out == ""
+
+
+class ScoredAs:
+    """Trains as usual but records ``score`` as every user's ROUGE: a rigged evaluation, so
+    that a version is deliberately better or worse than the one it is compared with."""
+
+    def __init__(self, score: float):
+        self.score = score
+
+    def __call__(self, context, user_ids, config):
+        from cbpo_orch.workers.personalize import personalize_users
+
+        outcomes = personalize_users(context, user_ids, config)
+        for outcome in outcomes:
+            outcome.metrics.update(rouge1=self.score, rougeL=self.score)
+        return outcomes
+
+
+def test_a_worse_version_is_rejected_shown_and_a_rollback_restores_the_previous_one(lifecycle, tmp_path, monkeypatch, capsys):
+    from cbpo_orch.orchestrator.driver import run_job
+    from cbpo_orch.orchestrator.update import start_update
+
+    space, job, users, _, v2 = lifecycle
+    closer = write_data(tmp_path / "v1b", users[:4], {users[0]: 1})  # the changed user, 2 of its 3 new items
+    better, _, _ = start_update(space, job, str(closer), promote="always")
+    assert run_job(space, better, worker_fn=ScoredAs(0.6)) == "succeeded"
+    worse, _, _ = start_update(space, better, str(v2))
+    assert run_job(space, worse, worker_fn=ScoredAs(0.1)) == "succeeded"
+    states = {(row["user_id"], row["version"]): (row["state"], row["score"], row["parent_score"]) for row in space.registry.versions(worse)}
+    assert states[(users[0], 1)] == ("superseded", 0.0, None)
+    assert states[(users[0], 2)] == ("current", 0.6, 0.0)
+    assert states[(users[0], 3)] == ("rejected", 0.1, 0.6)  # worse than the current one: kept, not current
+    assert states[(users[4], 1)] == ("current", 0.1, None)  # a new user has nothing to be compared with
+    shown = {row["user_id"]: row for row in space.registry.results(worse)}
+    assert shown[users[0]]["rouge1"] == 0.1  # the job's own result, though its version was rejected
+
+    monkeypatch.setenv("CBPO_ORCH_HOME", str(space.artifacts.root.parent))
+    code, out, _ = cbpo(monkeypatch, capsys, "status", worse)
+    assert code == 0 and f"update of job {better} in the line of job {job} (promote: check)" in out
+    assert "adapter versions this job trained: 1 current, 1 rejected" in out
+    code, out, _ = cbpo(monkeypatch, capsys, "results", worse, "--versions", "--format", "json")
+    assert code == 0 and [(r["user_id"], r["version"], r["state"]) for r in json.loads(out) if r["user_id"] == users[0]] == [
+        (users[0], 1, "superseded"), (users[0], 2, "current"), (users[0], 3, "rejected")]
+    code, out, _ = cbpo(monkeypatch, capsys, "rollback", users[0], "--job", worse)
+    assert code == 0 and out.strip() == f"{users[0]} · sft: v1 current again (v2 rolled back)"
+    assert [(r["version"], r["state"]) for r in space.registry.versions(job, users[0])] == [(1, "current"), (2, "rolled-back"), (3, "rejected")]
+    code, _, err = cbpo(monkeypatch, capsys, "rollback", users[0], "--job", worse)
+    assert code == 2 and err.startswith(f"error: user {users[0]!r} has no current version with an earlier one")

@@ -1,0 +1,108 @@
+"""Adapter versions in the registry, on SQLite and PostgreSQL: a line of updates, promotion
+against the current version's score, rejection, ``--promote always``, rollback, and a
+registry made before versions existed (schema 4) migrated with its adapters as version 1."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from cbpo_orch.storage.lineage import PlannedRun, RunInputs
+from cbpo_orch.storage.models import SCHEMA_VERSION
+from cbpo_orch.storage.registry import Registry
+
+METRICS = {"rouge1": 0.5, "rougeL": 0.4, "n_pos": 4, "n_aux": 0, "seconds": 1.0}
+
+
+@pytest.fixture
+def registry(db_url: str):
+    with Registry(db_url) as opened:
+        yield opened
+
+
+def _succeed(registry: Registry, job: str, user: str, score: float | None, method: str = "sft") -> None:
+    (run,) = [r for r in registry.runs(job) if (r.user_id, r.method) == (user, method) and r.source_run_id is None]
+    registry.mark_running(run.run_id)
+    registry.record_success(run.run_id, {**METRICS, "rouge1": score, "rougeL": score}, {"path": f"/a/{job}/{user}/{method}", "sha256": "ab" * 32, "bytes": 1})
+
+
+def _update(registry: Registry, parent: str, trained: list[str], carried: list[str], promote: str = "check") -> str:
+    basis = registry.update_basis(parent)
+    planned = [PlannedRun(u, "sft", None, RunInputs(f"fp-{u}-new", 5)) for u in trained]
+    planned += [PlannedRun(u, "sft", basis[(u, "sft")].carry_run_id, RunInputs("same", 4)) for u in carried]
+    return registry.create_update(parent, {"users": trained + carried}, planned, promote)
+
+
+def _states(registry: Registry, job: str, user: str) -> list[tuple[int, str, int | None]]:
+    return [(row["version"], row["state"], row["parent"]) for row in registry.versions(job, user)]
+
+
+def test_a_worse_version_is_kept_as_rejected_and_the_current_one_stays(registry: Registry) -> None:
+    job = registry.create_job("lamp4", ["sft"], ["u1", "u2"], {})
+    for user in ("u1", "u2"):
+        _succeed(registry, job, user, 0.5)
+    update = _update(registry, job, ["u1", "u2"], [])
+    _succeed(registry, update, "u1", 0.2)  # worse: rejected
+    _succeed(registry, update, "u2", 0.5)  # not worse: promoted
+    assert _states(registry, job, "u1") == [(1, "current", None), (2, "rejected", 1)]
+    assert _states(registry, update, "u2") == [(1, "superseded", None), (2, "current", 1)]
+    rejected = registry.versions(update, "u1")[1]
+    assert (rejected["score"], rejected["parent_score"], rejected["job_id"], rejected["data_fingerprint"], rejected["n_items"]) == (0.2, 0.5, update, "fp-u1-new", 5)
+
+    later = _update(registry, update, [], ["u1", "u2"])  # carries the current versions, not the rejected one
+    rows = {row["user_id"]: row for row in registry.results(later)}
+    assert rows["u1"]["adapter_path"] == f"/a/{job}/u1/sft" and rows["u2"]["adapter_path"] == f"/a/{update}/u2/sft"
+    assert registry.job(later).counts["succeeded"] == 2 and registry.job(later).line_id == job
+
+
+def test_promote_always_makes_the_worse_version_current(registry: Registry) -> None:
+    job = registry.create_job("lamp4", ["sft"], ["u1"], {})
+    _succeed(registry, job, "u1", 0.5)
+    update = _update(registry, job, ["u1"], [], promote="always")
+    _succeed(registry, update, "u1", 0.1)
+    assert _states(registry, job, "u1") == [(1, "superseded", None), (2, "current", 1)]
+
+
+def test_a_version_without_a_score_is_promoted_there_being_nothing_to_compare(registry: Registry) -> None:
+    job = registry.create_job("lamp4", ["sft"], ["u1"], {})
+    _succeed(registry, job, "u1", 0.5)
+    update = _update(registry, job, ["u1"], [])
+    _succeed(registry, update, "u1", None)
+    assert _states(registry, job, "u1") == [(1, "superseded", None), (2, "current", 1)]
+
+
+def test_rollback_makes_the_previous_version_current_once(registry: Registry) -> None:
+    job = registry.create_job("lamp4", ["sft"], ["u1"], {})
+    _succeed(registry, job, "u1", 0.5)
+    update = _update(registry, job, ["u1"], [])
+    _succeed(registry, update, "u1", 0.7)
+    assert registry.rollback(update, "u1") == [("sft", 2, 1)]
+    assert _states(registry, job, "u1") == [(1, "current", None), (2, "rolled-back", 1)]
+    assert registry.rollback(job, "u1") == []  # version 1 replaced none
+    again = _update(registry, update, ["u1"], [])
+    _succeed(registry, again, "u1", 0.6)
+    assert _states(registry, job, "u1") == [(1, "superseded", None), (2, "rolled-back", 1), (3, "current", 1)]
+
+
+def test_a_schema_4_registry_is_migrated_with_each_adapter_as_a_current_version_1(db_url: str) -> None:
+    with Registry(db_url) as registry:
+        job = registry.create_job("lamp4", ["sft"], ["u1", "u2"], {})
+        _succeed(registry, job, "u1", 0.5)
+    engine = create_engine(db_url)
+    with engine.begin() as connection:  # back to schema 4: no lifecycle columns or tables
+        for table in ("audit_log", "aux_sources", "adapter_versions"):
+            connection.execute(text(f"DROP TABLE {table}"))
+        for table, columns in {"jobs": ("parent_job_id", "line_id", "promote"), "user_runs": ("data_fingerprint", "n_items", "source_run_id")}.items():
+            for column in columns:
+                connection.execute(text(f"ALTER TABLE {table} DROP COLUMN {column}"))
+        connection.execute(text("UPDATE schema_version SET version = 4"))
+    engine.dispose()
+    with Registry(db_url) as registry:
+        assert [(row["user_id"], row["version"], row["state"], row["score"], row["data_fingerprint"]) for row in registry.versions(job)] == [("u1", 1, "current", 0.5, None)]
+        update = _update(registry, job, ["u1", "u2"], [])
+        _succeed(registry, update, "u1", 0.6)
+        assert _states(registry, job, "u1") == [(1, "superseded", None), (2, "current", 1)]
+    engine = create_engine(db_url)
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT version FROM schema_version")).scalar() == SCHEMA_VERSION
+    engine.dispose()
