@@ -79,3 +79,26 @@ def write_data(out: Path, users: list[str], without_newest: dict[str, int] | Non
     (out / "dev_questions.json").write_text(json.dumps(kept))
     (out / "dev_outputs.json").write_text(json.dumps({**golds, "golds": [g for g in golds["golds"] if g["id"] in ids]}))
     return out
+
+
+TRAIN = dict(epochs=1, max_profile=4, max_new_tokens=4, max_prompt_tokens=128)
+"""The smallest training that runs every stage: one step a user."""
+
+
+def finished_job(root: Path, model: Path, methods: tuple[str, ...] = ("sft",)):
+    """A home under ``root``, data v1 (4 sample users, the first missing its 3 newest items)
+    and v2 (the first complete, a fifth user new), and a job on v1 run to its end: returns
+    (workspace, job id, the sample's users, v1, v2). Call :func:`without_ray` first."""
+    from cbpo_orch.method.config import TrainConfig
+    from cbpo_orch.orchestrator.driver import run_job
+    from cbpo_orch.orchestrator.spec import JobSpec, Resources
+    from cbpo_orch.orchestrator.workspace import Workspace
+
+    users = sample_users()
+    v1 = write_data(root / "v1", users[:4], {users[0]: 3})
+    v2 = write_data(root / "v2", users[:5])
+    space = Workspace.open(root / "home", writes=True)
+    spec = JobSpec("lamp4", str(v1), "dev", str(model), methods, tuple(users[:4]), TrainConfig(method=methods[0], **TRAIN))
+    job = space.registry.create_job("lamp4", list(methods), users[:4], spec.to_config(Resources(workers=1)))
+    assert run_job(space, job) == "succeeded"
+    return space, job, users, v1, v2

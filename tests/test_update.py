@@ -10,29 +10,13 @@ import sys
 import pytest
 
 from cbpo_orch.storage.artifacts import directory_sha256
-from tests.in_process import sample_users, without_ray, write_data
-
-TRAIN = dict(max_profile=4, epochs=1, max_new_tokens=4, max_prompt_tokens=128)
-
+from tests.in_process import finished_job, without_ray, write_data
 
 @pytest.fixture
 def lifecycle(tmp_path, tiny_model_dir, monkeypatch):
-    """A home, data v1 (4 users, the first missing its 3 newest items) and v2 (the first
-    complete, a fifth user new), and a finished sft job on v1."""
-    from cbpo_orch.method.config import TrainConfig
-    from cbpo_orch.orchestrator.driver import run_job
-    from cbpo_orch.orchestrator.spec import JobSpec, Resources
-    from cbpo_orch.orchestrator.workspace import Workspace
-
+    """A finished sft job on data v1, and v2 (``in_process.finished_job``)."""
     without_ray(monkeypatch)
-    users = sample_users()
-    v1 = write_data(tmp_path / "v1", users[:4], {users[0]: 3})
-    v2 = write_data(tmp_path / "v2", users[:5])
-    space = Workspace.open(tmp_path / "home", writes=True)
-    spec = JobSpec("lamp4", str(v1), "dev", str(tiny_model_dir), ("sft",), tuple(users[:4]), TrainConfig(method="sft", **TRAIN))
-    job = space.registry.create_job("lamp4", ["sft"], users[:4], spec.to_config(Resources(workers=1)))
-    assert run_job(space, job) == "succeeded"
-    return space, job, users, v1, v2
+    return finished_job(tmp_path, tiny_model_dir)
 
 
 class Counting:

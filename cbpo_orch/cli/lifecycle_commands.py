@@ -1,4 +1,5 @@
-"""Commands for a job's life after it ran: update it on new data, roll a user's adapter back."""
+"""Commands for a job's life after it ran: update it on new data, roll a user's adapter back,
+forget a user."""
 
 from __future__ import annotations
 
@@ -76,3 +77,36 @@ def rollback(
     for name, was, now in done:
         typer.echo(f"{user} · {name}: v{now} current again (v{was} rolled back)")
 
+
+@app.command()
+def forget(
+    user: Annotated[str, typer.Argument(help="User id.")],
+    job: Annotated[Optional[str], typer.Option(help="Only this job's line (the submitted job and its updates); the home's caches are cleaned either way.")] = None,
+    home: HomeOpt = None,
+    db: DbOpt = None,
+    artifacts: ArtifactsOpt = None,
+) -> None:
+    """Forget a user: delete its adapters (every version), predictions, metrics and runs, its
+    rows of the cached history indexes (the aux pool of future training) and the π_ref caches
+    holding its pairs; say which other users' adapters trained on its items as aux items; and
+    write an audit line that names the user only by a digest. Remove the user from your data
+    set too, or a later update trains it again as a new user."""
+    from cbpo_orch.orchestrator.forget import UserInUse, forget_user
+
+    space = open_workspace(home, db, artifacts, writes=True)
+    try:
+        report = forget_user(space, user, job)
+    except UserInUse as busy:
+        raise UsageError(str(busy)) from None
+    counts = report.counts()
+    typer.echo(
+        f"forgot {user}: {counts['runs']} runs and {counts['versions']} adapter versions in {counts['jobs']} jobs, "
+        f"{counts['adapter_folders']} adapter folders, {counts['history_rows']} cached history rows, "
+        f"{counts['reference_caches']} π_ref cache files"
+    )
+    if report.aux_users_of:
+        typer.echo(f"{len(report.aux_users_of)} runs of other users trained on its items as aux items (retrain them to remove their influence):")
+        for other, method, job_id in report.aux_users_of:
+            typer.echo(f"  {other} · {method} · job {job_id}")
+    else:
+        typer.echo("no recorded run of another user trained on its items as aux items (recorded since registry schema 5)")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import shutil
 import uuid
 import zipfile
 from collections.abc import Iterable
@@ -103,3 +104,15 @@ class ReferenceCache:
             os.replace(staging, self.folder / _FILE)
         finally:
             staging.unlink(missing_ok=True)
+
+
+def forget_pairs(root: Path, keys: set[bytes]) -> int:
+    """Remove every starting model's file under ``root`` (``cache/reference``) that holds any of
+    ``keys``: whole, since KTO's mismatched pairs mix a user's texts with others' under keys
+    that cannot be told from the user's pairs alone. Returns how many were removed."""
+    removed = 0
+    for folder in sorted(root.glob("*")) if root.is_dir() else []:
+        if folder.is_dir() and keys & ReferenceCache(folder).load().keys():
+            shutil.rmtree(folder)
+            removed += 1
+    return removed

@@ -534,6 +534,18 @@ class Registry:
 
         return transact(self._writer, work)
 
+    def erase_freed(self) -> None:
+        """Leave no deleted row's bytes in a SQLite registry's files: rebuild the database
+        (``VACUUM``: its free pages kept what deleted rows held) and empty its write-ahead
+        log. PostgreSQL reclaims deleted rows with its own ``VACUUM``, which its operator runs."""
+        if self._engine.dialect.name == "sqlite":
+            raw = self._engine.raw_connection()
+            try:
+                raw.driver_connection.execute("VACUUM")
+                raw.driver_connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                raw.close()
+
     def audit(self, actor: str, action: str, subject: str, detail: Mapping[str, Any]) -> None:
         """Append a line to the audit log (it must hold no user content)."""
         transact(self._writer, lambda session: session.add(AuditEntry(actor=actor, action=action, subject=subject, detail=dict(detail))))
