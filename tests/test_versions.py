@@ -106,3 +106,14 @@ def test_a_schema_4_registry_is_migrated_with_each_adapter_as_a_current_version_
     with engine.connect() as connection:
         assert connection.execute(text("SELECT version FROM schema_version")).scalar() == SCHEMA_VERSION
     engine.dispose()
+
+
+def test_an_update_of_a_failed_run_trains_it_again_even_where_an_older_version_is_current(registry: Registry) -> None:
+    job = registry.create_job("lamp4", ["sft"], ["u1"], {})
+    _succeed(registry, job, "u1", 0.5)
+    update = _update(registry, job, ["u1"], [])
+    (run,) = registry.runs(update)
+    registry.mark_running(run.run_id)
+    registry.record_failure(run.run_id, "boom", final=True)
+    assert registry.update_basis(update)[("u1", "sft")].carry_run_id is None
+    assert registry.update_basis(job)[("u1", "sft")].carry_run_id == registry.runs(job)[0].run_id

@@ -35,7 +35,8 @@ class RunInputs:
 class Basis:
     """What an update starts from for one (user, method) of a job: its run's state and data
     fingerprint, and the run a carried-over run would refer to (the line's current version,
-    or for a method without an adapter the run's own result; None: nothing to carry)."""
+    or for a method without an adapter the run's own result; None where the run did not
+    succeed: it trains again)."""
 
     state: str
     data_fingerprint: str | None
@@ -87,9 +88,7 @@ def update_basis(session: Session, job: Job) -> dict[tuple[str, str], Basis]:
     }
     basis = {}
     for run in session.scalars(select(UserRun).where(UserRun.job_id == job.job_id)):
-        carry = current.get((run.user_id, run.method))
-        if carry is None and run.state == "succeeded":
-            carry = result_run(run)
+        carry = current.get((run.user_id, run.method), result_run(run)) if run.state == "succeeded" else None
         basis[(run.user_id, run.method)] = Basis(run.state, run.data_fingerprint, run.n_items, carry)
     return basis
 
