@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from cbpo_orch.workers import entrypoints
-from cbpo_orch.workers.entrypoints import Entry
+from cbpo_orch.workers.entrypoints import Entrypoint
 
 TRAINING_STACK = ("torch", "transformers", "peft", "sklearn", "sentence_transformers")
 
@@ -23,7 +23,7 @@ def test_the_driver_process_imports_no_training_stack():
 
 
 def test_an_entry_pickles_as_its_name_and_calls_the_function_it_names():
-    entry = Entry("os.path:join")
+    entry = Entrypoint("os.path:join")
     assert len(pickle.dumps(entry)) < 200 and pickle.loads(pickle.dumps(entry)) == entry
     assert entry("a", "b") == "a/b"
 
@@ -31,7 +31,7 @@ def test_an_entry_pickles_as_its_name_and_calls_the_function_it_names():
 def test_every_entry_names_a_function_that_exists():
     import importlib
 
-    entries = [value for value in vars(entrypoints).values() if isinstance(value, Entry)]
+    entries = [value for value in vars(entrypoints).values() if isinstance(value, Entrypoint)]
     assert len(entries) == 5
     for entry in entries:
         module, _, name = entry.target.partition(":")

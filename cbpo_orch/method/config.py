@@ -12,6 +12,13 @@ class ConfigError(ValueError):
     """A configuration value out of its range."""
 
 
+def require(checks: list[tuple[bool, str]]) -> None:
+    """Raise ``ConfigError`` with the message of the first check that fails."""
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     """The LoRA adapter (peft). User adapters: r=8, α=8 on q/v (OPPU's public settings)."""
@@ -80,7 +87,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         method_spec(self.method)
-        checks = [
+        require([
             (self.epochs is None or self.epochs >= 1, "epochs must be ≥ 1"),
             (self.lr is None or (math.isfinite(self.lr) and self.lr > 0), "lr must be a finite number > 0"),
             (self.beta is None or (math.isfinite(self.beta) and self.beta > 0), "beta must be a finite number > 0"),
@@ -101,10 +108,7 @@ class TrainConfig:
             (self.retriever in ("embedding", "bm25"), "retriever must be embedding or bm25"),
             (self.lora.r >= 1, "lora-r must be ≥ 1"),
             (0 <= self.seed < 2**32, "seed must be in [0, 2^32)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        ])
 
     @property
     def resolved_epochs(self) -> int:

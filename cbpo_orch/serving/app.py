@@ -46,18 +46,15 @@ class ServeOptions:
     gpus_per_replica: float = 0.0
 
     def __post_init__(self) -> None:
-        from cbpo_orch.method.config import ConfigError
+        from cbpo_orch.method.config import require
 
-        checks = [
+        require([
             (self.replicas >= 1, "replicas must be ≥ 1"),
             (self.max_adapters_per_replica >= 1, "max-adapters-per-replica must be ≥ 1"),
             (self.max_batch_size >= 1, "max-batch-size must be ≥ 1 (1: no cross-user batching)"),
             (self.batch_wait_s >= 0, "batch-wait-ms must be ≥ 0"),
             (self.cpus_per_replica > 0 and self.gpus_per_replica >= 0, "cpus-per-replica must be > 0 and gpus-per-replica ≥ 0"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        ])
 
 
 def is_loopback(host: str) -> bool:

@@ -2,7 +2,7 @@
 
 The driver only schedules: it never imports the training stack (torch, transformers,
 peft, scikit-learn, sentence-transformers), which costs seconds and hundreds of MB in a
-process that waits on Ray. An :class:`Entry` pickles as its name; the worker process that
+process that waits on Ray. An :class:`Entrypoint` pickles as its name; the worker process that
 runs it imports the function on the first call.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
-class Entry:
+class Entrypoint:
     """``module:function``, callable like the function it names."""
 
     target: str
@@ -23,8 +23,8 @@ class Entry:
         return getattr(importlib.import_module(module), name)(*args, **kwargs)
 
 
-PERSONALIZE_USERS = Entry("cbpo_orch.workers.personalize:personalize_users")
-EMBED_SHARD = Entry("cbpo_orch.workers.embedding:embed_shard")
-BUILD_TASK_ADAPTER = Entry("cbpo_orch.workers.task_adapter:build_task_adapter")
-REFERENCE_SHARD = Entry("cbpo_orch.workers.reference_pass:reference_shard")
-GAMMA_SHARD = Entry("cbpo_orch.workers.gamma_pass:gamma_shard")
+PERSONALIZE_USERS = Entrypoint("cbpo_orch.workers.personalize:personalize_users")
+EMBED_SHARD = Entrypoint("cbpo_orch.workers.embedding:embed_shard")
+BUILD_TASK_ADAPTER = Entrypoint("cbpo_orch.workers.task_adapter:build_task_adapter")
+REFERENCE_SHARD = Entrypoint("cbpo_orch.workers.reference_pass:reference_shard")
+GAMMA_SHARD = Entrypoint("cbpo_orch.workers.gamma_pass:gamma_shard")

@@ -105,11 +105,11 @@ def personalize_users(
     prepared = [_prepare(context, user_id, config) for user_id in user_ids]
     if not spec.trains:
         answers = _answer(context, prepared, config, budgets)
-        return [_outcome(context, item, config, outputs, None, None) for item, outputs in zip(prepared, answers)]
+        return [_outcome(context, user, config, outputs, None, None) for user, outputs in zip(prepared, answers)]
 
-    for item in prepared:
-        _add_work(context, item, budgets, config)
-    works = [item.work for item in prepared]
+    for user in prepared:
+        _add_work(context, user, budgets, config)
+    works = [user.work for user in prepared]
     n_slots = pack_slots(loaded.model, config.lora, works, config.batch_size, loaded.device)
     with attached_multi_lora(loaded.model, config.lora, n_slots=n_slots) as multi:
         started = time.perf_counter()
@@ -119,12 +119,12 @@ def personalize_users(
         for group in slot_groups(multi, adapters):
             answers = _answer(context, [prepared[u] for u in group], config, budgets, multi)
             for slot, (u, outputs) in enumerate(zip(group, answers)):
-                item, result = prepared[u], results[u]
-                item.phases["reference"] = round(result.reference_seconds, 3)
-                item.phases["train"] = train_seconds
-                selection = _selection(item, result)
+                user, result = prepared[u], results[u]
+                user.phases["reference"] = round(result.reference_seconds, 3)
+                user.phases["train"] = train_seconds
+                selection = _selection(user, result)
                 files = adapter_files(multi, slot, {"reference_state": result.reference_state, "losses": result.losses, **selection})
-                outcomes.append(_outcome(context, item, config, outputs, result, files, selection))
+                outcomes.append(_outcome(context, user, config, outputs, result, files, selection))
     return outcomes
 
 
@@ -136,15 +136,15 @@ def _answer(context: UserContext, prepared: list[_Prepared], config: TrainConfig
     loaded = context.loaded
     shared: dict[str, float] = {}
     with _phase(shared, "prompts"):
-        composed = compose(context, [UserAsk(item.items, _asked(context, item)) for item in prepared], config, budgets)
-    for item, own in zip(prepared, composed):
-        item.composed = own
+        composed = compose(context, [UserAsk(user.items, _asked(context, user)) for user in prepared], config, budgets)
+    for user, own in zip(prepared, composed):
+        user.composed = own
     prompts = [own.prompts for own in composed]
     slots = [slot for slot, own in enumerate(prompts) for _ in own] if multi is not None else None
     with _phase(shared, "generate"):
         flat = iter(generate(loaded.model, loaded.tokenizer, [p for own in prompts for p in own], budgets, config.eval_batch_size, loaded.device, slots, multi, context.task.decoding))
-    for item in prepared:
-        item.phases.update(shared)
+    for user in prepared:
+        user.phases.update(shared)
     return [[next(flat) for _ in own] for own in prompts]
 
 
@@ -163,62 +163,62 @@ def _prepare(context: UserContext, user_id: str, config: TrainConfig) -> _Prepar
     return _Prepared(user_id, phases, seen, items.positives, items.held_out, items.auxiliary, evaluation, gamma, gamma_reason)
 
 
-def _add_work(context: UserContext, item: _Prepared, budgets: Budgets, config: TrainConfig) -> None:
+def _add_work(context: UserContext, user: _Prepared, budgets: Budgets, config: TrainConfig) -> None:
     """The user's training work: the items within budget, prompted as the method prompts
     (``_prompted``), encoded; KTO's mismatched pairs; the held-out score."""
     loaded = context.loaded
     tokenizer = loaded.tokenizer
-    positives, auxiliary, held_out = _prompted(context, item, budgets, config)
-    pos_pairs = _fitting(tokenizer, positives, budgets, item.user_id, required=True)
-    aux_pairs = _fitting(tokenizer, auxiliary, budgets, item.user_id)
-    held_pairs = _fitting(tokenizer, held_out, budgets, item.user_id)
-    item.held_pairs = held_pairs
-    item.work = UserTraining(
+    positives, auxiliary, held_out = _prompted(context, user, budgets, config)
+    pos_pairs = _fitting(tokenizer, positives, budgets, user.user_id, required=True)
+    aux_pairs = _fitting(tokenizer, auxiliary, budgets, user.user_id)
+    held_pairs = _fitting(tokenizer, held_out, budgets, user.user_id)
+    user.held_pairs = held_pairs
+    user.work = UserTraining(
         samples=encode_samples(tokenizer, pos_pairs, True, budgets) + encode_samples(tokenizer, aux_pairs, False, budgets),
-        gamma=item.gamma or 0.0,
+        gamma=user.gamma or 0.0,
         seed=config.seed,
         kl_pairs=mismatched_pairs(tokenizer, pos_pairs + aux_pairs, budgets) if method_spec(config.method).mismatched else None,
         validate=_held_out_score(loaded.model, tokenizer, held_pairs, budgets, config, loaded.device) if held_pairs else None,
     )
 
 
-def _prompted(context: UserContext, item: _Prepared, budgets: Budgets, config: TrainConfig) -> tuple[list[Example], list[Example], list[Example]]:
+def _prompted(context: UserContext, user: _Prepared, budgets: Budgets, config: TrainConfig) -> tuple[list[Example], list[Example], list[Example]]:
     """The user's positives, aux and held-out items with their prompts as its method composes
     them (``prompts.py``): with ``--retrieve``, after the user's items retrieved for each (an
     own item's from the items older than it, an aux item's from every item the user trains
     on), as its queries and evaluation items are."""
-    own = item.positives + item.held_out
+    own = user.positives + user.held_out
     asked = [Asked(e.item_id, e.x, e.y, before) for before, e in enumerate(own)]
-    asked += [Asked(e.item_id, e.x, e.y, len(own)) for e in item.auxiliary]
-    [composed] = compose(context, [UserAsk(item.items, asked)], config, budgets)
-    prompted = [replace(e, x=x) for e, x in zip(own + item.auxiliary, composed.prompts)]
-    n = len(item.positives)
+    asked += [Asked(e.item_id, e.x, e.y, len(own)) for e in user.auxiliary]
+    [composed] = compose(context, [UserAsk(user.items, asked)], config, budgets)
+    prompted = [replace(e, x=x) for e, x in zip(own + user.auxiliary, composed.prompts)]
+    n = len(user.positives)
     return prompted[:n], prompted[len(own) :], prompted[n : len(own)]
 
 
-def _selection(item: _Prepared, result: TrainResult) -> dict:
+def _selection(user: _Prepared, result: TrainResult) -> dict:
     """What selection did for the user, and how many of its items were over the budget."""
-    n_items = len(item.positives) + len(item.auxiliary) + len(item.held_out)
+    n_items = len(user.positives) + len(user.auxiliary) + len(user.held_out)
     return {
-        "n_held_out": len(item.held_pairs),
+        "n_held_out": len(user.held_pairs),
         "selected_epoch": result.selected_epoch,
         "validation_logp": result.validation_scores,
-        "n_over_budget": n_items - len(item.work.samples) - len(item.held_pairs),
+        "n_over_budget": n_items - len(user.work.samples) - len(user.held_pairs),
     }
 
 
-def _asked(context: UserContext, item: _Prepared) -> list[Asked]:
+def _asked(context: UserContext, user: _Prepared) -> list[Asked]:
     """What the user is answered on: its queries (gold None where the split has none; every
     item of the user comes before them), then its evaluation items (their own text is the
     gold; the items before one are those older than it)."""
-    position = {e.item_id: i for i, e in enumerate(item.items)}
-    queries = [Asked(q.id, context.task.prompt(q), q.gold, len(item.items)) for q in context.dataset.user(item.user_id).queries]
-    return queries + [Asked(e.item_id, e.x, e.y, position[e.item_id]) for e in item.evaluation]
+    position = {e.item_id: i for i, e in enumerate(user.items)}
+    queries = [Asked(q.id, context.task.prompt(q), q.gold, len(user.items)) for q in context.dataset.user(user.user_id).queries]
+    return queries + [Asked(e.item_id, e.x, e.y, position[e.item_id]) for e in user.evaluation]
 
 
 def _outcome(
     context: UserContext,
-    item: _Prepared,
+    user: _Prepared,
     config: TrainConfig,
     outputs: list[Completion],
     result: TrainResult | None,
@@ -228,41 +228,41 @@ def _outcome(
     """Score the user's outputs and gather its metrics and predictions. The scores are the
     mean over every answered item with a gold (queries and evaluation items alike); none
     where no item has one."""
-    asked = _asked(context, item)
+    asked = _asked(context, user)
     scored = [(out.text, a.gold) for out, a in zip(outputs, asked) if a.gold is not None]
-    with _phase(item.phases, "score"):
+    with _phase(user.phases, "score"):
         scores = rouge([text for text, _ in scored], [gold for _, gold in scored]) if scored else {"rouge1": None, "rougeL": None}
     evaluation = {
         "n_scored": len(scored),
-        "n_eval_items": len(item.evaluation),
+        "n_eval_items": len(user.evaluation),
         "hit_budget": sum(out.finish_reason == "length" for out in outputs),
         "steps": result.steps if result else 0,
     }
     metrics = {
-        "user_id": item.user_id,
+        "user_id": user.user_id,
         "method": config.method,
         **scores,
-        "gamma": item.gamma,
-        "gamma_reason": item.gamma_reason,
-        "n_pos": len(item.positives),
-        "n_aux": len(item.auxiliary),
+        "gamma": user.gamma,
+        "gamma_reason": user.gamma_reason,
+        "n_pos": len(user.positives),
+        "n_aux": len(user.auxiliary),
         "selection": selection or {},
         "evaluation": evaluation,
-        "train_seconds": item.phases.get("train", 0.0),
-        "seconds": round(sum(item.phases.values()), 3),
-        "phase_seconds": item.phases,
+        "train_seconds": user.phases.get("train", 0.0),
+        "seconds": round(sum(user.phases.values()), 3),
+        "phase_seconds": user.phases,
         "losses": result.losses if result else [],
-        "prompting": item.composed.record,
+        "prompting": user.composed.record,
         "config": config.to_dict(),
     }
-    n_queries = len(asked) - len(item.evaluation)
-    carried = item.composed.carried or [[] for _ in asked]
+    n_queries = len(asked) - len(user.evaluation)
+    carried = user.composed.carried or [[] for _ in asked]
     predictions = [
         {"id": a.id, "prediction": out.text, "gold": a.gold, "finish_reason": out.finish_reason, "eval_item": k >= n_queries,
-         **({"context_items": ids} if item.composed.carried else {})}
+         **({"context_items": ids} if user.composed.carried else {})}
         for k, (a, out, ids) in enumerate(zip(asked, outputs, carried))
     ]
-    return UserOutcome(item.user_id, config.method, metrics, files, predictions)
+    return UserOutcome(user.user_id, config.method, metrics, files, predictions)
 
 
 def _fitting(tokenizer, examples: list, budgets: Budgets, user_id: str, required: bool = False) -> list[tuple[str, str]]:
