@@ -60,7 +60,8 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 
 from cbpo_orch.method.config import LoraSettings, TrainConfig
 from cbpo_orch.method.methods import method_spec
-from cbpo_orch.training.encoding import EncodedPair, collate, completion_logps
+from cbpo_orch.training.encoding import EncodedPair, collate
+from cbpo_orch.training.logprobs import completion_logps
 from cbpo_orch.training.generation import greedy_ids
 from cbpo_orch.training.models import load_model, resolve_device, training_dtype
 from cbpo_orch.training.multi_lora import attached_multi_lora

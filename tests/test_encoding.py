@@ -5,7 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cbpo_orch.data.tasks import Budgets
-from cbpo_orch.training.encoding import BudgetError, EncodedPair, check_prompts, collate, completion_logps, encode_pair, within_budget
+from cbpo_orch.training.encoding import BudgetError, EncodedPair, check_prompts, collate, encode_pair, within_budget
+from cbpo_orch.training.logprobs import completion_logps
 
 PAIRS = [
     ("Generate a headline for the following article: the city council voted on the new budget", "Council passes budget"),

@@ -1,5 +1,6 @@
 """The package's rooms and the one direction imports run: __main__ → cli → serving → orchestrator → workers
-→ training → method, data, storage (three peers that import none of each other) → home."""
+→ training → method, data, storage (three peers that import none of each other) → home; and inside a
+room, no two modules import each other, directly or around a circle (type-only imports included)."""
 
 import ast
 from pathlib import Path
@@ -9,6 +10,53 @@ import cbpo_orch
 PACKAGE = Path(cbpo_orch.__file__).parent
 RANK = {"__main__": 7, "cli": 6, "serving": 5, "orchestrator": 4, "workers": 3, "training": 2,
         "method": 1, "data": 1, "storage": 1, "home": 0}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path, modules: set[str]) -> set[str]:
+    """The cbpo_orch modules ``path`` imports anywhere in it (a ``from M import N`` of a
+    submodule N counts as importing M.N)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+    own = module_name(path)
+    return {m for m in found if m in modules and m != own and not own.startswith(m + ".")}
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for other in graph[module]:
+            if other not in index:
+                visit(other)
+                low[module] = min(low[module], low[other])
+            elif other in stack:
+                low[module] = min(low[module], index[other])
+        if low[module] == index[module]:
+            component = []
+            while not component or component[-1] != module:
+                component.append(stack.pop())
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return circles
 
 
 def imported_rooms(path: Path) -> set[str]:
@@ -42,6 +90,13 @@ def test_no_import_runs_upward_or_across_peers():
             if RANK[other] >= RANK[room]:
                 wrong.append(f"{path.relative_to(PACKAGE)} imports cbpo_orch.{other}")
     assert not wrong, wrong
+
+
+def test_no_import_circle():
+    paths = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+    graph = {name: imported_modules(path, set(paths)) for name, path in paths.items()}
+    assert import_circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]], "the check itself finds a circle"
+    assert import_circles(graph) == []
 
 
 def test_the_method_is_the_math_only():

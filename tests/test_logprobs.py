@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM, Gemma2Config, GPT2Config, LlamaCo
 from cbpo_orch.method.config import LoraSettings
 from cbpo_orch.method.objectives import cbpo_loss, sft_loss
 from cbpo_orch.training import logprobs
-from cbpo_orch.training.encoding import EncodedPair, collate, sequence_logps
-from cbpo_orch.training.logprobs import PLAIN_HEAD_FAMILIES, completion_logps, split_head
+from cbpo_orch.training.encoding import EncodedPair, collate
+from cbpo_orch.training.logprobs import PLAIN_HEAD_FAMILIES, completion_logps, sequence_logps, split_head
 from cbpo_orch.training.multi_lora import attached_multi_lora
 
 VOCAB = 97

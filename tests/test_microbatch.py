@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from cbpo_orch.method.config import LoraSettings, TrainConfig
 from cbpo_orch.method.objectives import negative_loss, per_user_mean
-from cbpo_orch.training.encoding import collate, completion_logps
+from cbpo_orch.training.encoding import collate
+from cbpo_orch.training.logprobs import completion_logps
 from cbpo_orch.training.micro_batch import ACTIVATION_BUDGET, activation_bytes, micro_batch_rows
 from cbpo_orch.training.multi_lora import attached_multi_lora
 from cbpo_orch.training.trainer import MethodLoss, Sample, UserTraining, backward_by_rows, train_adapters

@@ -26,7 +26,8 @@ from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
 from cbpo_orch.method.config import LoraSettings
 from cbpo_orch.method.config import TrainConfig
 from cbpo_orch.method.objectives import sft_loss
-from cbpo_orch.training.encoding import EncodedPair, collate, completion_logps
+from cbpo_orch.training.encoding import EncodedPair, collate
+from cbpo_orch.training.logprobs import completion_logps
 from cbpo_orch.training.multi_lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MultiLora, attached_multi_lora
 from cbpo_orch.training.multi_optim import SlotAdamW, linear_warmup_decay
 from cbpo_orch.training.trainer import Sample, UserTraining, mixed_batches, train_adapters

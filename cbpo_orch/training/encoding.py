@@ -6,7 +6,7 @@ both sides. A prompt is never cut: one over its budget raises :class:`BudgetErro
 training item over budget is left out by :func:`within_budget` instead). A completion is
 y followed by the end-of-sequence token; a y longer than its budget is cut to it *without*
 the end-of-sequence token, so a cut target never teaches the model to stop early.
-A batch's completion log-probs come from ``logprobs.py`` (:func:`completion_logps`).
+A batch's completion log-probs come from ``logprobs.py``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import torch
 
 from cbpo_orch.data.tasks import Budgets
 from cbpo_orch.method.config import ConfigError
-from cbpo_orch.training.logprobs import completion_logps
 
 
 class BudgetError(ConfigError):
@@ -123,16 +122,3 @@ def collate(pairs: list[EncodedPair], pad_id: int) -> TokenBatch:
         attention[row, :n] = 1
         completion[row, pair.prompt_len : n] = True
     return TokenBatch(ids, attention, completion)
-
-
-@torch.no_grad()
-def sequence_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: int, device) -> torch.Tensor:
-    """Summed completion log-probs of ``pairs`` under ``model`` in eval mode."""
-    was_training = model.training
-    model.eval()
-    out = [
-        completion_logps(model, collate(pairs[i : i + batch_size], pad_id).to(device))[0].float()
-        for i in range(0, len(pairs), batch_size)
-    ]
-    model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, device=device)

@@ -24,15 +24,12 @@ family is (``PLAIN_HEAD_FAMILIES``); any other model takes the full-logits path.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-if TYPE_CHECKING:
-    from cbpo_orch.training.encoding import TokenBatch
+from cbpo_orch.training.encoding import EncodedPair, TokenBatch, collate
 
 CHUNK_BYTES = 2**27
 """fp32 logits per chunk (128 MiB): 682 positions of SmolLM2's vocabulary, 220 of Qwen2's."""
@@ -81,7 +78,7 @@ def _chunk_logps(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: T
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
-def completion_logps(model: nn.Module, batch: "TokenBatch") -> tuple[Tensor, Tensor]:
+def completion_logps(model: nn.Module, batch: TokenBatch) -> tuple[Tensor, Tensor]:
     """Summed log-probabilities of each row's completion tokens [B] (fp32), and their counts.
 
     Prompt and padding positions are masked out (METHOD.md §7: sums, not means); a token at
@@ -96,7 +93,7 @@ def completion_logps(model: nn.Module, batch: "TokenBatch") -> tuple[Tensor, Ten
     return torch.zeros(mask.shape, dtype=logps.dtype, device=logps.device).masked_scatter(mask, logps).sum(-1), mask.sum(-1)
 
 
-def _full_logits_logps(model: nn.Module, batch: "TokenBatch") -> Tensor:
+def _full_logits_logps(model: nn.Module, batch: TokenBatch) -> Tensor:
     """The summed completion log-probs from the model's own logits, for a head that is not
     known to be plain: only the positions from the batch's earliest completion token on go
     through it (``logits_to_keep``), but those at full vocabulary width."""
@@ -107,3 +104,16 @@ def _full_logits_logps(model: nn.Module, batch: "TokenBatch") -> Tensor:
     targets, mask = batch.input_ids[:, first:], batch.completion_mask[:, first:]
     token_logps = logits.gather(2, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
     return (token_logps * mask).sum(-1)
+
+
+@torch.no_grad()
+def sequence_logps(model, pairs: list[EncodedPair], pad_id: int, batch_size: int, device) -> torch.Tensor:
+    """Summed completion log-probs of ``pairs`` under ``model`` in eval mode."""
+    was_training = model.training
+    model.eval()
+    out = [
+        completion_logps(model, collate(pairs[i : i + batch_size], pad_id).to(device))[0].float()
+        for i in range(0, len(pairs), batch_size)
+    ]
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, device=device)

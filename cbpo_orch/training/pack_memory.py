@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from cbpo_orch.method.config import LoraSettings
-from cbpo_orch.training.encoding import EncodedPair, collate, completion_logps
+from cbpo_orch.training.encoding import EncodedPair, collate
+from cbpo_orch.training.logprobs import completion_logps
 from cbpo_orch.training.multi_lora import attached_multi_lora
 from cbpo_orch.training.trainer import UserTraining
 

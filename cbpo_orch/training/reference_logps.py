@@ -16,7 +16,8 @@ from array import array
 import torch
 
 from cbpo_orch.storage.reference_cache import KEY_BYTES
-from cbpo_orch.training.encoding import EncodedPair, sequence_logps
+from cbpo_orch.training.encoding import EncodedPair
+from cbpo_orch.training.logprobs import sequence_logps
 from cbpo_orch.training.multi_lora import MultiLora
 
 

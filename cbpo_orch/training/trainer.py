@@ -34,7 +34,8 @@ from cbpo_orch.method.config import TrainConfig
 from cbpo_orch.method.methods import method_spec
 from cbpo_orch.method.reference import kto_reference, make_reference
 from cbpo_orch.method.selection import best_epoch
-from cbpo_orch.training.encoding import EncodedPair, collate, completion_logps, encode_pair, sequence_logps
+from cbpo_orch.training.encoding import EncodedPair, collate, encode_pair
+from cbpo_orch.training.logprobs import completion_logps, sequence_logps
 from cbpo_orch.training.micro_batch import micro_batch_rows
 from cbpo_orch.training.multi_lora import MultiLora
 from cbpo_orch.training.multi_optim import SlotAdamW, slots_present
