@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -248,3 +249,20 @@ def test_taking_over_a_dead_local_driver_stops_what_its_local_ray_left(registry:
         assert not alive(left_behind), "resume must stop what the dead driver left running"
     finally:
         signal_group(leader.pid, 9)
+
+
+def test_stat_fields_read_past_a_command_name_with_spaces_and_parentheses(tmp_path: Path) -> None:
+    from cbpo_orch.orchestrator.processes import stat_fields
+
+    odd = tmp_path / "a) b (c"
+    odd.symlink_to(Path("/bin/sleep"))
+    proc = subprocess.Popen([str(odd), "30"], start_new_session=True)
+    try:
+        fields = stat_fields(proc.pid)
+        assert Path(f"/proc/{proc.pid}/comm").read_text().strip() == "a) b (c"
+        assert fields[0] in "RS" and int(fields[1]) == os.getpid() and int(fields[2]) == int(fields[3]) == proc.pid
+        assert alive(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert stat_fields(proc.pid) is None and not alive(proc.pid)

@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 from cbpo_orch.home import SAMPLE_DATA
+from cbpo_orch.orchestrator.processes import stat_fields
 from cbpo_orch.storage.artifacts import directory_sha256
 from cbpo_orch.storage.registry import Registry
 from tests import faulty_worker
@@ -51,14 +52,8 @@ def _live_processes(field: int, value: int) -> list[int]:
     command name: 2 = process group, 3 = session) is ``value``."""
     found = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if fields[0] != "Z" and int(fields[field]) == value:
+        fields = stat_fields(int(entry)) if entry.isdigit() else None
+        if fields is not None and fields[0] != "Z" and int(fields[field]) == value:
             found.append(int(entry))
     return found
 

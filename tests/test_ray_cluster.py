@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from cbpo_orch.orchestrator.processes import stat_fields
 from cbpo_orch.storage.artifacts import directory_sha256
 from cbpo_orch.storage.registry import Registry, RunInfo
 from tests.test_orchestrator import (  # noqa: F401 (cli, dev_users, history_cache, home: fixtures)
@@ -49,24 +50,17 @@ within seconds, Ray's health checks of the raylet take 15–30 s, more on a load
 def _children() -> dict[int, list[int]]:
     tree: dict[int, list[int]] = defaultdict(list)
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            tree[int(stat[stat.rfind(")") + 2 :].split()[1])].append(int(entry))
+        fields = stat_fields(int(entry)) if entry.isdigit() else None
+        if fields is not None:
+            tree[int(fields[1])].append(int(entry))
     return tree
 
 
 def _start_time(pid: int) -> str | None:
     """The start time of live (non-zombie) process ``pid``, which tells it apart from a later
     process given the same id; None once it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(")") + 2 :].split()
-    return None if fields[0] == "Z" else fields[19]
+    fields = stat_fields(pid)
+    return None if fields is None or fields[0] == "Z" else fields[19]
 
 
 def _node_processes(node) -> dict[int, str]:

@@ -20,10 +20,19 @@ def alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+    fields = stat_fields(pid)
+    return fields is None or fields[0] != "Z"
+
+
+def stat_fields(pid: int) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (which may hold spaces and
+    parentheses): 0 = state ("Z": a zombie), 1 = parent, 2 = process group, 3 = session,
+    19 = start time; None when it cannot be read (no such process)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rfind(")") + 2 :].split()
 
 
 def signal_group(pgid: int, number: int) -> None:
