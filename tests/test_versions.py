@@ -5,10 +5,11 @@ registry made before versions existed (schema 4) migrated with its adapters as v
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, select, text
 
+from cbpo_orch.storage.engine import transact
 from cbpo_orch.storage.lineage import PlannedRun, RunInputs
-from cbpo_orch.storage.models import SCHEMA_VERSION
+from cbpo_orch.storage.models import SCHEMA_VERSION, AuxSource
 from cbpo_orch.storage.registry import Registry
 
 METRICS = {"rouge1": 0.5, "rougeL": 0.4, "n_pos": 4, "n_aux": 0, "seconds": 1.0}
@@ -117,3 +118,14 @@ def test_an_update_of_a_failed_run_trains_it_again_even_where_an_older_version_i
     registry.record_failure(run.run_id, "boom", final=True)
     assert registry.update_basis(update)[("u1", "sft")].carry_run_id is None
     assert registry.update_basis(job)[("u1", "sft")].carry_run_id == registry.runs(job)[0].run_id
+
+
+def test_run_inputs_are_recorded_and_replaced(registry: Registry) -> None:
+    job = registry.create_job("lamp4", ["cbpo"], ["u1", "u2"], {})
+    runs = {run.user_id: run.run_id for run in registry.runs(job)}
+    registry.record_inputs({runs["u1"]: RunInputs("a" * 64, 7, ("u2", "u3", "u2"))})
+    registry.record_inputs({runs["u1"]: RunInputs("b" * 64, 8, ("u3",)), runs["u2"]: RunInputs("c" * 64, 9)})
+    found = {run.user_id: (run.data_fingerprint, run.n_items) for run in registry.runs(job)}
+    assert found == {"u1": ("b" * 64, 8), "u2": ("c" * 64, 9)}
+    rows = transact(registry._engine, lambda session: sorted(session.execute(select(AuxSource.run_id, AuxSource.user_id)).all()))
+    assert rows == [(runs["u1"], "u3")]

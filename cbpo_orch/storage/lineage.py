@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, func, or_, select
+from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from .models import Adapter, AdapterVersion, AuxSource, Job, Metric, UserRun, utcnow
@@ -69,12 +69,15 @@ def result_run(run: UserRun) -> int:
 
 
 def record_inputs(session: Session, inputs: Mapping[int, RunInputs]) -> None:
-    """Store each run's data fingerprint, item count and aux users (replacing earlier ones)."""
-    for run_id, given in inputs.items():
-        run = session.get(UserRun, run_id)
-        run.data_fingerprint, run.n_items = given.data_fingerprint, given.n_items
-        session.execute(delete(AuxSource).where(AuxSource.run_id == run_id))
-        session.add_all(AuxSource(run_id=run_id, user_id=user) for user in sorted(set(given.aux_users)))
+    """Store each run's data fingerprint, item count and aux users (replacing earlier ones),
+    in a few statements for all runs."""
+    if not inputs:
+        return
+    session.execute(update(UserRun), [{"id": run_id, "data_fingerprint": given.data_fingerprint, "n_items": given.n_items} for run_id, given in inputs.items()])
+    session.execute(delete(AuxSource).where(AuxSource.run_id.in_(list(inputs))))
+    aux = [{"run_id": run_id, "user_id": user} for run_id, given in inputs.items() for user in sorted(set(given.aux_users))]
+    if aux:
+        session.execute(insert(AuxSource), aux)
 
 
 def update_basis(session: Session, job: Job) -> dict[tuple[str, str], Basis]:
