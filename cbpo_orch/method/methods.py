@@ -32,8 +32,8 @@ class MethodSpec:
 
 
 METHODS: dict[str, MethodSpec] = {
-    spec.name: spec
-    for spec in (
+    method.name: method
+    for method in (
         MethodSpec("base", "the untouched starting model (base, or base + task adapter)", trains=False, uses_aux=False, uses_reference=False),
         MethodSpec("rag", "the starting model, each prompt after the user's k most similar earlier items", trains=False, uses_aux=False, uses_reference=False, prompt="retrieved"),
         MethodSpec("pag", "the starting model, each prompt after its own summary of the user's history", trains=False, uses_aux=False, uses_reference=False, prompt="summary"),
@@ -47,7 +47,7 @@ METHODS: dict[str, MethodSpec] = {
     )
 }
 
-METHOD_CHOICES = "; ".join(f"{spec.name}: {spec.summary}" for spec in METHODS.values())
+METHOD_CHOICES = "; ".join(f"{method.name}: {method.summary}" for method in METHODS.values())
 """Every method with its summary, for help texts."""
 
 

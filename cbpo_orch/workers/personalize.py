@@ -99,11 +99,10 @@ def personalize_users(
     too, each row by its own user's adapter. The train and generate phases' seconds are the
     shared ones; the reference phase (π_ref's pass over the user's items not seen before by
     this worker) is the user's own."""
-    spec = method_spec(config.method)
     loaded, tokenizer = context.loaded, context.loaded.tokenizer
     budgets = context.task.budgets(config.max_prompt_tokens, config.max_new_tokens)
     prepared = [_prepare(context, user_id, config) for user_id in user_ids]
-    if not spec.trains:
+    if not method_spec(config.method).trains:
         answers = _answer(context, prepared, config, budgets)
         return [_outcome(context, user, config, outputs, None, None) for user, outputs in zip(prepared, answers)]
 

@@ -45,10 +45,10 @@ class Composed:
 
 
 def prompt_kind(config: TrainConfig) -> str:
-    """How ``config``'s method composes its prompts: its spec's kind, or retrieved items for an
+    """How ``config``'s method composes its prompts: its MethodSpec prompt kind, or retrieved items for an
     arm that trains with ``--retrieve k`` (``base`` stays the plain baseline)."""
-    spec = method_spec(config.method)
-    return "retrieved" if spec.trains and config.retrieve else spec.prompt
+    method = method_spec(config.method)
+    return "retrieved" if method.trains and config.retrieve else method.prompt
 
 
 def compose(context: UserContext, users: list[UserAsk], config: TrainConfig, budgets: Budgets) -> list[Composed]:

@@ -45,14 +45,14 @@ def user_items(dataset: Dataset, history: HistoryIndex, user_id: str, config: Tr
     recent of the rest (when the method trains and selection is on), then draw
     ``aux_ratio`` × positives rows of other users' items by ``aux_strategy``, the draw seeded
     by the user and the seed (``aux_seed``)."""
-    spec = method_spec(config.method)
+    method = method_spec(config.method)
     items, evaluation = split_evaluation(dataset.examples(user_id, config.max_profile), config.eval_items)
-    selects = config.selection and spec.trains
+    selects = config.selection and method.trains
     positives, held_out = split_holdout(items, config.selection_min_items) if selects else (items, [])
     own_rows = history.rows(positives)
     n_aux = max(1, round(config.aux_ratio * len(positives)))
     aux_rows = history.auxiliary(user_id, own_rows, n_aux, config.aux_strategy, aux_seed(user_id, config.seed))
-    auxiliary = [history.examples[row] for row in aux_rows] if spec.uses_aux else []
+    auxiliary = [history.examples[row] for row in aux_rows] if method.uses_aux else []
     return UserItems(positives, held_out, own_rows, aux_rows, auxiliary, evaluation)
 
 
