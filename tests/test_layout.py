@@ -99,6 +99,13 @@ def test_no_import_circle():
     assert import_circles(graph) == []
 
 
+def test_serving_uses_no_private_ray_serve_api_and_the_driver_and_scheduler_import_no_serving():
+    for path in (PACKAGE / "serving").glob("*.py"):
+        assert "serve.context" not in path.read_text() and "_serve_request_context" not in path.read_text(), path.name
+    for module in ("driver", "scheduler"):
+        assert "serving" not in imported_rooms(PACKAGE / "orchestrator" / f"{module}.py"), module
+
+
 def test_the_method_is_the_math_only():
     """method/ holds losses, reference, prior, configs and selection: no model, tokenizer or index."""
     heavy = {"transformers", "peft", "faiss", "sentence_transformers", "ray", "sqlalchemy"}

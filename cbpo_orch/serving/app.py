@@ -8,9 +8,11 @@ Two deployments:
   routed to a replica that already holds that user's adapter.
 - ``AdapterServer`` (``replicas`` of them): the job's starting model and a
   :class:`BatchedGenerator`. ``serve.multiplexed`` keeps an LRU of at most
-  ``max_adapters_per_replica`` users' adapters per replica; ``serve.batch`` gathers the
-  requests that arrive together, whoever their users are, into one batched generate whose
-  steps stream back to each request.
+  ``max_adapters_per_replica`` users' adapters per replica; its own ``StepBatcher``
+  (``batcher.py``, the engine loop of vLLM and Ray Serve LLM) gathers the requests that
+  arrive together, whoever their users are, into one batched generate whose steps stream
+  back to each request. (Serve's ``serve.batch`` would split a batch by multiplexed model id,
+  one user a batch.)
 
 No ``from __future__ import annotations`` here: FastAPI reads the routes' annotations in the
 replicas, where a class pickled by value keeps only the globals its code uses.
@@ -107,16 +109,6 @@ async def _events(chunks, completion_id: str, model: str):
     yield SSE_DONE
 
 
-def _queue_with_every_user() -> None:
-    """Let this request join the batch of every user. Ray Serve splits a ``serve.batch``
-    by multiplexed model id (one sub-batch per model), which would never put two users in
-    one generate; this request's adapter is already in its row, so its batch entry carries
-    no model id (the request context is this request's own: a context variable)."""
-    from ray.serve import context
-
-    context._serve_request_context.set(replace(context._get_serve_request_context(), multiplexed_model_id=""))
-
-
 def _error(error: ApiError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status)
 
@@ -124,6 +116,7 @@ def _error(error: ApiError) -> JSONResponse:
 def _adapter_server(options: ServeOptions):
     from ray import serve
 
+    from cbpo_orch.serving.batcher import StepBatcher
     from cbpo_orch.serving.generator import BatchedGenerator, load_user_adapter
 
     @serve.deployment(
@@ -145,8 +138,7 @@ def _adapter_server(options: ServeOptions):
             loaded = starting_model(catalog.model_path, catalog.task_adapter, self.device)
             self.generator = BatchedGenerator(loaded, catalog.lora, options.max_batch_size, catalog.task.decoding)
             self._stats = {"batches": 0, "rows": 0, "most_users": 0}
-            self._batch.set_max_batch_size(options.max_batch_size)
-            self._batch.set_batch_wait_timeout_s(options.batch_wait_s)
+            self.batcher = StepBatcher(self._run_batch, options.max_batch_size, options.batch_wait_s)
 
         @serve.multiplexed(max_num_models_per_replica=options.max_adapters_per_replica)
         async def adapter(self, user_id: str):
@@ -157,8 +149,7 @@ def _adapter_server(options: ServeOptions):
             """The row's chunks, step by step; its user is the request's multiplexed model id."""
             user = serve.get_multiplexed_model_id()
             row = replace(row, adapter=await self.adapter(user)) if user else row
-            _queue_with_every_user()
-            async for chunk in self._batch(row):
+            async for chunk in self.batcher.stream(row):
                 yield chunk
 
         def stats(self) -> dict:
@@ -171,17 +162,11 @@ def _adapter_server(options: ServeOptions):
                     return chunk.completion
             raise RuntimeError("the generation ended without a completion")
 
-        @serve.batch(max_batch_size=options.max_batch_size, batch_wait_timeout_s=options.batch_wait_s)
-        async def _batch(self, rows: list[Row]):
+        def _run_batch(self, rows: list[Row], on_step) -> None:
+            """One batch of any users' rows in one generate (the batcher's thread)."""
             users = {row.adapter.user_id if row.adapter else None for row in rows}
             self._stats = {"batches": self._stats["batches"] + 1, "rows": self._stats["rows"] + len(rows), "most_users": max(self._stats["most_users"], len(users))}
-            loop = asyncio.get_running_loop()
-            steps: asyncio.Queue = asyncio.Queue()
-            work = loop.run_in_executor(None, self.generator.generate, rows, lambda chunks: loop.call_soon_threadsafe(steps.put_nowait, chunks))
-            work.add_done_callback(lambda _: steps.put_nowait(None))
-            while (chunks := await steps.get()) is not None:
-                yield [StopIteration if chunk is None else chunk for chunk in chunks]
-            await work
+            self.generator.generate(rows, on_step)
 
     return AdapterServer
 
