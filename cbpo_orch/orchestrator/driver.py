@@ -114,9 +114,8 @@ def _drive(space: Workspace, job_id: str, spec: JobSpec, resources: Resources, p
         history = _history(space, spec, datasets, progress)
         tam_path = _task_adapter(space, spec, resources, progress)
         pending = registry.runs(job_id, states=("pending",))
-        by_run = _planned_items(spec, datasets[0], history, pending)
-        registry.record_inputs(run_inputs(datasets[0], pending, spec.config_for, by_run))
-        planned = list(by_run.values())
+        planned = _planned_items(spec, datasets[0], history, pending)
+        registry.record_inputs(run_inputs(datasets[0], pending, spec.config_for, planned))
         reference = _reference_pass(space, spec, task, planned, tam_path, resources, progress)
         gammas = with_task_level_gamma(_gamma_pass(history, planned, progress))
         progress.stage("personalizing users")
@@ -237,19 +236,19 @@ REFERENCE_ROUNDS = 4
 """π_ref shards per CPU (or GPU): a long pass shows its progress a shard at a time."""
 
 
-def _planned_items(spec: JobSpec, dataset: Dataset, history: HistoryIndex, pending: list) -> dict[int, tuple[TrainConfig, UserItems]]:
+def _planned_items(spec: JobSpec, dataset: Dataset, history: HistoryIndex, pending: list) -> list[tuple[TrainConfig, UserItems]]:
     """What each pending run of a method that reads π_ref or γ or trains on aux items will
-    train on, by run id, drawn by the workers' own ``user_items``, once for both passes and
-    the record of whose items each run draws as aux. A run whose items cannot be planned is
-    left out: its worker fails it with the reason."""
-    planned = {}
+    train on, drawn by the workers' own ``user_items``, once for both passes and the record of
+    whose items each run draws as aux. A run whose items cannot be planned is left out: its
+    worker fails it with the reason."""
+    planned = []
     for run in pending:
         config = spec.config_for(run.method)
         method = method_spec(config.method)
         if not (method.uses_reference or method.uses_gamma or method.uses_aux):
             continue
         try:
-            planned[run.run_id] = (config, user_items(dataset, history, run.user_id, config))
+            planned.append((config, user_items(dataset, history, run.user_id, config)))
         except DataError:
             continue
     return planned

@@ -31,17 +31,21 @@ def user_fingerprint(dataset: Dataset, user_id: str, max_profile: int | None) ->
     return digest.hexdigest(), len(examples)
 
 
-def run_inputs(dataset: Dataset, runs: list, config_for, planned: dict[int, tuple[TrainConfig, UserItems]]) -> dict[int, RunInputs]:
-    """What each of ``runs`` reads (``config_for(method)``: its config; ``planned``: the items of
-    runs that draw aux items, by run id). A run whose user cannot be read is left out: its
-    worker fails it with the reason."""
+def run_inputs(dataset: Dataset, runs: list, config_for, planned: list[tuple[TrainConfig, UserItems]]) -> dict[int, RunInputs]:
+    """What each of ``runs`` reads, by run id (``config_for(method)``: its config; ``planned``:
+    the driver's plan of the runs that draw aux items). A run whose user cannot be read is left
+    out: its worker fails it with the reason."""
+    aux = {(_owner(items), config.method): sorted({e.user_id for e in items.auxiliary}) for config, items in planned}
     inputs = {}
     for run in runs:
         try:
             fingerprint, n_items = user_fingerprint(dataset, run.user_id, config_for(run.method).max_profile)
         except DataError:
             continue
-        items = planned.get(run.run_id)
-        aux = () if items is None else tuple(sorted({example.user_id for example in items[1].auxiliary}))
-        inputs[run.run_id] = RunInputs(fingerprint, n_items, aux)
+        inputs[run.run_id] = RunInputs(fingerprint, n_items, tuple(aux.get((run.user_id, run.method), ())))
     return inputs
+
+
+def _owner(items: UserItems) -> str:
+    """The user whose items these are (every user has at least one)."""
+    return next(e.user_id for e in (*items.positives, *items.held_out, *items.evaluation))
