@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -156,8 +156,8 @@ class MultiLora:
     def routed(self, slots: Tensor) -> Iterator[nn.Module]:
         """Forwards of the model in this block route row ``i`` to slot ``slots[i]``.
 
-        With gradient checkpointing the layers run again during ``backward``: call it
-        inside the block then, so the recomputation sees the same routing."""
+        Under :meth:`checkpointed` a layer's recomputation in the backward is routed as its
+        forward was, wherever the backward is called."""
         if slots.dim() != 1 or slots.dtype != torch.long:
             raise ValueError("slots must be a 1-D LongTensor with one slot per batch row")
         if slots.numel() and not 0 <= int(slots.min()) <= int(slots.max()) < self.n_slots:
@@ -188,6 +188,43 @@ class MultiLora:
             yield self.model
         finally:
             self._routing.enabled = previous
+
+    @contextmanager
+    def checkpointed(self, on: bool = True) -> Iterator[nn.Module]:
+        """With ``on``, training forwards in this block keep only each decoder layer's input
+        and run the layer again in the backward (transformers' activation checkpointing,
+        non-reentrant): a layer's activations then live from its recomputation to its
+        backward, not from the forward to the end of the backward.
+
+        The recomputation reads the routing (each row's slot, LoRA on or off) that was set
+        when the layer ran forward, not whatever is set when the backward runs: a pass's
+        backward may come after its ``routed`` block has closed (``trainer.backward_by_rows``)
+        and must still reach each row's own slot. Non-reentrant checkpointing needs no input
+        that requires grad, so transformers' hook that makes the embeddings' output require
+        it is removed: left on, every later forward, eval included, would build a graph."""
+        if not on:
+            yield self.model
+            return
+        self.model.activation_checkpointing_enable({"use_reentrant": False, "context_fn": self._routing_replay})
+        self.model.disable_input_require_grads()
+        try:
+            yield self.model
+        finally:
+            self.model.activation_checkpointing_disable()
+
+    def _routing_replay(self) -> tuple[AbstractContextManager, AbstractContextManager]:
+        """``torch.utils.checkpoint``'s context pair for one checkpointed layer: nothing in
+        the forward, the forward's routing restored around the recomputation."""
+        return nullcontext(), self._restored(self._routing.slots, self._routing.enabled)
+
+    @contextmanager
+    def _restored(self, slots: Tensor | int | None, enabled: bool) -> Iterator[None]:
+        previous = self._routing.slots, self._routing.enabled
+        self._routing.slots, self._routing.enabled = slots, enabled
+        try:
+            yield
+        finally:
+            self._routing.slots, self._routing.enabled = previous
 
     @torch.no_grad()
     def init_slot(self, slot: int, seed: int) -> None:

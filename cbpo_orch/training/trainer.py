@@ -36,7 +36,7 @@ from cbpo_orch.method.reference import kto_reference, make_reference
 from cbpo_orch.method.selection import best_epoch
 from cbpo_orch.training.encoding import EncodedPair, collate, encode_pair
 from cbpo_orch.training.logprobs import completion_logps, sequence_logps
-from cbpo_orch.training.micro_batch import micro_batch_rows
+from cbpo_orch.training.micro_batch import checkpointing_pays, micro_batch_rows
 from cbpo_orch.training.multi_lora import MultiLora
 from cbpo_orch.training.multi_optim import SlotAdamW, slots_present
 from cbpo_orch.training.numerics import NumericalError, check_finite_losses
@@ -288,9 +288,10 @@ def train_adapters(
     in the same steps; each user starts from a fresh adapter (its seed). A step's rows go
     through the model ``per_pass`` users at a time (``users_per_pass`` of the device by
     default), their gradients meeting in one optimizer step; a user's result does not depend
-    on it. A pass's rows go through the model ``micro_rows`` at a time (by default as many as
-    ``micro_batch_rows`` finds within the activation budget), with the whole pass's losses
-    and gradients (``backward_by_rows``; less memory, one more forward per step).
+    on it. A pass whose activations would pass the activation budget is checkpointed
+    (``checkpointing_pays``), and its rows go through the model ``micro_rows`` at a time (by
+    default as many as ``micro_batch_rows`` finds within the budget), with the whole pass's
+    losses and gradients (``backward_by_rows``); either costs one more forward per step.
 
     With more users than slots, a slot whose user ends takes the next one (``slot_schedule``);
     ``on_done(user, slot, result)`` is then called while the slot still holds the ended
@@ -365,7 +366,9 @@ def train_adapters(
         slots = torch.tensor([slot for slot, _ in rows], device=device)
         index = {slot: torch.tensor(batches[slot][0], device=device) for slot in group}
         pairs = [samples[slot][i].pair for slot, i in rows]
-        micro = micro_batch_rows(model, len(rows), max(len(p.input_ids) for p in pairs), device) if micro_rows is None else micro_rows
+        width = max(len(p.input_ids) for p in pairs)
+        checkpointed = checkpointing_pays(model, len(rows), width, device)
+        micro = micro_batch_rows(model, len(rows), width, device, checkpointed) if micro_rows is None else micro_rows
         positive = torch.tensor([samples[slot][i].positive for slot, i in rows], device=device)
         ref = torch.cat([ref_logps[in_slot[slot]][index[slot]] for slot in group]) if uses_reference else None
         kl_logratio = None
@@ -383,7 +386,8 @@ def train_adapters(
                 return completion_logps(model, collate(pairs[part], pad_id).to(device))
 
         losses_of = lambda logp, n_tokens: loss_fn(logp, n_tokens, ref, positive, slots, kl_logratio)  # noqa: E731
-        return backward_by_rows(logps_of, len(rows), micro, losses_of, device)
+        with multi.checkpointed(checkpointed):
+            return backward_by_rows(logps_of, len(rows), micro, losses_of, device)
 
     total_steps = max(start + len(plan.steps) for (_, start), plan in zip(schedule, plans))
     for t in range(total_steps):
