@@ -205,3 +205,21 @@ def test_a_worse_version_is_rejected_shown_and_a_rollback_restores_the_previous_
     assert [(r["version"], r["state"]) for r in space.registry.versions(job, users[0])] == [(1, "current"), (2, "rolled-back"), (3, "rejected")]
     code, _, err = cbpo(monkeypatch, capsys, "rollback", users[0], "--job", worse)
     assert code == 2 and err.startswith(f"error: user {users[0]!r} has no current version with an earlier one")
+
+
+def test_an_update_starts_from_the_task_adapter_the_job_started_from(lifecycle):
+    from dataclasses import replace
+
+    from cbpo_orch.orchestrator.driver import task_adapter_key
+    from cbpo_orch.orchestrator.spec import JobSpec
+    from cbpo_orch.orchestrator.update import start_update
+
+    space, submitted, _, _, v2 = lifecycle
+    registry = space.registry
+    spec, resources = JobSpec.from_config(registry.job(submitted).config)
+    auto = replace(spec, task_adapter="auto")
+    job = registry.create_job("lamp4", ["sft"], list(auto.users), auto.to_config(resources))
+    registry.record_task_adapter(task_adapter_key(auto), "lamp4", auto.model, "/tam/of/the/job", "ab" * 32, 1)
+    registry.set_job_state(job, "failed")  # as if its runs had run: they are all retrained
+    update, _, _ = start_update(space, job, str(v2))
+    assert JobSpec.from_config(registry.job(update).config)[0].task_adapter == "/tam/of/the/job"  # not an `auto` on v2's train split

@@ -88,6 +88,15 @@ def _inputs(basis: Basis) -> RunInputs | None:
 
 
 
+def _starting_task_adapter(space: Workspace, spec: JobSpec) -> str:
+    """The job's task adapter as the update names it: the folder the job's users started from
+    (an ``auto`` one is not trained again on the new data: carried and retrained users share
+    one starting model, and a server loads one), or ``none``."""
+    from cbpo_orch.orchestrator.driver import job_task_adapter
+
+    return job_task_adapter(space, spec) or "none"
+
+
 def start_update(space: Workspace, job_id: str, data: str, users: str = "all", promote: str = "check") -> tuple[str | None, UpdatePlan, Resources]:
     """Plan the update of ``job_id`` on ``data`` (``users``: which of its users to compare, as
     ``submit --users`` reads it) and, when it trains anything, create the update job (its
@@ -107,5 +116,5 @@ def start_update(space: Workspace, job_id: str, data: str, users: str = "all", p
         return None, plan, resources
     trained = tuple(dict.fromkeys(run.user_id for run in plan.runs if run.carry_run_id is None))
     check_budgets(task, dataset, trained, spec.model, spec.train)
-    updated = replace(spec, data=data_ref, users=tuple(plan.users))
+    updated = replace(spec, data=data_ref, users=tuple(plan.users), task_adapter=_starting_task_adapter(space, spec))
     return registry.create_update(job_id, updated.to_config(resources), plan.runs, promote), plan, resources
