@@ -31,10 +31,11 @@ sample-task-adapter: model
 	$(PY) -c "import sys, torch; from safetensors.torch import load_file, save_file; f = sys.argv[1]; save_file({k: v.to(torch.bfloat16) for k, v in load_file(f).items()}, f)" $(SAMPLE_TASK_ADAPTER).new/adapter_model.safetensors
 	rm -rf $(SAMPLE_TASK_ADAPTER) && mv $(SAMPLE_TASK_ADAPTER).new $(SAMPLE_TASK_ADAPTER)
 
-# Two pytest processes, one test file each at a time: most tests wait on Ray, a subprocess or a
-# server rather than compute, so two overlap on 2 cores.
+# Two pytest processes, one test module each at a time (the Ray-heavy modules one after another in
+# one of them: tests/conftest.py): most tests wait on Ray, a subprocess or a server rather than
+# compute, so two overlap on 2 cores.
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 # On a CUDA machine with torch, transformers and peft (no network, no install): one pass's
 # tokens/s at 1, 8, 32 and 64 rows, packed = alone in bf16, then the single- vs multi-user

@@ -9,6 +9,19 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 pytest_plugins = ["tests.postgres_server"]
 
+RAY_HEAVY_MODULES = frozenset({"test_orchestrator", "test_serving", "test_ray_cluster", "test_crash_resume", "test_load"})
+"""Modules whose tests start whole local Rays and jobs: under ``-n 2 --dist loadgroup`` they run
+in one process, one after another, so two Rays never share the 2 cores."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Each test's xdist group: ``ray`` for the Ray-heavy modules, else its own module (one
+    module's tests stay in one process, as ``--dist loadfile`` keeps them, and share its
+    module-scoped fixtures)."""
+    for item in items:
+        module = item.path.stem
+        item.add_marker(pytest.mark.xdist_group("ray" if module in RAY_HEAVY_MODULES else module))
+
 
 @pytest.fixture
 def shared_dir() -> Path:

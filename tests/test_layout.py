@@ -114,3 +114,10 @@ def test_the_method_is_the_math_only():
         tops = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
         tops |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
         assert not tops & heavy, (path.name, tops & heavy)
+
+
+def test_the_ray_heavy_group_names_modules_that_exist():
+    from tests.conftest import RAY_HEAVY_MODULES
+
+    tests = Path(__file__).parent
+    assert all((tests / f"{module}.py").is_file() for module in RAY_HEAVY_MODULES), RAY_HEAVY_MODULES
