@@ -88,6 +88,11 @@ def test_forget_leaves_nothing_of_the_user_and_names_whose_adapters_drew_on_its_
     assert (line["action"], line["subject"]) == ("forget", subject_digest(gone)) and line["actor"]
     assert line["detail"]["runs"] == 2 and line["detail"]["job_ids"] == sorted([job, update])
     assert gone not in json.dumps(line)
+    with pytest.raises(SystemExit):
+        monkeypatch.setattr(sys, "argv", ["cbpo-orch", "audit"])
+        main()
+    shown = capsys.readouterr().out.strip()
+    assert shown.startswith(line["at"]) and f" forget {subject_digest(gone)} " in shown and gone not in shown
 
 
 def test_forget_refuses_while_a_live_driver_runs_a_job_of_the_user(tmp_path, monkeypatch):

@@ -1,5 +1,5 @@
 """Commands for a job's life after it ran: update it on new data, roll a user's adapter back,
-forget a user."""
+forget a user, read the audit log."""
 
 from __future__ import annotations
 
@@ -110,3 +110,21 @@ def forget(
             typer.echo(f"  {other} · {method} · job {job_id}")
     else:
         typer.echo("no recorded run of another user trained on its items as aux items (recorded since registry schema 5)")
+
+
+@app.command()
+def audit(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable JSON.")] = False,
+    home: HomeOpt = None,
+    db: DbOpt = None,
+) -> None:
+    """The audit log, oldest first: when, who, what was done (forget) to which user (named by a
+    digest of its id only) and what was removed."""
+    import json
+
+    entries = open_workspace(home, db, None).registry.audit_log()
+    if as_json:
+        typer.echo(json.dumps(entries, indent=2))
+        return
+    for entry in entries:
+        typer.echo(f"{entry['at']} {entry['actor']} {entry['action']} {entry['subject']} {json.dumps(entry['detail'], sort_keys=True)}")
