@@ -73,6 +73,7 @@ ARMS: dict[str, tuple[str, dict[str, str]]] = {
     "cbpo-gamma0.8": ("cbpo", {"gamma": "0.8"}),
     "cbpo-nearest": ("cbpo", {"aux_strategy": "nearest"}),
     "cbpo-farthest": ("cbpo", {"aux_strategy": "farthest"}),
+    "cbpo-resample": ("cbpo", {"aux_resample": "on"}),
     "cbpo-selection": ("cbpo", {"selection": "on"}),
     "sft-selection": ("sft", {"selection": "on"}),
     "rag": ("rag", {}),

@@ -32,6 +32,7 @@ _OPTIONS: list[tuple[str, object, object]] = [
     ("batch_size", Annotated[int, _option("Items per step (each batch holds own and aux items).")], _DEFAULT.batch_size),
     ("aux_ratio", Annotated[float, _option("Auxiliary items per own item (ρ).")], _DEFAULT.aux_ratio),
     ("aux_strategy", Annotated[str, _option("Auxiliary selection: random | nearest | farthest.")], _DEFAULT.aux_strategy),
+    ("aux_resample", Annotated[bool, _option("Draw the auxiliary items afresh for every epoch (ours; off: the paper's one draw for all epochs).")], _DEFAULT.aux_resample),
     ("gamma", Annotated[str, _option("C-BPO correction γ: 'auto' (estimated per user) or a number in [0, 1).")], "auto"),
     ("gamma_estimator", Annotated[str, _option("γ estimator: elkan-noto | paper.")], _DEFAULT.gamma_estimator),
     ("gamma_max", Annotated[float, _option("Upper clip of γ.")], _DEFAULT.gamma_max),

@@ -52,7 +52,9 @@ class TrainConfig:
     like queries and never trained on (``data/evaluation_items.py``). ``retrieve``: the user's
     items retrieved by ``retriever`` into each prompt of a trained arm, in training and
     evaluation alike, and RAG's k (0: a trained arm none, RAG the task's default;
-    ``data/retrieval.py``).
+    ``data/retrieval.py``). ``aux_resample`` (ours; off: the paper's one draw) gives every
+    epoch aux items of its own: ``aux_ratio`` × positives per epoch, drawn at once, epoch e
+    training on the e-th part (γ is estimated on the first).
     """
 
     method: str = "cbpo"
@@ -62,6 +64,7 @@ class TrainConfig:
     batch_size: int = 8
     aux_ratio: float = 1.0
     aux_strategy: str = "random"
+    aux_resample: bool = False
     gamma: float | None = None
     gamma_estimator: str = "elkan-noto"
     gamma_max: float = 0.9

@@ -119,6 +119,15 @@ def mixed_batches(positive: list[int], aux: list[int], batch_size: int, rng: ran
     ]
 
 
+def epoch_parts(aux: list[int], n: int) -> list[list[int]]:
+    """``aux`` in ``n`` consecutive parts of near-equal size, the larger first (fewer where
+    fewer items; one empty part for none): with ``aux_resample``, epoch e trains on part e."""
+    n = max(1, min(n, len(aux)))
+    size, larger = divmod(len(aux), n)
+    bounds = [k * size + min(k, larger) for k in range(n + 1)]
+    return [aux[bounds[k] : bounds[k + 1]] for k in range(n)]
+
+
 def _stream(items: list[int], rng: random.Random) -> Iterator[int]:
     while True:
         yield from rng.sample(items, len(items))
@@ -188,9 +197,10 @@ class _Plan:
         rng = random.Random(user.seed)
         positive = [i for i, s in enumerate(user.samples) if s.positive]
         aux = [i for i, s in enumerate(user.samples) if not s.positive]
+        parts = epoch_parts(aux, config.resolved_epochs if config.aux_resample else 1)
         steps = []
-        for _ in range(config.resolved_epochs):
-            batches = mixed_batches(positive, aux, config.batch_size, rng)
+        for epoch in range(config.resolved_epochs):
+            batches = mixed_batches(positive, parts[epoch % len(parts)], config.batch_size, rng)
             steps += [(batch, k == len(batches) - 1) for k, batch in enumerate(batches)]
         return cls(steps)
 

@@ -27,10 +27,11 @@ from cbpo_orch.method.selection import split_holdout
 
 @dataclass(frozen=True)
 class UserItems:
-    """``own_rows``/``aux_rows``: the positives' and the aux items' rows of the history index
-    (γ is estimated on their embeddings); ``auxiliary``: the aux items the method trains on
-    (none for a method without aux); ``evaluation``: the newest items, scored like queries by
-    every method and never trained on."""
+    """``own_rows``/``aux_rows``: the positives' and the (first epoch's) aux items' rows of the
+    history index (γ is estimated on their embeddings); ``auxiliary``: the aux items the method
+    trains on, every epoch's part in order with ``aux_resample`` (none for a method without
+    aux); ``evaluation``: the newest items, scored like queries by every method and never
+    trained on."""
 
     positives: list[Example]
     held_out: list[Example]
@@ -43,17 +44,19 @@ class UserItems:
 def user_items(dataset: Dataset, history: HistoryIndex, user_id: str, config: TrainConfig) -> UserItems:
     """Set aside the user's newest ``eval_items`` items for evaluation, hold out the most
     recent of the rest (when the method trains and selection is on), then draw
-    ``aux_ratio`` × positives rows of other users' items by ``aux_strategy``, the draw seeded
-    by the user and the seed (``aux_seed``)."""
+    ``aux_ratio`` × positives rows of other users' items by ``aux_strategy`` (that many per
+    epoch with ``aux_resample``, in one draw of distinct rows where the pool holds them), the
+    draw seeded by the user and the seed (``aux_seed``)."""
     method = method_spec(config.method)
     items, evaluation = split_evaluation(dataset.examples(user_id, config.max_profile), config.eval_items)
     selects = config.selection and method.trains
     positives, held_out = split_holdout(items, config.selection_min_items) if selects else (items, [])
     own_rows = history.rows(positives)
     n_aux = max(1, round(config.aux_ratio * len(positives)))
-    aux_rows = history.auxiliary(user_id, own_rows, n_aux, config.aux_strategy, aux_seed(user_id, config.seed))
-    auxiliary = [history.examples[row] for row in aux_rows] if method.uses_aux else []
-    return UserItems(positives, held_out, own_rows, aux_rows, auxiliary, evaluation)
+    draws = config.resolved_epochs if config.aux_resample and method.uses_aux else 1
+    drawn = history.auxiliary(user_id, own_rows, n_aux * draws, config.aux_strategy, aux_seed(user_id, config.seed))
+    auxiliary = [history.examples[row] for row in drawn] if method.uses_aux else []
+    return UserItems(positives, held_out, own_rows, drawn[:n_aux], auxiliary, evaluation)
 
 
 def aux_seed(user_id: str, seed: int) -> int:
