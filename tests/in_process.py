@@ -85,8 +85,8 @@ TRAIN = dict(epochs=1, max_profile=4, max_new_tokens=4, max_prompt_tokens=128)
 """The smallest training that runs every stage: one step a user."""
 
 
-def finished_job(root: Path, model: Path, methods: tuple[str, ...] = ("sft",)):
-    """A home under ``root``, data v1 (4 sample users, the first missing its 3 newest items)
+def finished_job(root: Path, model: Path, methods: tuple[str, ...] = ("sft",), db: str | None = None):
+    """A home under ``root`` (its registry at ``db``, by default SQLite in the home), data v1 (4 sample users, the first missing its 3 newest items)
     and v2 (the first complete, a fifth user new), and a job on v1 run to its end: returns
     (workspace, job id, the sample's users, v1, v2). Call :func:`without_ray` first."""
     from cbpo_orch.method.config import TrainConfig
@@ -97,7 +97,7 @@ def finished_job(root: Path, model: Path, methods: tuple[str, ...] = ("sft",)):
     users = sample_users()
     v1 = write_data(root / "v1", users[:4], {users[0]: 3})
     v2 = write_data(root / "v2", users[:5])
-    space = Workspace.open(root / "home", writes=True)
+    space = Workspace.open(root / "home", db, writes=True)
     spec = JobSpec("lamp4", str(v1), "dev", str(model), methods, tuple(users[:4]), TrainConfig(method=methods[0], **TRAIN))
     job = space.registry.create_job("lamp4", list(methods), users[:4], spec.to_config(Resources(workers=1)))
     assert run_job(space, job) == "succeeded"

@@ -43,14 +43,14 @@ def _files_naming(root, needles: list[str]) -> list[str]:
     return found
 
 
-def test_forget_leaves_nothing_of_the_user_and_names_whose_adapters_drew_on_its_items(tmp_path, tiny_model_dir, monkeypatch, capsys):
+def test_forget_leaves_nothing_of_the_user_and_names_whose_adapters_drew_on_its_items(tmp_path, tiny_model_dir, monkeypatch, capsys, db_url):
     from cbpo_orch.data.history import HistoryIndex
     from cbpo_orch.orchestrator.driver import run_job
     from cbpo_orch.orchestrator.forget import subject_digest
     from cbpo_orch.orchestrator.update import start_update
 
     without_ray(monkeypatch)
-    space, job, users, v1, v2 = finished_job(tmp_path, tiny_model_dir, ("cbpo",))
+    space, job, users, v1, v2 = finished_job(tmp_path, tiny_model_dir, ("cbpo",), db_url)
     update, _, _ = start_update(space, job, str(v2))
     assert run_job(space, update) == "succeeded"
     gone, home = users[0], space.artifacts.root.parent
@@ -65,6 +65,7 @@ def test_forget_leaves_nothing_of_the_user_and_names_whose_adapters_drew_on_its_
     assert list((home / "cache" / "reference").iterdir())
 
     monkeypatch.setenv("CBPO_ORCH_HOME", str(home))
+    monkeypatch.setenv("CBPO_ORCH_DB", db_url)
     monkeypatch.setattr(sys, "argv", ["cbpo-orch", "forget", gone])
     from cbpo_orch.cli.main import main
 
@@ -76,7 +77,7 @@ def test_forget_leaves_nothing_of_the_user_and_names_whose_adapters_drew_on_its_
     assert f"{len(drew)} runs of other users trained on its items as aux items" in out
     assert all(f"  {user} · {method} · job {job_id}" in out for user, method, job_id in drew)
 
-    assert _files_naming(home, [gone] + texts) == []  # no file name or content: adapters, predictions, caches, registry.db and its WAL
+    assert _files_naming(home, [gone] + texts) == []  # no file name or content: adapters, predictions, caches, a SQLite registry and its WAL
     assert _rows_naming(space.registry, gone) == []
     assert list((home / "cache" / "reference").iterdir()) == []  # the π_ref file held its pairs
     for folder in (home / "cache" / "history").iterdir():  # the aux pool of future training, without its items

@@ -45,11 +45,12 @@ def test_a_job_records_each_runs_data_fingerprint(lifecycle):
     assert len({run.data_fingerprint for run in space.registry.runs(job)}) == 4
 
 
-def test_update_trains_only_the_new_and_the_changed_user_and_carries_the_rest_by_reference(lifecycle):
+def test_update_trains_only_the_new_and_the_changed_user_and_carries_the_rest_by_reference(tmp_path, tiny_model_dir, monkeypatch, db_url):
     from cbpo_orch.orchestrator.driver import run_job
     from cbpo_orch.orchestrator.update import start_update
 
-    space, job, users, _, v2 = lifecycle
+    without_ray(monkeypatch)
+    space, job, users, _, v2 = finished_job(tmp_path, tiny_model_dir, db=db_url)
     before = {row["user_id"]: row for row in space.registry.results(job)}
     update, plan, _ = start_update(space, job, str(v2))
     assert (plan.new, plan.changed, sorted(plan.unchanged)) == ([users[4]], [users[0]], sorted(users[1:4]))

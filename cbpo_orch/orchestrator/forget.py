@@ -65,9 +65,9 @@ def forget_user(space: Workspace, user_id: str, job_id: str | None = None) -> Fo
     for job in jobs:
         if job.state == "running" and registry.lease(job.job_id)["seconds_left"] > 0:
             raise UserInUse(f"job {job.job_id} of user {user_id} is running; wait for it to end or `cbpo-orch cancel {job.job_id}` first")
-    folders = [space.artifacts.root / "adapters" / job.job_id / user_id for job in jobs]
+    folders = [f for job in jobs if (f := space.artifacts.root / "adapters" / job.job_id / user_id).is_dir()]
     for folder in folders:
-        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(folder)
     forgotten = registry.forget(user_id, job_id)
     registry.erase_freed()
     pairs, history_rows = _forget_history(space.cache / "history", user_id)
@@ -76,7 +76,7 @@ def forget_user(space: Workspace, user_id: str, job_id: str | None = None) -> Fo
         jobs=sorted({job.job_id for job in jobs} | set(forgotten.jobs)),
         runs=forgotten.runs,
         versions=forgotten.versions,
-        adapter_folders=sum(1 for folder in folders if not folder.exists()),
+        adapter_folders=len(folders),
         history_rows=history_rows,
         reference_caches=forget_pairs(space.cache / "reference", keys),
         aux_users_of=forgotten.aux_users_of,
