@@ -40,7 +40,7 @@ from datetime import timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # tests.tiny_model and tests.test_orchestrator
+sys.path.insert(0, str(REPO))  # tests.tiny_model and tests.helpers
 
 from sqlalchemy import create_engine, select  # noqa: E402
 
@@ -48,7 +48,7 @@ from cbpo_orch.cli.main import main as cli_main  # noqa: E402
 from cbpo_orch.orchestrator.lease import owner_pid  # noqa: E402
 from cbpo_orch.storage.models import UserRun  # noqa: E402
 from cbpo_orch.storage.registry import Registry  # noqa: E402
-from tests.test_orchestrator import Cli  # noqa: E402
+from tests.helpers import Cli  # noqa: E402
 from tests.tiny_model import build_tiny_model  # noqa: E402
 
 TINY = ["--max-new-tokens", "4", "--max-prompt-tokens", "64"]

@@ -1,8 +1,12 @@
 """Shared test fixtures: the real data in the repo's sibling ``../shared`` and hand-made data."""
 
+import shutil
 from pathlib import Path
 
 import pytest
+
+from cbpo_orch.home import SAMPLE_DATA
+from tests.helpers import Cli
 
 SHARED = Path(__file__).parents[1] / ".." / "shared"
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -63,3 +67,45 @@ def sample_history():
 
     datasets = history_datasets(SAMPLE_DATA, "dev", load_task("lamp4"))
     return datasets[0], build_history(datasets)
+
+
+@pytest.fixture(scope="session")
+def dev_users() -> list[str]:
+    from cbpo_orch.data.dataset import load_split
+    from cbpo_orch.data.tasks import load_task
+
+    return list(load_split(SAMPLE_DATA, "dev", load_task("lamp4")).users)
+
+
+@pytest.fixture(scope="session")
+def history_cache(tmp_path_factory, sample_history) -> Path:
+    """A home's ``cache`` folder already holding the sample's history index."""
+    from cbpo_orch.data.tasks import load_task
+    from cbpo_orch.workers.context import history_datasets, history_key
+
+    root = tmp_path_factory.mktemp("cache")
+    datasets = history_datasets(SAMPLE_DATA, "dev", load_task("lamp4"))
+    sample_history[1].save(root / "history" / history_key(datasets, None))
+    return root
+
+
+@pytest.fixture
+def home(tmp_path, history_cache) -> Path:
+    folder = tmp_path / "home"
+    shutil.copytree(history_cache, folder / "cache")
+    return folder
+
+
+@pytest.fixture
+def cli(home):
+    runner = Cli(home)
+    yield runner
+    runner.cleanup()
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    """The tiny random-weight model, loaded on the CPU once per module."""
+    from cbpo_orch.training.models import load_model
+
+    return load_model(tiny_model_dir, "cpu")

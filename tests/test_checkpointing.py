@@ -18,7 +18,7 @@ from cbpo_orch.training.logprobs import completion_logps
 from cbpo_orch.training.micro_batch import checkpointing_pays, micro_batch_rows
 from cbpo_orch.training.multi_lora import attached_multi_lora
 from cbpo_orch.training.trainer import MethodLoss, Sample, UserTraining, backward_by_rows, train_adapters
-from tests.test_logprobs import random_batch
+from tests.helpers import random_batch
 
 LORA = LoraSettings(r=4, alpha=8, dropout=0.1)
 """Dropout on: a recomputed layer must draw the masks its forward drew."""

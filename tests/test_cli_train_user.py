@@ -3,39 +3,20 @@
 from __future__ import annotations
 
 import json
-import shutil
-import sys
 
 import pytest
 from peft import PeftModel
 
-from cbpo_orch.cli.main import main
 from cbpo_orch.home import SAMPLE_DATA
 from cbpo_orch.training.models import load_model
+from tests.helpers import bad_questions, cli_in_process, train_args
 
-USER = json.loads((SAMPLE_DATA / "dev_questions.json").read_text())[0]["user_id"]
-FAST = ["--max-profile", "8", "--epochs", "1", "--max-prompt-tokens", "128", "--max-new-tokens", "6"]
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["cbpo-orch", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def train_args(data, model, out, *extra) -> list[str]:
-    return ["train-user", "--task", "lamp4", "--data", str(data), "--user", USER, "--model", str(model), "--out", str(out), *FAST, *extra]
 
 
 def test_train_user_writes_adapter_and_metrics(tiny_model_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CBPO_ORCH_HOME", str(tmp_path / "home"))
     out = tmp_path / "out"
-    code, stdout, stderr = run_cli(monkeypatch, capsys, *train_args(SAMPLE_DATA, tiny_model_dir, out, "--method", "cbpo", "--selection"))
+    code, stdout, stderr = cli_in_process(monkeypatch, capsys, *train_args(SAMPLE_DATA, tiny_model_dir, out, "--method", "cbpo", "--selection"))
     assert code == 0, stderr
     assert {"adapter_config.json", "adapter_model.safetensors", "metrics.json", "predictions.jsonl", "trainer_state.json"} <= {p.name for p in out.iterdir()}
     metrics = json.loads((out / "metrics.json").read_text())
@@ -46,13 +27,6 @@ def test_train_user_writes_adapter_and_metrics(tiny_model_dir, tmp_path, monkeyp
     assert 0 <= metrics["gamma"] <= 0.9
     PeftModel.from_pretrained(load_model(tiny_model_dir, "cpu").model, str(out))
     assert "ROUGE-1" in stdout
-
-
-def _bad_questions(folder, mutate):
-    shutil.copytree(SAMPLE_DATA, folder)
-    path = folder / "dev_questions.json"
-    records = json.loads(path.read_text())
-    path.write_text(mutate(records) if callable(mutate) else mutate)
 
 
 def _drop_title(records):
@@ -92,9 +66,9 @@ def _unsafe_id(records):
 )
 def test_bad_data_files_fail_clearly_and_write_nothing(mutate, message, tiny_model_dir, tmp_path, monkeypatch, capsys):
     data = tmp_path / "data"
-    _bad_questions(data, mutate)
+    bad_questions(data, mutate)
     out = tmp_path / "out"
-    code, stdout, stderr = run_cli(monkeypatch, capsys, *train_args(data, tiny_model_dir, out))
+    code, stdout, stderr = cli_in_process(monkeypatch, capsys, *train_args(data, tiny_model_dir, out))
     assert code == 2
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "dev_questions.json" in lines[0] and message in lines[0], stderr
@@ -119,7 +93,7 @@ def test_bad_data_files_fail_clearly_and_write_nothing(mutate, message, tiny_mod
 )
 def test_bad_options_fail_clearly(extra, message, tiny_model_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
-    code, _, stderr = run_cli(monkeypatch, capsys, *train_args(SAMPLE_DATA, tiny_model_dir, out, *extra))
+    code, _, stderr = cli_in_process(monkeypatch, capsys, *train_args(SAMPLE_DATA, tiny_model_dir, out, *extra))
     assert code == 2 and stderr.startswith("error: ") and message in stderr, stderr
     assert not out.exists()
 
@@ -128,14 +102,14 @@ def test_unknown_user_missing_model_and_used_output_fail_clearly(tiny_model_dir,
     out = tmp_path / "out"
     args = train_args(SAMPLE_DATA, tiny_model_dir, out)
     args[args.index("--user") + 1] = "nobody"
-    code, _, stderr = run_cli(monkeypatch, capsys, *args)
+    code, _, stderr = cli_in_process(monkeypatch, capsys, *args)
     assert code == 2 and "no user 'nobody'" in stderr
 
-    code, _, stderr = run_cli(monkeypatch, capsys, *train_args(SAMPLE_DATA, tmp_path / "no-model", out))
+    code, _, stderr = cli_in_process(monkeypatch, capsys, *train_args(SAMPLE_DATA, tmp_path / "no-model", out))
     assert code == 2 and "no-model" in stderr and "not a folder" in stderr
 
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    code, _, stderr = run_cli(monkeypatch, capsys, *train_args(SAMPLE_DATA, tiny_model_dir, out))
+    code, _, stderr = cli_in_process(monkeypatch, capsys, *train_args(SAMPLE_DATA, tiny_model_dir, out))
     assert code == 2 and "already exists" in stderr
     assert [p.name for p in out.iterdir()] == ["keep.txt"]

@@ -28,11 +28,11 @@ import pytest
 from cbpo_orch.orchestrator.lease import owner_pid
 from cbpo_orch.storage.artifacts import directory_sha256
 from cbpo_orch.storage.registry import Registry
-from tests.test_orchestrator import FAST, JOB_TIMEOUT, REPO, Cli, _attempt_dirs, _ok, group_members
+from tests.helpers import FAST_JOB, JOB_TIMEOUT, REPO, Cli, attempt_dirs, group_members, ok_line
 
 SEEDS = [int(s) for s in os.environ.get("CBPO_CRASH_SEEDS", "0,1").split(",")]
 USERS = 4
-COMMON = ["--users", str(USERS), "--method", "sft", "--workers", "1", *FAST]
+COMMON = ["--users", str(USERS), "--method", "sft", "--workers", "1", *FAST_JOB]
 DIED = r"error: the driver of job {job} died \({how}\) before the job finished.*`cbpo-orch resume {job}` finishes the job"
 CLUSTER_LOST = r"error: the Ray cluster went away under the driver .*`cbpo-orch resume {job}` finishes the job"
 
@@ -158,7 +158,7 @@ def test_a_job_crashed_at_every_stage_in_turn_resumes_to_the_same_complete_resul
             assert len(now) < USERS, f"{where}: the crash came too late"
             finished, dead = now, driver
             command = ["resume", watched.job, "--workers", "1"]
-        _ok(cli.run(*command))
+        ok_line(cli.run(*command))
         assert group_members(dead) == []
         job = watched.job
         info = registry.job(job)
@@ -168,7 +168,7 @@ def test_a_job_crashed_at_every_stage_in_turn_resumes_to_the_same_complete_resul
         for row in rows:
             key = (row["user_id"], row["method"])
             assert directory_sha256(row["adapter_path"]) == row["sha256"]
-            assert _attempt_dirs(bare_home, job, *key) == [Path(row["adapter_path"]).name], "resume leaves only registered folders"
+            assert attempt_dirs(bare_home, job, *key) == [Path(row["adapter_path"]).name], "resume leaves only registered folders"
         assert {k: v for k, v in _succeeded(registry, job).items() if k in finished} == finished
     finally:
         registry.close()

@@ -21,7 +21,7 @@ from cbpo_orch.data.tasks import load_task
 from cbpo_orch.home import SAMPLE_DATA
 from cbpo_orch.orchestrator.workspace import ARTIFACTS_ENV, DB_ENV
 from cbpo_orch.storage.artifacts import ArtifactStore
-from tests.test_cli_train_user import FAST, _bad_questions, run_cli, train_args
+from tests.helpers import FAST_TRAIN_USER, bad_questions, cli_in_process, train_args
 
 LAMP4 = load_task("lamp4")
 ITEM = {"id": "a", "text": "An article.", "title": "A Title"}
@@ -66,13 +66,13 @@ SHAPES = "(e.g. sqlite:///PATH or postgresql+psycopg://USER@HOST/DB)"
     ids=["unknown-dialect", "unparsable", "port-not-a-number"],
 )
 def test_bad_registry_url_is_one_line(url, message, home, monkeypatch, capsys):
-    assert error_line(*run_cli(monkeypatch, capsys, "status", "--db", url)) == message
+    assert error_line(*cli_in_process(monkeypatch, capsys, "status", "--db", url)) == message
     assert not home.exists()
 
 
 def test_missing_postgres_driver_says_which_extra_to_install(home, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "psycopg", None)  # as if psycopg were not installed
-    line = error_line(*run_cli(monkeypatch, capsys, "status", "--db", "postgresql+psycopg://u:s3cret@127.0.0.1:1/x"))
+    line = error_line(*cli_in_process(monkeypatch, capsys, "status", "--db", "postgresql+psycopg://u:s3cret@127.0.0.1:1/x"))
     assert line.startswith("error: registry URL postgresql+psycopg://u:***@127.0.0.1:1/x: its database driver is not installed (")
     assert line.endswith("; pip install 'cbpo-orch[postgres]' and use a postgresql+psycopg:// URL") and "s3cret" not in line
     assert not home.exists()
@@ -80,14 +80,14 @@ def test_missing_postgres_driver_says_which_extra_to_install(home, monkeypatch, 
 
 def test_unreachable_server_is_one_line_without_the_password(home, monkeypatch, capsys):
     pytest.importorskip("psycopg")
-    line = error_line(*run_cli(monkeypatch, capsys, "status", "--db", "postgresql+psycopg://u:s3cret@127.0.0.1:1/x"))
+    line = error_line(*cli_in_process(monkeypatch, capsys, "status", "--db", "postgresql+psycopg://u:s3cret@127.0.0.1:1/x"))
     assert line.startswith("error: cannot open the registry at postgresql+psycopg://u:***@127.0.0.1:1/x: connection failed")
     assert "s3cret" not in line
     assert not home.exists()
 
 
 def test_sqlite_registry_under_a_file_is_one_line(a_file, home, monkeypatch, capsys):
-    line = error_line(*run_cli(monkeypatch, capsys, "status", "--db", f"sqlite:///{a_file}/registry.db"))
+    line = error_line(*cli_in_process(monkeypatch, capsys, "status", "--db", f"sqlite:///{a_file}/registry.db"))
     assert line == f"error: cannot open the registry at sqlite:///{a_file}/registry.db: [Errno 17] File exists: '{a_file}'"
     assert a_file.read_text() == "not a folder"
 
@@ -101,20 +101,20 @@ def test_home_that_is_a_file_is_one_line(how, a_file, home, monkeypatch, capsys)
     if how == "env":
         monkeypatch.setenv("CBPO_ORCH_HOME", str(chosen))
     argv = ["status"] if how == "env" else ["status", "--home", str(chosen)]
-    line = error_line(*run_cli(monkeypatch, capsys, *argv))
+    line = error_line(*cli_in_process(monkeypatch, capsys, *argv))
     assert line == f"error: home folder {chosen} cannot be a folder: {a_file} is a file"
     assert a_file.read_text() == "not a folder"
 
 
 def test_submit_with_artifacts_under_a_file_writes_no_job(a_file, home, tiny_model_dir, monkeypatch, capsys):
-    argv = ["submit", "--model", str(tiny_model_dir), "--users", "1", "--method", "sft", "--artifacts", str(a_file / "artifacts"), *FAST]
-    line = error_line(*run_cli(monkeypatch, capsys, *argv))
+    argv = ["submit", "--model", str(tiny_model_dir), "--users", "1", "--method", "sft", "--artifacts", str(a_file / "artifacts"), *FAST_TRAIN_USER]
+    line = error_line(*cli_in_process(monkeypatch, capsys, *argv))
     assert line == f"error: artifact folder {a_file / 'artifacts'} cannot be a folder: {a_file} is a file"
     assert not home.exists()
 
 
 def test_train_user_with_out_under_a_file_is_refused_before_training(a_file, home, tiny_model_dir, monkeypatch, capsys):
-    line = error_line(*run_cli(monkeypatch, capsys, *train_args(SAMPLE_DATA, tiny_model_dir, a_file / "out")))
+    line = error_line(*cli_in_process(monkeypatch, capsys, *train_args(SAMPLE_DATA, tiny_model_dir, a_file / "out")))
     assert line == f"error: folder of --out {a_file} cannot be a folder: {a_file} is a file"
 
 
@@ -154,10 +154,10 @@ ID_RULE = "letters, digits, '.', '_', '-' only, not starting with '.' or '-', at
 
 
 def _bad_data(tmp_path: Path, content) -> tuple[Path, Path]:
-    """The shipped sample with its dev questions replaced or mutated (see _bad_questions), and
+    """The shipped sample with its dev questions replaced or mutated (see bad_questions), and
     an output folder that must not appear."""
     data = tmp_path / "data"
-    _bad_questions(data, content)
+    bad_questions(data, content)
     return data / "dev_questions.json", tmp_path / "out"
 
 
@@ -177,7 +177,7 @@ def _lone_surrogate_input(records):
 )
 def test_unreadable_data_is_one_line(content, message, tiny_model_dir, tmp_path, home, monkeypatch, capsys):
     questions, out = _bad_data(tmp_path, content)
-    line = error_line(*run_cli(monkeypatch, capsys, *train_args(questions.parent, tiny_model_dir, out)))
+    line = error_line(*cli_in_process(monkeypatch, capsys, *train_args(questions.parent, tiny_model_dir, out)))
     assert line.startswith(f"error: {questions}: {message}"), line
     assert not out.exists()
 
@@ -192,7 +192,7 @@ def test_unsafe_user_id_is_one_line(user_id, tiny_model_dir, tmp_path, home, mon
         return json.dumps(records)
 
     questions, out = _bad_data(tmp_path, mutate)
-    line = error_line(*run_cli(monkeypatch, capsys, *train_args(questions.parent, tiny_model_dir, out)))
+    line = error_line(*cli_in_process(monkeypatch, capsys, *train_args(questions.parent, tiny_model_dir, out)))
     assert line == f"error: {questions}: record 0 (id {FIRST_QUESTION!r}): id {user_id!r} is unsafe as a file name ({ID_RULE})"
     assert not out.exists()
 
@@ -200,7 +200,7 @@ def test_unsafe_user_id_is_one_line(user_id, tiny_model_dir, tmp_path, home, mon
 def test_invalid_utf8_is_one_line(tiny_model_dir, tmp_path, home, monkeypatch, capsys):
     questions, out = _bad_data(tmp_path, "")
     questions.write_bytes(b'[{"id": "q\xff"}]')
-    line = error_line(*run_cli(monkeypatch, capsys, *train_args(questions.parent, tiny_model_dir, out)))
+    line = error_line(*cli_in_process(monkeypatch, capsys, *train_args(questions.parent, tiny_model_dir, out)))
     assert line == f"error: {questions}: cannot read ('utf-8' codec can't decode byte 0xff in position 10: invalid start byte)"
     assert not out.exists()
 
@@ -236,7 +236,7 @@ def _model_folder(tiny_model_dir: Path, folder: Path, kind: str) -> Path:
 )
 def test_model_that_is_not_a_causal_lm_is_one_line(kind, reason, tiny_model_dir, tmp_path, home, monkeypatch, capsys):
     model, out = _model_folder(tiny_model_dir, tmp_path / kind, kind), tmp_path / "out"
-    line = error_line(*run_cli(monkeypatch, capsys, *train_args(SAMPLE_DATA, model, out)))
+    line = error_line(*cli_in_process(monkeypatch, capsys, *train_args(SAMPLE_DATA, model, out)))
     assert line == f"error: model {str(model)!r} cannot be personalized: {reason.format(folder=model)}"
     assert not out.exists() and not home.exists()
 

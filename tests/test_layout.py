@@ -121,3 +121,14 @@ def test_the_ray_heavy_group_names_modules_that_exist():
 
     tests = Path(__file__).parent
     assert all((tests / f"{module}.py").is_file() for module in RAY_HEAVY_MODULES), RAY_HEAVY_MODULES
+
+
+def test_no_test_module_imports_another():
+    """Shared helpers live in tests/helpers.py and fixtures in tests/conftest.py."""
+    tests = Path(__file__).parent
+    wrong = []
+    for path in sorted(tests.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            wrong += [f"{path.name} imports {name}" for name in names if name.startswith("tests.test_")]
+    assert not wrong, wrong

@@ -19,6 +19,7 @@ from cbpo_orch.orchestrator.lease import JobLease, LeaseLost, dead_here, owner_p
 from cbpo_orch.orchestrator.processes import alive, signal_group
 from cbpo_orch.orchestrator.spec import JobSpec, Resources
 from cbpo_orch.storage.registry import LeaseHeld, Registry
+from tests.helpers import cli_in_process
 
 ELSEWHERE = "another-host:4242:abcdef12"
 
@@ -207,7 +208,6 @@ def test_the_lease_notice_is_its_owners_and_goes_with_the_lease(registry: Regist
 
 
 def test_status_shows_where_to_watch_a_running_job_and_how_to_sign_in(tmp_path, monkeypatch, capsys) -> None:
-    from tests.test_cli_train_user import run_cli
 
     home = tmp_path / "home"
     monkeypatch.setenv("CBPO_ORCH_HOME", str(home))
@@ -218,10 +218,10 @@ def test_status_shows_where_to_watch_a_running_job_and_how_to_sign_in(tmp_path, 
             registry.set_job_state(job, "running")
             registry.take_lease(job, f"driver-of-{job}", ttl_s=ttl)
             registry.set_lease_notice(job, f"driver-of-{job}", line)
-    code, out, _ = run_cli(monkeypatch, capsys, "status")
+    code, out, _ = cli_in_process(monkeypatch, capsys, "status")
     assert code == 0 and f"{live}: {line}" in out.splitlines()
     assert not [shown for shown in out.splitlines() if shown.startswith(f"{dead}:")], "a dead driver's dashboard is not shown"
-    code, out, _ = run_cli(monkeypatch, capsys, "status", live)
+    code, out, _ = cli_in_process(monkeypatch, capsys, "status", live)
     assert code == 0 and out.splitlines()[-1] == f"{live}: {line}"
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.test_orchestrator import Cli
+from tests.helpers import Cli
 
 SPEC = importlib.util.spec_from_file_location("load", Path(__file__).parent.parent / "bench" / "load.py")
 load = importlib.util.module_from_spec(SPEC)

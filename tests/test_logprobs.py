@@ -3,7 +3,6 @@ the same log-probs, losses and gradients (fp32, rel 1e-5), and no vocabulary-wid
 
 from __future__ import annotations
 
-import random
 
 import pytest
 import torch
@@ -14,9 +13,9 @@ from transformers import AutoModelForCausalLM, Gemma2Config, GPT2Config, LlamaCo
 from cbpo_orch.method.config import LoraSettings
 from cbpo_orch.method.objectives import cbpo_loss, sft_loss
 from cbpo_orch.training import logprobs
-from cbpo_orch.training.encoding import EncodedPair, collate
 from cbpo_orch.training.logprobs import PLAIN_HEAD_FAMILIES, completion_logps, sequence_logps, split_head
 from cbpo_orch.training.multi_lora import attached_multi_lora
+from tests.helpers import random_batch
 
 VOCAB = 97
 CHUNK = 5
@@ -39,16 +38,6 @@ def small_chunks(monkeypatch):
 def build(config, seed: int = 0):
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-
-
-def random_batch(vocab: int, seed: int = 0, rows: int = 4):
-    """Right-padded rows of unequal prompt and completion lengths."""
-    rng = random.Random(seed)
-    pairs = []
-    for _ in range(rows):
-        prompt, completion = rng.randint(3, 20), rng.randint(1, 15)
-        pairs.append(EncodedPair(tuple(rng.randrange(2, vocab) for _ in range(prompt + completion)), prompt))
-    return pairs, collate(pairs, pad_id=1)
 
 
 def full_logits_logps(model, batch):

@@ -17,7 +17,7 @@ from cbpo_orch.training.logprobs import completion_logps
 from cbpo_orch.training.micro_batch import ACTIVATION_BUDGET, activation_bytes, micro_batch_rows
 from cbpo_orch.training.multi_lora import attached_multi_lora
 from cbpo_orch.training.trainer import MethodLoss, Sample, UserTraining, backward_by_rows, train_adapters
-from tests.test_logprobs import random_batch
+from tests.helpers import random_batch
 
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
 METHODS = ("sft", "kto", "bco", "cbpo", "cbpo-raw", "cbpo-nnpu")

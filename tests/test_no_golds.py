@@ -17,7 +17,7 @@ from cbpo_orch.data.tasks import load_task
 from cbpo_orch.home import SAMPLE_DATA
 from cbpo_orch.storage.models import SCHEMA_VERSION, Job, Metric, SchemaVersion, UserRun
 from cbpo_orch.storage.registry import Registry
-from tests.test_orchestrator import FAST, Cli, _ok, cli_in_process
+from tests.helpers import FAST_JOB, Cli, cli_in_process, ok_line
 
 METRICS = {"rouge1": None, "rougeL": None, "gamma": None, "gamma_reason": None, "n_pos": 4, "n_aux": 0, "seconds": 1.5,
            "phase_seconds": {}, "extra": {"predictions": [{"id": "q1", "prediction": "a headline", "gold": None}]}}
@@ -120,7 +120,7 @@ def test_a_dev_split_missing_a_gold_is_refused_at_submit(layout, tmp_path, tiny_
         (tmp_path / "dev.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
         hint = "line 2"
     monkeypatch.setenv("CBPO_ORCH_HOME", str(tmp_path / "home"))
-    code, out, err = cli_in_process(monkeypatch, capsys, "submit", "--data", str(tmp_path), "--model", str(tiny_model_dir), *FAST)
+    code, out, err = cli_in_process(monkeypatch, capsys, "submit", "--data", str(tmp_path), "--model", str(tiny_model_dir), *FAST_JOB)
     assert code == 2 and out == "" and "Traceback" not in err
     [line] = err.splitlines()
     assert line.startswith("error: ") and hint in line and "only a 'test' split" in line
@@ -140,8 +140,8 @@ def test_a_job_mixing_users_with_and_without_golds_succeeds_and_records_every_pr
     cli = Cli(tmp_path / "home")
     try:
         submitted = cli.run("submit", "--data", str(data), "--split", "test", "--users", "all", "--method", "base,sft",
-                            "--model", str(tiny_model_dir), "--workers", "1", *FAST)
-        job = _ok(submitted)
+                            "--model", str(tiny_model_dir), "--workers", "1", *FAST_JOB)
+        job = ok_line(submitted)
         assert "gold: n/a" in " ".join(submitted.stdout.split())
         as_json, as_csv, table, aggregate = (cli.run("results", job, *args) for args in
                                              (["--format", "json"], ["--format", "csv"], [], ["--aggregate", "--format", "json"]))

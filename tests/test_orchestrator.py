@@ -14,10 +14,7 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -27,155 +24,16 @@ import numpy as np
 import pytest
 
 from cbpo_orch.home import SAMPLE_DATA
-from cbpo_orch.orchestrator.processes import stat_fields
 from cbpo_orch.storage.artifacts import directory_sha256
-from cbpo_orch.storage.registry import Registry
 from tests import faulty_worker
+from tests.helpers import CLEAN_ENV, FAST_JOB, REPO, attempt_dirs, cli_in_process, ok_line, sqlite_registry
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "trainer_state.json", "predictions.jsonl")
 
-REPO = Path(__file__).resolve().parents[1]
-CLI = Path(sys.executable).with_name("cbpo-orch")
 CONTRACT = ["user_id", "method", "rouge1", "rougeL", "gamma", "n_pos", "n_aux", "adapter_path", "sha256", "seconds"]
-FAST = ["--max-profile", "8", "--epochs", "1", "--max-new-tokens", "8", "--max-prompt-tokens", "128"]
-# Slow enough (≈1.5 s a run on one CPU) that the driver can be killed between two runs.
-SLOW = ["--max-profile", "40", "--epochs", "4", "--max-new-tokens", "8", "--max-prompt-tokens", "128"]
-CLEAN_ENV = ("RAY_ADDRESS", "CBPO_ORCH_DB", "CBPO_ORCH_ARTIFACTS")
-JOB_TIMEOUT = 240
 
 
 # ───────────────────────────── helpers and fixtures ─────────────────────────────
-
-
-def _live_processes(field: int, value: int) -> list[int]:
-    """Live (non-zombie) processes whose ``/proc/PID/stat`` field ``field`` (after the
-    command name: 2 = process group, 3 = session) is ``value``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        fields = stat_fields(int(entry)) if entry.isdigit() else None
-        if fields is not None and fields[0] != "Z" and int(fields[field]) == value:
-            found.append(int(entry))
-    return found
-
-
-def _session_members(sid: int) -> list[int]:
-    return _live_processes(3, sid)
-
-
-def group_members(pgid: int) -> list[int]:
-    return _live_processes(2, pgid)
-
-
-def kill_session(sid: int, timeout: float = 15.0) -> None:
-    """SIGKILL the process group ``sid`` and every other process of session ``sid``
-    (Ray workers put themselves in their own group but stay in the session)."""
-    deadline = time.monotonic() + timeout
-    try:
-        os.killpg(sid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    while members := _session_members(sid):
-        for pid in members:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"processes of session {sid} survive SIGKILL: {members}")
-        time.sleep(0.1)
-
-
-class Cli:
-    """The real ``cbpo-orch`` console script with ``CBPO_ORCH_HOME`` set to ``home``."""
-
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self.env = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV}
-        self.env["CBPO_ORCH_HOME"] = str(home)
-        self.started: list[subprocess.Popen] = []
-
-    def start(self, *args: str) -> subprocess.Popen:
-        proc = subprocess.Popen(
-            [str(CLI), *args],
-            env=self.env,
-            cwd=self.home,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-        self.started.append(proc)
-        return proc
-
-    def finish(self, proc: subprocess.Popen, timeout: float = JOB_TIMEOUT) -> subprocess.CompletedProcess:
-        """Wait for ``proc``, then clear what it left in its session."""
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        finally:
-            self.kill(proc)
-        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-    def run(self, *args: str, timeout: float = JOB_TIMEOUT) -> subprocess.CompletedProcess:
-        return self.finish(self.start(*args), timeout)
-
-    def json(self, *args: str):
-        done = self.run(*args)
-        assert done.returncode == 0, done.stderr
-        return json.loads(done.stdout)
-
-    def kill(self, proc: subprocess.Popen) -> None:
-        kill_session(proc.pid)
-        proc.wait(timeout=10)
-
-    def cleanup(self) -> None:
-        for proc in self.started:
-            self.kill(proc)
-            for stream in (proc.stdout, proc.stderr):
-                if stream is not None:
-                    stream.close()
-
-
-def _ok(done: subprocess.CompletedProcess) -> str:
-    assert done.returncode == 0, f"{done.args} exited {done.returncode}:\n{done.stderr[-4000:]}"
-    return done.stdout.splitlines()[0].strip()
-
-
-@pytest.fixture(scope="session")
-def dev_users() -> list[str]:
-    from cbpo_orch.data.dataset import load_split
-    from cbpo_orch.data.tasks import load_task
-
-    return list(load_split(SAMPLE_DATA, "dev", load_task("lamp4")).users)
-
-
-@pytest.fixture(scope="session")
-def history_cache(tmp_path_factory, sample_history) -> Path:
-    """A home's ``cache`` folder already holding the sample's history index."""
-    from cbpo_orch.data.tasks import load_task
-    from cbpo_orch.workers.context import history_datasets, history_key
-
-    root = tmp_path_factory.mktemp("cache")
-    datasets = history_datasets(SAMPLE_DATA, "dev", load_task("lamp4"))
-    sample_history[1].save(root / "history" / history_key(datasets, None))
-    return root
-
-
-@pytest.fixture
-def home(tmp_path, history_cache) -> Path:
-    folder = tmp_path / "home"
-    shutil.copytree(history_cache, folder / "cache")
-    return folder
-
-
-@pytest.fixture
-def cli(home):
-    runner = Cli(home)
-    yield runner
-    runner.cleanup()
-
-
-def _registry(home: Path) -> Registry:
-    return Registry(f"sqlite:///{home / 'registry.db'}")
 
 
 def _spec_config(model: Path, users: list[str], methods=("sft",)) -> tuple[dict, object]:
@@ -190,7 +48,7 @@ def _spec_config(model: Path, users: list[str], methods=("sft",)) -> tuple[dict,
 
 def _create_job(home: Path, model: Path, users: list[str], methods=("sft",)) -> str:
     config, _ = _spec_config(model, users, methods)
-    with _registry(home) as registry:
+    with sqlite_registry(home) as registry:
         return registry.create_job("lamp4", list(methods), users, config)
 
 
@@ -209,18 +67,12 @@ def _ray_version() -> tuple[int, int]:
     return int(major), int(minor)
 
 
-def _attempt_dirs(home: Path, job: str, user: str, method: str) -> list[str]:
-    """Every entry of a run's adapter folder: its attempts, and any staging folder."""
-    folder = home / "artifacts" / "adapters" / job / user / method
-    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-
-
 # ───────────────────────────── CLI, real subprocesses ─────────────────────────────
 
 
 def test_submit_then_status_and_results(cli, home, tiny_model_dir, dev_users):
-    submitted = cli.run("submit", "--model", str(tiny_model_dir), "--users", "3", "--method", "sft,cbpo", "--workers", "2", "--examples", "2", "--selection", *FAST)
-    job = _ok(submitted)
+    submitted = cli.run("submit", "--model", str(tiny_model_dir), "--users", "3", "--method", "sft,cbpo", "--workers", "2", "--examples", "2", "--selection", *FAST_JOB)
+    job = ok_line(submitted)
     shown = re.findall(r"^  +(gold|sft|cbpo): ", submitted.stdout, flags=re.MULTILINE)
     assert shown == ["gold", "sft", "cbpo"] * 2, submitted.stdout  # one query of the first 2 users, every method
 
@@ -231,7 +83,7 @@ def test_submit_then_status_and_results(cli, home, tiny_model_dir, dev_users):
     )
     status, as_json, as_csv = (cli.finish(p) for p in (status, as_json, as_csv))
     for done in (status, as_json, as_csv):
-        _ok(done)
+        ok_line(done)
 
     [entry] = [j for j in json.loads(status.stdout) if j["job_id"] == job]
     assert entry["state"] == "succeeded" and entry["error"] is None
@@ -266,11 +118,11 @@ def test_submit_then_status_and_results(cli, home, tiny_model_dir, dev_users):
 
 
 def test_two_submits_share_one_registry(cli, tiny_model_dir, dev_users):
-    common = ["--model", str(tiny_model_dir), "--method", "sft", "--workers", "1", *FAST]
+    common = ["--model", str(tiny_model_dir), "--method", "sft", "--workers", "1", *FAST_JOB]
     first = cli.start("submit", "--users", "2", *common)
     second = cli.start("submit", "--users", ",".join(dev_users[2:4]), *common)
     done = [cli.finish(p) for p in (first, second)]
-    jobs = [_ok(d) for d in done]
+    jobs = [ok_line(d) for d in done]
     assert jobs[0] != jobs[1]
     # Two local Rays on one machine: each gets its own dashboard port.
     dashboards = [re.findall(r"Ray dashboard: (\S+)", d.stderr) for d in done]
@@ -285,7 +137,7 @@ def test_two_submits_share_one_registry(cli, tiny_model_dir, dev_users):
     for job in jobs:
         assert status[job]["state"] == "succeeded"
         assert status[job]["counts"] == {"pending": 0, "running": 0, "succeeded": 2, "failed": 0}
-    with _registry(cli.home) as registry:
+    with sqlite_registry(cli.home) as registry:
         assert registry.job(jobs[0]).users == dev_users[:2]
         assert registry.job(jobs[1]).users == dev_users[2:4]
         for job in jobs:
@@ -302,7 +154,7 @@ def _closed_port() -> int:
 def test_submit_to_an_address_where_nothing_answers_is_one_line_and_writes_nothing(cli, tiny_model_dir):
     port = _closed_port()
     started = time.monotonic()
-    done = cli.run("submit", "--address", f"127.0.0.1:{port}", "--model", str(tiny_model_dir), "--users", "1", "--method", "base", *FAST, timeout=120)
+    done = cli.run("submit", "--address", f"127.0.0.1:{port}", "--model", str(tiny_model_dir), "--users", "1", "--method", "base", *FAST_JOB, timeout=120)
     assert done.returncode == 2 and done.stdout == "", done.stderr[-3000:]
     assert done.stderr.startswith(f"error: cannot reach the Ray cluster at 127.0.0.1:{port}: nothing answers there"), done.stderr[-3000:]
     assert len(done.stderr.splitlines()) == 1
@@ -320,21 +172,6 @@ def test_a_driver_whose_cluster_address_answers_nothing_stops_at_once():
 
 
 # ───────────────────────────── CLI, in process ─────────────────────────────
-
-
-def cli_in_process(monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
-    """``cbpo-orch ARGV`` in this process: its exit code, stdout and stderr."""
-    from cbpo_orch.cli.main import main
-
-    monkeypatch.setattr(sys, "argv", ["cbpo-orch", *argv])
-    capsys.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _main(monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
@@ -378,8 +215,8 @@ def test_bad_input_is_one_error_line_and_changes_nothing(case, quiet_home, tiny_
     argv, hint = BAD_INPUT[case]
     argv = [a.replace("{job}", existing) for a in argv]
     if argv[0] == "submit":
-        argv = argv + FAST + ([] if "--model" in argv else ["--model", str(tiny_model_dir)])
-    with _registry(quiet_home) as registry:
+        argv = argv + FAST_JOB + ([] if "--model" in argv else ["--model", str(tiny_model_dir)])
+    with sqlite_registry(quiet_home) as registry:
         jobs_before = registry.jobs()
 
     code, out, err = _main(monkeypatch, capsys, *argv)
@@ -389,7 +226,7 @@ def test_bad_input_is_one_error_line_and_changes_nothing(case, quiet_home, tiny_
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert hint in lines[0]
     assert "Traceback" not in err and out == ""
-    with _registry(quiet_home) as registry:
+    with sqlite_registry(quiet_home) as registry:
         assert registry.jobs() == jobs_before
     assert not (quiet_home / "artifacts").exists()
 
@@ -483,7 +320,7 @@ def test_failing_user_is_retried_then_failed_others_succeed(local_ray, home, tin
         if run.user_id == faulty_worker.FAILING_USER:
             assert run.state == "failed" and run.attempts == 2
             assert faulty_worker.injected_error(run.user_id) in run.error and "RuntimeError" in run.error
-            assert _attempt_dirs(home, job, run.user_id, run.method) == []
+            assert attempt_dirs(home, job, run.user_id, run.method) == []
         else:
             assert run.state == "succeeded" and run.attempts == 1 and run.error is None
     rows = space.registry.results(job)
@@ -529,7 +366,7 @@ def test_a_full_device_stops_the_job_resumably_with_nothing_half_written(local_r
     rows = space.registry.results(job)
     assert sorted(r["user_id"] for r in rows) == sorted(users)
     assert all(directory_sha256(r["adapter_path"]) == r["sha256"] for r in rows)
-    assert all(len(_attempt_dirs(home, job, user, "sft")) == 1 for user in users)
+    assert all(len(attempt_dirs(home, job, user, "sft")) == 1 for user in users)
 
 
 def test_the_driver_process_says_a_full_device_in_one_line(home, tiny_model_dir, dev_users, monkeypatch, capsys):
@@ -598,7 +435,7 @@ def test_packed_users_succeed_together_and_a_failing_pack_is_retried_user_by_use
         if run.user_id == faulty_worker.FAILING_USER:
             assert run.state == "failed" and run.error == f"DataError: {faulty_worker.injected_error(run.user_id)}"
         else:
-            assert run.state == "succeeded" and _attempt_dirs(home, job, run.user_id, "sft") == ["attempt-2"]
+            assert run.state == "succeeded" and attempt_dirs(home, job, run.user_id, "sft") == ["attempt-2"]
 
     packed = _create_job(home, tiny_model_dir, [dev_users[0], dev_users[2]])
     assert run_job(space, packed, Resources(max_retries=0, workers=1, users_per_step=3)) == "succeeded"
@@ -619,7 +456,7 @@ def test_dead_worker_is_replaced_and_its_run_retried(local_ray, home, tiny_model
     assert state == "succeeded", [(r.user_id, r.state, r.attempts, r.error) for r in space.registry.runs(job)]
     attempts = {run.user_id: run.attempts for run in space.registry.runs(job)}
     assert attempts == {faulty_worker.FAILING_USER: 2, dev_users[0]: 1}
-    assert _attempt_dirs(home, job, faulty_worker.FAILING_USER, "sft") == ["attempt-2"]
+    assert attempt_dirs(home, job, faulty_worker.FAILING_USER, "sft") == ["attempt-2"]
 
 
 def test_a_remote_tasks_steps_reach_the_driver_while_it_runs(local_ray):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cbpo_orch.training.pack_memory import pack_slots, slots_for
-from tests.test_trainer_packing import LORA, loaded, user_work  # noqa: F401 (loaded is a fixture)
+from tests.helpers import LORA, user_work
 
 
 def test_slots_are_what_the_headroom_of_free_memory_holds():

@@ -16,7 +16,7 @@ from cbpo_orch.training.models import load_model
 from cbpo_orch.workers.personalize import personalize_user
 from cbpo_orch.workers.user_context import UserContext
 from cbpo_orch.workers.profile_summary import SUMMARY_INSTRUCTION, SUMMARY_LABEL
-from tests.test_orchestrator import Cli, _ok, _registry, dev_users, history_cache, home  # noqa: F401  (fixtures: the sample's users, a home holding its index)
+from tests.helpers import Cli, ok_line, sqlite_registry
 
 BUDGETS = dict(max_profile=16, max_prompt_tokens=384, max_new_tokens=8, eval_items=3)
 
@@ -139,12 +139,12 @@ def test_submit_runs_base_rag_pag_sft_and_cbpo_end_to_end_on_the_sample(home, ti
     try:
         submitted = cli.run("submit", "--model", str(tiny_model_dir), "--users", "2", "--method", ",".join(methods), "--workers", "1",
                             "--max-profile", "8", "--epochs", "1", "--max-new-tokens", "8", "--max-prompt-tokens", "384", "--eval-items", "2")
-        job = _ok(submitted)
+        job = ok_line(submitted)
         rows = json.loads(cli.run("results", job, "--format", "json").stdout)
     finally:
         cli.cleanup()
     assert sorted((row["user_id"], row["method"]) for row in rows) == sorted((u, m) for u in dev_users[:2] for m in methods)
-    with _registry(home) as registry:
+    with sqlite_registry(home) as registry:
         assert registry.job(job).state == "succeeded"
         extras = registry.extras(job)
     for row in rows:

@@ -27,17 +27,7 @@ import pytest
 from cbpo_orch.orchestrator.processes import stat_fields
 from cbpo_orch.storage.artifacts import directory_sha256
 from cbpo_orch.storage.registry import Registry, RunInfo
-from tests.test_orchestrator import (  # noqa: F401 (cli, dev_users, history_cache, home: fixtures)
-    CLEAN_ENV,
-    JOB_TIMEOUT,
-    SLOW,
-    _attempt_dirs,
-    _ok,
-    cli,
-    dev_users,
-    history_cache,
-    home,
-)
+from tests.helpers import CLEAN_ENV, JOB_TIMEOUT, SLOW_JOB, attempt_dirs, ok_line
 
 NODE_DEATH_TIMEOUT = 120
 """How long the driver may take to see that a node is gone: its call to the node's actor fails
@@ -172,7 +162,7 @@ def _check_results(registry: Registry, home: Path, job: str, users: list[str]) -
     for row in rows:
         attempt = f"attempt-{runs[row['user_id'], row['method']].attempts}"
         assert Path(row["adapter_path"]) == home.resolve() / "artifacts" / "adapters" / job / row["user_id"] / "sft" / attempt
-        assert _attempt_dirs(home, job, row["user_id"], "sft") == [attempt]
+        assert attempt_dirs(home, job, row["user_id"], "sft") == [attempt]
         assert directory_sha256(row["adapter_path"]) == row["sha256"]
     assert not (home / "registry.db").exists()  # the registry is the PostgreSQL one
     return runs
@@ -184,7 +174,7 @@ def _check_results(registry: Registry, home: Path, job: str, users: list[str]) -
 def test_runs_of_a_lost_node_are_retried_on_a_node_that_joins(ray_cluster, cli, home, postgres_url, tiny_model_dir, dev_users):
     earlier = {a["ActorID"] for a in ray_cluster.personalize_actors()}
     lost_node = ray_cluster.worker.node_id
-    proc = _submit(cli, ray_cluster, postgres_url, tiny_model_dir, 4, SLOW)
+    proc = _submit(cli, ray_cluster, postgres_url, tiny_model_dir, 4, SLOW_JOB)
     job = proc.stdout.readline().strip()
     assert job, f"submit printed no job id: {proc.stderr.read()[-4000:] if proc.poll() is not None else ''}"
 
@@ -213,7 +203,7 @@ def test_runs_of_a_lost_node_are_retried_on_a_node_that_joins(ray_cluster, cli, 
             time.sleep(0.2)
         ray_cluster.add_worker()
 
-        _ok(cli.finish(proc))
+        ok_line(cli.finish(proc))
         runs = _check_results(registry, home, job, dev_users[:4])
         rows = {(r["user_id"], r["method"]): r for r in registry.results(job)}
 

@@ -23,7 +23,7 @@ import pytest
 from cbpo_orch.home import SAMPLE_DATA
 from cbpo_orch.storage.artifacts import directory_sha256
 from tests import faulty_worker
-from tests.test_orchestrator import CLEAN_ENV, REPO, cli_in_process, dev_users, history_cache  # noqa: F401  (fixtures)
+from tests.helpers import CLEAN_ENV, REPO, cli_in_process
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Serve's own pydantic fields
 

@@ -21,7 +21,7 @@ from datasets.packaged_modules.parquet.parquet import Parquet
 from cbpo_orch.data.dataset import DataError, find_splits, load_split
 from cbpo_orch.data.sources import LONGLAMP, LONGLAMP_CONFIGS, task_data
 from cbpo_orch.data.tasks import load_task
-from tests.test_orchestrator import FAST, Cli, _ok, cli_in_process
+from tests.helpers import FAST_JOB, Cli, cli_in_process, ok_line
 
 SPLITS = ("train", "val", "test")
 CACHE_HASH = "0123456789abcdef0123456789abcdef01234567"
@@ -150,7 +150,7 @@ def test_a_bad_record_is_one_line_naming_the_source_and_the_record(tmp_path, off
 def test_a_hub_id_neither_reachable_nor_cached_is_one_line_saying_what_to_do(tmp_path, offline_hub, tiny_model_dir, monkeypatch, capsys):
     monkeypatch.setenv("CBPO_ORCH_HOME", str(tmp_path / "home"))
     for argv in (["--task", "longlamp3"], ["--task", "longlamp3", "--data", LONGLAMP], ["--data", "nobody/nothing:none"]):
-        code, out, err = cli_in_process(monkeypatch, capsys, "submit", *argv, "--model", str(tiny_model_dir), *FAST)
+        code, out, err = cli_in_process(monkeypatch, capsys, "submit", *argv, "--model", str(tiny_model_dir), *FAST_JOB)
         [line] = err.splitlines()
         assert code == 2 and out == "" and "Traceback" not in err
         named = "nobody/nothing:none" if "--data" in argv and LONGLAMP not in argv else f"{LONGLAMP}:product_review_user"
@@ -198,7 +198,7 @@ def test_the_literal_longlamp3_submit_reads_the_cache_offline_and_says_its_confi
     try:
         done = cli.run("submit", "--task", "longlamp3", "--users", "2", "--method", "sft", "--model", str(tiny_model_dir), "--workers", "1",
                        "--max-profile", "8", "--epochs", "1", "--max-new-tokens", "8", "--max-prompt-tokens", "256")
-        job = _ok(done)
+        job = ok_line(done)
         rows = json.loads(cli.run("results", job, "--format", "json").stdout)
     finally:
         cli.cleanup()

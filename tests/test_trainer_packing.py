@@ -9,35 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cbpo_orch.data.tasks import Budgets
-from cbpo_orch.method.config import LoraSettings, TrainConfig
-from cbpo_orch.training.models import load_model
+from cbpo_orch.method.config import TrainConfig
 from cbpo_orch.training.multi_lora import attached_multi_lora
-from cbpo_orch.training.trainer import UserTraining, encode_samples, held_out_logp, mismatched_pairs, slot_schedule, train_adapters, users_per_pass
+from cbpo_orch.training.trainer import slot_schedule, train_adapters, users_per_pass
+from tests.helpers import LORA, user_work
 
-LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
-BUDGETS = Budgets(48, 12)
 SIZES = ((3, 4), (5, 5), (8, 3), (11, 9))  # (own items, aux items) per user
 RTOL, ATOL = 1e-5, 1e-6
 STATE_ATOL = 1e-5  # reference states are sums of ~24 fp32 rewards that partly cancel
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir):
-    return load_model(tiny_model_dir, "cpu")
-
-
-def user_work(tokenizer, u: int, n_own: int, n_aux: int, method: str, pad_id: int, model) -> UserTraining:
-    own = [(f"Generate a headline for the following article: user {u} story {i}", f"User {u} headline {i}") for i in range(n_own)]
-    aux = [(f"Generate a headline for the following article: other {u}.{i}", f"Other news {i} of {u}") for i in range(n_aux)]
-    held = encode_samples(tokenizer, [(f"Generate a headline for the following article: user {u} later", f"User {u} headline")], True, BUDGETS)
-    return UserTraining(
-        samples=encode_samples(tokenizer, own, True, BUDGETS) + encode_samples(tokenizer, aux, False, BUDGETS),
-        gamma=0.1 * (u + 1),
-        seed=10 + u,
-        kl_pairs=mismatched_pairs(tokenizer, own + aux, BUDGETS) if method == "kto" else None,
-        validate=lambda: held_out_logp(model, [s.pair for s in held], pad_id, 4, "cpu"),
-    )
 
 
 def same_state(a: dict, b: dict) -> bool:

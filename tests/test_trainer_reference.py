@@ -12,7 +12,7 @@ from cbpo_orch.method.config import TrainConfig
 from cbpo_orch.training.multi_lora import MultiLora, attached_multi_lora
 from cbpo_orch.training.reference_logps import ReferenceLogps
 from cbpo_orch.training.trainer import train_adapters
-from tests.test_trainer_packing import LORA, loaded, user_work  # noqa: F401 (loaded is a fixture)
+from tests.helpers import LORA, user_work
 
 
 @pytest.mark.parametrize("method, passes", [("sft", 0), ("sft-aux", 0), ("kto", 1), ("bco", 1), ("cbpo", 1)])
