@@ -34,7 +34,6 @@ def test_write_dir_writes_files_with_matching_checksum(store: ArtifactStore) -> 
     assert info.sha256 == directory_sha256(info.path) == files_sha256(FILES)
     assert info.bytes == sum(len(data) for data in FILES.values())
     assert store.verify(info.path, info.sha256)
-    assert store.read_dir(info.path) == FILES
     assert sorted(os.listdir(info.path.parent)) == ["cbpo"]
     assert info.as_dict() == {"path": str(info.path), "sha256": info.sha256, "bytes": info.bytes}
 
@@ -53,7 +52,7 @@ def test_nested_files_and_paths_relative_to_root(store: ArtifactStore) -> None:
     files = {"sub/a.bin": b"a", "b.txt": b"b"}
     info = store.write_dir("tam/key1", files)
     assert (info.path / "sub" / "a.bin").read_bytes() == b"a"
-    assert store.read_dir("tam/key1") == files
+    assert {name: (info.path / name).read_bytes() for name in files} == files
     assert store.verify("tam/key1", info.sha256)
 
 

@@ -75,7 +75,7 @@ def directory_sha256(path: str | os.PathLike[str]) -> str:
 class ArtifactStore:
     """Immutable artifact directories under ``root``.
 
-    Paths handed to :meth:`verify` and :meth:`read_dir` may be absolute (as in
+    Paths handed to :meth:`verify` may be absolute (as in
     :attr:`ArtifactInfo.path`) or relative to ``root``.
     """
 
@@ -123,13 +123,6 @@ class ArtifactStore:
         """Tell whether the directory at ``path`` exists and has checksum ``sha256``."""
         directory = self._resolve(path)
         return directory.is_dir() and directory_sha256(directory) == sha256
-
-    def read_dir(self, path: str | os.PathLike[str]) -> dict[str, bytes]:
-        """Return every file of the directory at ``path``, keyed by relative POSIX path."""
-        directory = self._resolve(path)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"no artifact directory at {directory}")
-        return {name: file.read_bytes() for name, file in _walk_files(directory)}
 
     def find(self, relative: str) -> ArtifactInfo | None:
         """The artifact at ``root/relative`` if it exists (complete: writes are atomic), else None."""
