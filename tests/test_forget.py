@@ -137,3 +137,21 @@ def test_forget_in_the_registry_removes_every_row_of_the_user_and_only_in_the_li
         assert _rows_naming(registry, "u1") == []
         assert [row["user_id"] for row in registry.results(first) + registry.results(other)] == ["u2", "u3"]
         assert registry.forget("u1").runs == 0  # a second forget finds nothing
+
+
+def test_erasing_says_so_when_another_reader_keeps_the_sqlite_log_in_use(sqlite_url: str, monkeypatch) -> None:
+    import sqlite3
+
+    from cbpo_orch.storage import engine
+
+    monkeypatch.setattr(engine, "BUSY_TIMEOUT_S", 0.2)
+    with Registry(sqlite_url) as registry:
+        registry.create_job("lamp4", ["sft"], ["u1"], {})
+        reader = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), isolation_level=None)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM jobs").fetchone()  # holds its snapshot of the log
+        registry.create_job("lamp4", ["sft"], ["u2"], {})
+        assert registry.erase_freed() is False
+        reader.execute("COMMIT")
+        reader.close()
+        assert registry.erase_freed() is True

@@ -104,6 +104,8 @@ def forget(
         f"{counts['adapter_folders']} adapter folders, {counts['history_rows']} cached history rows, "
         f"{counts['reference_caches']} π_ref cache files"
     )
+    if not report.erased:
+        typer.echo(f"the registry's write-ahead log was in use and may still hold the deleted rows' bytes: run `cbpo-orch forget {user}` again", err=True)
     if report.aux_users_of:
         typer.echo(f"{len(report.aux_users_of)} runs of other users trained on its items as aux items (retrain them to remove their influence):")
         for other, method, job_id in report.aux_users_of:

@@ -42,6 +42,9 @@ class ForgetReport:
     history_rows: int
     reference_caches: int
     aux_users_of: list[tuple[str, str, str]]
+    erased: bool = True
+    """False when a SQLite registry's write-ahead log could not be emptied (another connection
+    kept reading): a second ``forget`` empties it."""
 
     def counts(self) -> dict[str, int]:
         return {
@@ -69,7 +72,7 @@ def forget_user(space: Workspace, user_id: str, job_id: str | None = None) -> Fo
     for folder in folders:
         shutil.rmtree(folder)
     forgotten = registry.forget(user_id, job_id)
-    registry.erase_freed()
+    erased = registry.erase_freed()
     pairs, history_rows = _forget_history(space.cache / "history", user_id)
     keys = {pair_text_key(x, y, b.prompt_tokens, b.new_tokens) for x, y in pairs for b in _budgets(registry.jobs())}
     report = ForgetReport(
@@ -80,6 +83,7 @@ def forget_user(space: Workspace, user_id: str, job_id: str | None = None) -> Fo
         history_rows=history_rows,
         reference_caches=forget_pairs(space.cache / "reference", keys),
         aux_users_of=forgotten.aux_users_of,
+        erased=erased,
     )
     detail = {**report.counts(), "scope": f"line of job {job_id}" if job_id else "every job", "job_ids": report.jobs}
     registry.audit(f"{getpass.getuser()}@{socket.gethostname()}", "forget", subject_digest(user_id), detail)

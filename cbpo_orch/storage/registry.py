@@ -534,17 +534,21 @@ class Registry:
 
         return transact(self._writer, work)
 
-    def erase_freed(self) -> None:
+    def erase_freed(self) -> bool:
         """Leave no deleted row's bytes in a SQLite registry's files: rebuild the database
-        (``VACUUM``: its free pages kept what deleted rows held) and empty its write-ahead
-        log. PostgreSQL reclaims deleted rows with its own ``VACUUM``, which its operator runs."""
-        if self._engine.dialect.name == "sqlite":
-            raw = self._engine.raw_connection()
-            try:
-                raw.driver_connection.execute("VACUUM")
-                raw.driver_connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            finally:
-                raw.close()
+        (``VACUUM``: its free pages kept what deleted rows held) and empty its write-ahead log,
+        each waiting for other connections up to the busy timeout. False when the log could not
+        be emptied (another connection kept reading). PostgreSQL reclaims deleted rows with its
+        own ``VACUUM FULL``, which its operator runs."""
+        if self._engine.dialect.name != "sqlite":
+            return True
+        raw = self._engine.raw_connection()
+        try:
+            raw.driver_connection.execute("VACUUM")
+            busy, _, _ = raw.driver_connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            raw.close()
+        return busy == 0
 
     def audit(self, actor: str, action: str, subject: str, detail: Mapping[str, Any]) -> None:
         """Append a line to the audit log (it must hold no user content)."""
