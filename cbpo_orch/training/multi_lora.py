@@ -162,11 +162,8 @@ class MultiLora:
             raise ValueError("slots must be a 1-D LongTensor with one slot per batch row")
         if slots.numel() and not 0 <= int(slots.min()) <= int(slots.max()) < self.n_slots:
             raise ValueError(f"slots must lie in 0..{self.n_slots - 1}")
-        previous, self._routing.slots = self._routing.slots, slots
-        try:
+        with self._routing_set("slots", slots):
             yield self.model
-        finally:
-            self._routing.slots = previous
 
     @contextmanager
     def only(self, slot: int) -> Iterator[nn.Module]:
@@ -174,20 +171,24 @@ class MultiLora:
         size (one user's generation or held-out scoring)."""
         if not 0 <= slot < self.n_slots:
             raise ValueError(f"slot must lie in 0..{self.n_slots - 1}")
-        previous, self._routing.slots = self._routing.slots, int(slot)
-        try:
+        with self._routing_set("slots", int(slot)):
             yield self.model
-        finally:
-            self._routing.slots = previous
 
     @contextmanager
     def disabled(self) -> Iterator[nn.Module]:
         """Forwards of the model in this block use the base weights alone (like peft's ``disable_adapter``)."""
-        previous, self._routing.enabled = self._routing.enabled, False
-        try:
+        with self._routing_set("enabled", False):
             yield self.model
+
+    @contextmanager
+    def _routing_set(self, field: str, value) -> Iterator[None]:
+        """The routing's ``field`` set to ``value`` inside the block, restored after it."""
+        previous = getattr(self._routing, field)
+        setattr(self._routing, field, value)
+        try:
+            yield
         finally:
-            self._routing.enabled = previous
+            setattr(self._routing, field, previous)
 
     @contextmanager
     def checkpointed(self, on: bool = True) -> Iterator[nn.Module]:
