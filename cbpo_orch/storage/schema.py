@@ -44,9 +44,12 @@ def _add_lifecycle(connection: Connection) -> None:
     """4 → 5: a run's data fingerprint and carried-over source, a job's line of updates, and the
     adapter versions table, where every adapter an existing run recorded becomes version 1 of
     its (user, method), current, in its job's line (its fingerprint unknown: an update retrains
-    it). The lifecycle's other new tables are made empty by ``create_all``."""
+    it). Columns and the table a database has already (a test's hand-made older schema) are
+    kept. The lifecycle's other new tables are made empty by ``create_all``."""
     _add_columns(connection, Job, ("parent_job_id", "line_id", "promote"))
     _add_columns(connection, UserRun, ("data_fingerprint", "n_items", "source_run_id"))
+    if inspect(connection).has_table(AdapterVersion.__tablename__):
+        return
     AdapterVersion.__table__.create(connection)
     existing = (
         select(UserRun.job_id, UserRun.user_id, UserRun.method, literal(1), UserRun.id, literal("current"), Metric.rouge1, Adapter.created_at)
@@ -59,10 +62,12 @@ def _add_lifecycle(connection: Connection) -> None:
 
 
 def _add_columns(connection: Connection, model: type, names: tuple[str, ...]) -> None:
-    """Add the nullable columns ``names`` of ``model`` to its table, as the model types them."""
+    """Add the nullable columns ``names`` of ``model`` to its table, as the model types them;
+    a column the table has already is left as it is."""
     table = model.__table__
     quote = connection.dialect.identifier_preparer.quote
-    for name in names:
+    present = {column["name"] for column in inspect(connection).get_columns(table.name)}
+    for name in (name for name in names if name not in present):
         column_type = table.columns[name].type.compile(connection.dialect)
         connection.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {quote(name)} {column_type}"))
 
