@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from cbpo_orch.method.objectives import (
-    OBJECTIVES,
     bco_loss,
     cbpo_loss,
     kto_loss,
@@ -38,8 +37,18 @@ def batch(rewards, positive, user=None):
     return r, p, u
 
 
-def test_objective_names():
-    assert OBJECTIVES == ("sft", "sft-aux", "kto", "bco", "cbpo", "cbpo-raw", "cbpo-nnpu")
+def test_every_trained_method_names_an_objective_and_a_known_cbpo_variant():
+    from cbpo_orch.method.methods import METHODS
+    from cbpo_orch.method.objectives import CBPO_VARIANTS
+
+    objectives = {name: (m.objective, m.cbpo_variant if m.objective == "cbpo" else None) for name, m in METHODS.items() if m.trains}
+    assert objectives == {
+        "sft": ("sft", None), "sft-aux": ("sft", None), "kto": ("kto", None), "bco": ("bco", None),
+        "cbpo": ("cbpo", "nonneg"), "cbpo-raw": ("cbpo", "raw"), "cbpo-nnpu": ("cbpo", "nnpu"),
+    }
+    assert {m.cbpo_variant for m in METHODS.values()} <= set(CBPO_VARIANTS)
+    assert [n for n, m in METHODS.items() if m.uses_reference] == ["kto", "bco", "cbpo", "cbpo-raw", "cbpo-nnpu"]
+    assert [n for n, m in METHODS.items() if m.mismatched] == ["kto"] and METHODS["bco"].reference == "joint"
 
 
 def test_elementwise_losses_match_formulas():

@@ -9,11 +9,8 @@ trainer reduces it. A user with no sample in a part of the batch gets 0 for that
 part's expectation, so the sampler must put both H_tar and H_aux of every user in
 each batch (METHOD.md §7).
 
-The trainer maps the method names in ``OBJECTIVES`` to these functions:
-"sft" and "sft-aux" to ``sft_loss`` (include H_tar only, or H_tar and H_aux — the
-§3 ablation that uses aux as extra SFT data), "kto" to ``kto_loss``, "bco" to
-``bco_loss``, and "cbpo", "cbpo-raw", "cbpo-nnpu" to ``cbpo_loss`` with the
-variants "nonneg", "raw", "nnpu".
+Which method descends which loss is the method's data (``methods.MethodSpec.objective``
+and, for C-BPO, its ``cbpo_variant``).
 """
 
 from __future__ import annotations
@@ -24,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-OBJECTIVES = ("sft", "sft-aux", "kto", "bco", "cbpo", "cbpo-raw", "cbpo-nnpu")
 CBPO_VARIANTS = ("nonneg", "raw", "nnpu")
 
 PerUser = Tensor | Sequence[float] | float

@@ -159,31 +159,34 @@ class _BestEpoch:
 
 
 class MethodLoss:
-    """The method's per-user losses [U] for one batch, with the per-user state (γ, reference point)."""
+    """The method's per-user losses [U] for one batch, by the objective its ``MethodSpec``
+    names, with the per-user state (γ, reference point)."""
 
     def __init__(self, config: TrainConfig, gammas: torch.Tensor):
         self.config = config
-        self.method = config.method
+        self.method = method_spec(config.method)
         self.gammas = gammas
         self.n_users = len(gammas)
-        kind = "joint" if self.method == "bco" else config.reference
-        self.reference = make_reference(kind, self.n_users, config.ema_decay)
+        self.reference = make_reference(self.method.reference or config.reference, self.n_users, config.ema_decay)
 
     def __call__(self, logp, n_tokens, ref_logp, positive, user, kl_logratio=None) -> torch.Tensor:
-        method, n = self.method, self.n_users
-        if method in ("sft", "sft-aux"):
-            include = positive if method == "sft" else torch.ones_like(positive)
-            return objectives.sft_loss(logp, n_tokens, include, user, n)
+        if self.method.objective == "sft":
+            include = torch.ones_like(positive) if self.method.uses_aux else positive
+            return objectives.sft_loss(logp, n_tokens, include, user, self.n_users)
         rewards = self.config.resolved_beta * (logp - ref_logp)
-        if method == "kto":
-            delta = kto_reference(kl_logratio, user, n, self.config.resolved_beta)
-            return objectives.kto_loss(rewards, positive, user, delta, n, self.config.kto_lambda_d, self.config.kto_lambda_u)
+        return getattr(self, f"_{self.method.objective}")(rewards, positive, user, kl_logratio)
+
+    def _kto(self, rewards, positive, user, kl_logratio) -> torch.Tensor:
+        delta = kto_reference(kl_logratio, user, self.n_users, self.config.resolved_beta)
+        return objectives.kto_loss(rewards, positive, user, delta, self.n_users, self.config.kto_lambda_d, self.config.kto_lambda_u)
+
+    def _bco(self, rewards, positive, user, kl_logratio) -> torch.Tensor:
         self.reference.update(rewards.detach(), positive, user)
-        delta = self.reference.delta()
-        if method == "bco":
-            return objectives.bco_loss(rewards, positive, user, delta, n)
-        variant = {"cbpo": "nonneg", "cbpo-raw": "raw", "cbpo-nnpu": "nnpu"}[method]
-        return objectives.cbpo_loss(rewards, positive, user, delta, self.gammas, n, variant)
+        return objectives.bco_loss(rewards, positive, user, self.reference.delta(), self.n_users)
+
+    def _cbpo(self, rewards, positive, user, kl_logratio) -> torch.Tensor:
+        self.reference.update(rewards.detach(), positive, user)
+        return objectives.cbpo_loss(rewards, positive, user, self.reference.delta(), self.gammas, self.n_users, self.method.cbpo_variant)
 
 
 @dataclass
@@ -382,7 +385,7 @@ def train_adapters(
         positive = torch.tensor([samples[slot][i].positive for slot, i in rows], device=device)
         ref = torch.cat([ref_logps[in_slot[slot]][index[slot]] for slot in group]) if uses_reference else None
         kl_logratio = None
-        if config.method == "kto":
+        if loss_fn.method.mismatched:
             kl_batch = [users[in_slot[slot]].kl_pairs[i] for slot, i in rows]
             kl_ref = torch.cat([ref_kl[in_slot[slot]][index[slot]] for slot in group])
             kl_logps = []
