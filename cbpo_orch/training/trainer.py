@@ -313,81 +313,139 @@ def train_adapters(
     log-probs come from ``reference`` (a fresh one by default): a pair shared by several
     users, or seen by an earlier call with the same memo, goes through the model once.
     Results come back in the order of ``users``."""
-    if len(users) > multi.n_slots and on_done is None:
-        raise ValueError(f"{len(users)} users for {multi.n_slots} adapter slots need an on_done that takes each ended adapter")
-    per_pass = users_per_pass(device, multi.n_slots) if per_pass is None else per_pass
-    if per_pass < 1 or (micro_rows is not None and micro_rows < 1):
-        raise ValueError("per_pass and micro_rows must be ≥ 1")
-    seed_everything(config.seed)
-    reference = ReferenceLogps() if reference is None else reference
-    started = time.perf_counter()
-    model, pad_id = multi.model, tokenizer.pad_token_id
-    plans = [_Plan.of(user, config) for user in users]
-    schedule = slot_schedule([len(plan.steps) for plan in plans], multi.n_slots)
-    starting: dict[int, list[int]] = defaultdict(list)
-    for u, (_, start) in enumerate(schedule):
-        starting[start].append(u)
-    optimizer = SlotAdamW(multi.parameters(), multi.n_slots, config.resolved_lr, config.max_grad_norm, config.weight_decay)
-    gammas = torch.zeros(multi.n_slots, dtype=torch.float32, device=device)
-    loss_fn = MethodLoss(config, gammas)
-    fresh_reference = loss_fn.reference.user_state(0)
-    results = [TrainResult() for _ in users]
-    epoch_losses: list[list[float]] = [[] for _ in users]
-    ref_logps: dict[int, torch.Tensor | None] = {}
-    ref_kl: dict[int, torch.Tensor | None] = {}
-    selections: dict[int, _BestEpoch] = {}
-    in_slot: dict[int, int] = {}  # slot → user
-    begun: dict[int, int] = {}  # user → its first step
+    pack = _PackTrainer(multi, tokenizer, users, config, device, reference, per_pass, micro_rows, on_done)
+    for t in range(pack.total_steps):
+        for u in pack.starting[t]:
+            pack.begin(u, t)
+        mean_loss, ended = pack.step(t)
+        if on_step is not None:
+            on_step(t + 1, pack.total_steps, mean_loss)
+        for u in ended:
+            pack.end(u)
+    multi.model.eval()
+    pack.loss_fn.reference.eval()
+    return pack.results
 
-    def begin(u: int, t: int) -> None:
-        slot, user = schedule[u][0], users[u]
-        in_slot[slot], begun[u] = u, t
-        multi.reset_slot(slot, user.seed)
-        optimizer.reset_slot(slot, len(plans[u].steps), math.ceil(config.warmup_ratio * len(plans[u].steps)))
-        loss_fn.reference.load_user_state(slot, fresh_reference)
-        gammas[slot] = user.gamma
+
+@dataclass
+class _Active:
+    """A user while it holds a slot: its slot, its first step, π_ref's log-probs of its
+    samples (and of KTO's mismatched pairs), its epoch selection and this epoch's losses."""
+
+    slot: int
+    first_step: int
+    ref_logps: torch.Tensor | None
+    ref_kl: torch.Tensor | None
+    selection: _BestEpoch | None
+    epoch_losses: list[float] = field(default_factory=list)
+
+
+class _PackTrainer:
+    """The state of one :func:`train_adapters` call: users' plans and slots, the optimizer,
+    the loss and its reference points; :meth:`begin` puts a user in its slot, :meth:`step`
+    trains every active user one step, :meth:`end` hands an ended user's adapter over."""
+
+    def __init__(self, multi: MultiLora, tokenizer, users: list[UserTraining], config: TrainConfig, device, reference: ReferenceLogps | None,
+                 per_pass: int | None, micro_rows: int | None, on_done: DoneCallback | None):
+        if len(users) > multi.n_slots and on_done is None:
+            raise ValueError(f"{len(users)} users for {multi.n_slots} adapter slots need an on_done that takes each ended adapter")
+        self.per_pass = users_per_pass(device, multi.n_slots) if per_pass is None else per_pass
+        if self.per_pass < 1 or (micro_rows is not None and micro_rows < 1):
+            raise ValueError("per_pass and micro_rows must be ≥ 1")
+        seed_everything(config.seed)
+        self.multi, self.users, self.config, self.device = multi, users, config, device
+        self.micro_rows, self.on_done = micro_rows, on_done
+        self.reference = ReferenceLogps() if reference is None else reference
+        self.started = time.perf_counter()
+        self.pad_id = tokenizer.pad_token_id
+        self.plans = [_Plan.of(user, config) for user in users]
+        self.schedule = slot_schedule([len(plan.steps) for plan in self.plans], multi.n_slots)
+        self.starting: dict[int, list[int]] = defaultdict(list)
+        for u, (_, start) in enumerate(self.schedule):
+            self.starting[start].append(u)
+        self.total_steps = max(start + len(plan.steps) for (_, start), plan in zip(self.schedule, self.plans))
+        self.optimizer = SlotAdamW(multi.parameters(), multi.n_slots, config.resolved_lr, config.max_grad_norm, config.weight_decay)
+        self.gammas = torch.zeros(multi.n_slots, dtype=torch.float32, device=device)
+        self.loss_fn = MethodLoss(config, self.gammas)
+        self.fresh_reference = self.loss_fn.reference.user_state(0)
+        self.results = [TrainResult() for _ in users]
+        self.active: dict[int, int] = {}  # slot → user
+        self.state: dict[int, _Active] = {}  # user → its state while active
+
+    def begin(self, u: int, t: int) -> None:
+        slot, user, steps = self.schedule[u][0], self.users[u], len(self.plans[u].steps)
+        self.multi.reset_slot(slot, user.seed)
+        self.optimizer.reset_slot(slot, steps, math.ceil(self.config.warmup_ratio * steps))
+        self.loss_fn.reference.load_user_state(slot, self.fresh_reference)
+        self.gammas[slot] = user.gamma
         reference_started = time.perf_counter()
-        ref_logps[u], ref_kl[u] = _reference_logps(reference, multi, user, pad_id, config, device)
-        if ref_logps[u] is not None:
-            results[u].reference_seconds = time.perf_counter() - reference_started
-        if user.validate is not None:
-            selections[u] = _BestEpoch(multi, slot, loss_fn.reference, user.validate)
-            selections[u].score()
+        ref_logps, ref_kl = _reference_logps(self.reference, self.multi, user, self.pad_id, self.config, self.device)
+        if ref_logps is not None:
+            self.results[u].reference_seconds = time.perf_counter() - reference_started
+        selection = None if user.validate is None else _BestEpoch(self.multi, slot, self.loss_fn.reference, user.validate)
+        self.active[slot] = u
+        self.state[u] = _Active(slot, t, ref_logps, ref_kl, selection)
+        if selection is not None:
+            selection.score()
 
-    def end(u: int) -> None:
-        slot, result = schedule[u][0], results[u]
-        if u in selections:
-            selection = selections.pop(u)
-            result.selected_epoch = selection.restore()
-            result.validation_scores = selection.scores
-        if not all(bool(torch.isfinite(p[slot]).all()) for p in multi.parameters()):
-            raise NumericalError(f"the {config.method} adapter's weights are not finite after training (slot {slot} of the pack)")
-        result.reference_state = loss_fn.reference.user_state(slot)
-        result.seconds = time.perf_counter() - started
-        del in_slot[slot], ref_logps[u], ref_kl[u]
-        if on_done is not None:
-            on_done(u, slot, result)
+    def step(self, t: int) -> tuple[float, list[int]]:
+        """Step ``t`` of every active user: (the mean of their losses, the users it ended)."""
+        self.multi.model.train()
+        slots = sorted(self.active)
+        batches = {slot: self.plans[self.active[slot]].steps[t - self.state[self.active[slot]].first_step] for slot in slots}
+        self.optimizer.zero_grad()
+        values = sum(self._forward_backward(slots[i : i + self.per_pass], batches) for i in range(0, len(slots), self.per_pass)).tolist()
+        check_finite_losses(values, slots, t, self.total_steps, self.config.method)  # before any weight moves
+        self.optimizer.step(slots_present(torch.tensor(slots, device=self.device), self.multi.n_slots))
+        ended = []
+        for slot in slots:
+            u, (_, ends_epoch) = self.active[slot], batches[slot]
+            result, state = self.results[u], self.state[u]
+            result.steps += 1
+            result.losses.append(values[slot])
+            state.epoch_losses.append(values[slot])
+            if ends_epoch:
+                result.epoch_losses.append(float(np.mean(state.epoch_losses)))
+                state.epoch_losses = []
+                if state.selection is not None:
+                    state.selection.score()
+            if result.steps == len(self.plans[u].steps):
+                ended.append(u)
+        return float(np.mean([values[slot] for slot in slots])), ended
 
-    uses_reference = method_spec(config.method).uses_reference
+    def end(self, u: int) -> None:
+        state, result = self.state.pop(u), self.results[u]
+        if state.selection is not None:
+            result.selected_epoch = state.selection.restore()
+            result.validation_scores = state.selection.scores
+        if not all(bool(torch.isfinite(p[state.slot]).all()) for p in self.multi.parameters()):
+            raise NumericalError(f"the {self.config.method} adapter's weights are not finite after training (slot {state.slot} of the pack)")
+        result.reference_state = self.loss_fn.reference.user_state(state.slot)
+        result.seconds = time.perf_counter() - self.started
+        del self.active[state.slot]
+        if self.on_done is not None:
+            self.on_done(u, state.slot, result)
 
-    def forward_backward(group: list[int], batches: dict[int, tuple[list[int], bool]], t: int) -> torch.Tensor:
-        """One forward/backward over step ``t``'s rows (``batches``) of the users in the slots
-        of ``group``: their gradients added to the slots' ``.grad``; the losses [n_slots],
+    def _forward_backward(self, group: list[int], batches: dict[int, tuple[list[int], bool]]) -> torch.Tensor:
+        """One forward/backward over the rows (``batches``) of the users in the slots of
+        ``group``: their gradients added to the slots' ``.grad``; the losses [n_slots],
         detached (0 outside ``group``), on the device (read once per step, after every pass)."""
+        multi, model, device, pad_id = self.multi, self.multi.model, self.device, self.pad_id
+        states = {slot: self.state[self.active[slot]] for slot in group}
         rows = [(slot, i) for slot in group for i in batches[slot][0]]
-        samples = {slot: users[in_slot[slot]].samples for slot in group}
+        samples = {slot: self.users[self.active[slot]].samples for slot in group}
         slots = torch.tensor([slot for slot, _ in rows], device=device)
         index = {slot: torch.tensor(batches[slot][0], device=device) for slot in group}
         pairs = [samples[slot][i].pair for slot, i in rows]
         width = max(len(p.input_ids) for p in pairs)
         checkpointed = checkpointing_pays(model, len(rows), width, device)
-        micro = micro_batch_rows(model, len(rows), width, device, checkpointed) if micro_rows is None else micro_rows
+        micro = micro_batch_rows(model, len(rows), width, device, checkpointed) if self.micro_rows is None else self.micro_rows
         positive = torch.tensor([samples[slot][i].positive for slot, i in rows], device=device)
-        ref = torch.cat([ref_logps[in_slot[slot]][index[slot]] for slot in group]) if uses_reference else None
+        ref = torch.cat([states[slot].ref_logps[index[slot]] for slot in group]) if self.loss_fn.method.uses_reference else None
         kl_logratio = None
-        if loss_fn.method.mismatched:
-            kl_batch = [users[in_slot[slot]].kl_pairs[i] for slot, i in rows]
-            kl_ref = torch.cat([ref_kl[in_slot[slot]][index[slot]] for slot in group])
+        if self.loss_fn.method.mismatched:
+            kl_batch = [self.users[self.active[slot]].kl_pairs[i] for slot, i in rows]
+            kl_ref = torch.cat([states[slot].ref_kl[index[slot]] for slot in group])
             kl_logps = []
             for start in range(0, len(rows), micro):
                 with multi.routed(slots[start : start + micro]):
@@ -398,41 +456,9 @@ def train_adapters(
             with multi.routed(slots[part]):
                 return completion_logps(model, collate(pairs[part], pad_id).to(device))
 
-        losses_of = lambda logp, n_tokens: loss_fn(logp, n_tokens, ref, positive, slots, kl_logratio)  # noqa: E731
+        losses_of = lambda logp, n_tokens: self.loss_fn(logp, n_tokens, ref, positive, slots, kl_logratio)  # noqa: E731
         with multi.checkpointed(checkpointed):
             return backward_by_rows(logps_of, len(rows), micro, losses_of, device)
-
-    total_steps = max(start + len(plan.steps) for (_, start), plan in zip(schedule, plans))
-    for t in range(total_steps):
-        for u in starting[t]:
-            begin(u, t)
-        model.train()
-        active = sorted(in_slot)
-        batches = {slot: plans[in_slot[slot]].steps[t - begun[in_slot[slot]]] for slot in active}
-        optimizer.zero_grad()
-        values = sum(forward_backward(active[i : i + per_pass], batches, t) for i in range(0, len(active), per_pass)).tolist()
-        check_finite_losses(values, active, t, total_steps, config.method)  # before any weight moves
-        optimizer.step(slots_present(torch.tensor(active, device=device), multi.n_slots))
-        ended = []
-        for slot in active:
-            u, (_, ends_epoch) = in_slot[slot], batches[slot]
-            results[u].steps += 1
-            results[u].losses.append(values[slot])
-            epoch_losses[u].append(values[slot])
-            if ends_epoch:
-                results[u].epoch_losses.append(float(np.mean(epoch_losses[u])))
-                epoch_losses[u] = []
-                if u in selections:
-                    selections[u].score()
-            if results[u].steps == len(plans[u].steps):
-                ended.append(u)
-        if on_step is not None:
-            on_step(t + 1, total_steps, float(np.mean([values[slot] for slot in active])))
-        for u in ended:
-            end(u)
-    model.eval()
-    loss_fn.reference.eval()
-    return results
 
 
 def _reference_logps(reference: ReferenceLogps, multi: MultiLora, user: UserTraining, pad_id: int, config: TrainConfig, device):
