@@ -104,6 +104,9 @@ def test_serving_uses_no_private_ray_serve_api_and_the_driver_and_scheduler_impo
         assert "serve.context" not in path.read_text() and "_serve_request_context" not in path.read_text(), path.name
     for module in ("driver", "scheduler"):
         assert "serving" not in imported_rooms(PACKAGE / "orchestrator" / f"{module}.py"), module
+    modules = {module_name(path) for path in PACKAGE.rglob("*.py")}
+    for path in (PACKAGE / "serving").glob("*.py"):
+        assert "cbpo_orch.orchestrator.driver" not in imported_modules(path, modules), f"{path.name} imports the driver"
 
 
 def test_the_method_is_the_math_only():

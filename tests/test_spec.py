@@ -9,7 +9,7 @@ from cbpo_orch.data.tasks import load_task
 from cbpo_orch.home import SAMPLE_DATA
 from cbpo_orch.method.config import ConfigError, TrainConfig
 from cbpo_orch.method.methods import UnknownMethod
-from cbpo_orch.orchestrator.driver import task_adapter_key
+from cbpo_orch.orchestrator.job_model import task_adapter_key
 from cbpo_orch.orchestrator.spec import JobSpec, Resources, parse_methods, resolve_users
 
 DATASET = load_split(SAMPLE_DATA, "dev", load_task("lamp4"))

@@ -211,7 +211,7 @@ def test_a_worse_version_is_rejected_shown_and_a_rollback_restores_the_previous_
 def test_an_update_starts_from_the_task_adapter_the_job_started_from(lifecycle):
     from dataclasses import replace
 
-    from cbpo_orch.orchestrator.driver import task_adapter_key
+    from cbpo_orch.orchestrator.job_model import task_adapter_key
     from cbpo_orch.orchestrator.spec import JobSpec
     from cbpo_orch.orchestrator.update import start_update
 

@@ -345,7 +345,7 @@ def generate(
     """Answer one input with one user's adapter from a finished job."""
     from cbpo_orch.data.dataset import Query
     from cbpo_orch.data.tasks import load_task
-    from cbpo_orch.orchestrator.driver import loaded_for_job
+    from cbpo_orch.orchestrator.job_model import loaded_for_job
     from cbpo_orch.training.generation import generate as greedy
 
     space = open_workspace(home, db, None)

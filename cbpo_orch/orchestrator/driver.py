@@ -11,8 +11,6 @@ atomically to the artifact store and then records it, once, in the registry.
 from __future__ import annotations
 
 import errno
-import hashlib
-import json
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -25,11 +23,12 @@ from cbpo_orch.data.dataset import DataError, Dataset
 from cbpo_orch.data.embedding import embedding_cost
 from cbpo_orch.data.history import HistoryIndex
 from cbpo_orch.data.tasks import Task, load_task
-from cbpo_orch.method.config import TASK_ADAPTER_FIELDS, TrainConfig
+from cbpo_orch.method.config import TrainConfig
 from cbpo_orch.method.methods import method_spec, mismatched_pairs
 from cbpo_orch.orchestrator import scheduler
 from cbpo_orch.orchestrator.fingerprint import run_inputs
 from cbpo_orch.orchestrator.lease import LEASE_TTL_S, JobLease, LeaseLost
+from cbpo_orch.orchestrator.job_model import task_adapter_key
 from cbpo_orch.orchestrator.spec import JobSpec, Resources
 from cbpo_orch.orchestrator.workspace import Workspace
 from cbpo_orch.storage.reference_cache import Entry, ReferenceCache, is_left_out, pair_text_key, starting_model_fingerprint
@@ -193,12 +192,6 @@ def _history(space: Workspace, spec: JobSpec, datasets: list[Dataset], progress:
         ))
 
     return cached_history(space.cache, datasets, spec.embedder, on_cluster)
-
-
-def task_adapter_key(spec: JobSpec) -> str:
-    config = {name: value for name, value in spec.task_adapter_config().to_dict().items() if name in TASK_ADAPTER_FIELDS}
-    identity = {"task": spec.task, "data": spec.data, "model": spec.model, "config": config, "version": 2}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def _task_adapter(space: Workspace, spec: JobSpec, resources: Resources, progress: Progress) -> str | None:
@@ -467,20 +460,3 @@ def _record(space: Workspace, job_id: str, run, attempt: int, outcome: UserOutco
         "extra": {"losses": m["losses"], "selection": m["selection"], "evaluation": m["evaluation"], "prompting": m["prompting"], "predictions": outcome.predictions},
     }
     space.registry.record_success(run.run_id, metrics, adapter)
-
-
-def job_task_adapter(space: Workspace, spec: JobSpec) -> str | None:
-    """The folder of the task adapter the job's users started from, or None without one."""
-    if spec.task_adapter == "auto":
-        return space.registry.task_adapter(task_adapter_key(spec))["path"]
-    return spec.task_adapter if spec.needs_task_adapter else None
-
-
-def loaded_for_job(space: Workspace, spec: JobSpec, adapter_path: str, device: str = "auto"):
-    """The job's starting model and the user adapter at ``adapter_path`` on top, ready to generate."""
-    from peft import PeftModel
-
-    from cbpo_orch.training.task_adapter import starting_model
-
-    loaded = starting_model(spec.model, job_task_adapter(space, spec), device)
-    return loaded, PeftModel.from_pretrained(loaded.model, adapter_path).eval()

@@ -92,7 +92,7 @@ def _starting_task_adapter(space: Workspace, spec: JobSpec) -> str:
     """The job's task adapter as the update names it: the folder the job's users started from
     (an ``auto`` one is not trained again on the new data: carried and retrained users share
     one starting model, and a server loads one), or ``none``."""
-    from cbpo_orch.orchestrator.driver import job_task_adapter
+    from cbpo_orch.orchestrator.job_model import job_task_adapter
 
     return job_task_adapter(space, spec) or "none"
 

@@ -95,7 +95,7 @@ def load_catalog(space, job_id: str, method: str) -> Catalog:
     for a method the job did not run or that trains no adapter)."""
     from cbpo_orch.data.tasks import load_task
     from cbpo_orch.method.methods import method_spec
-    from cbpo_orch.orchestrator.driver import job_task_adapter
+    from cbpo_orch.orchestrator.job_model import job_task_adapter
     from cbpo_orch.orchestrator.spec import JobSpec
     from cbpo_orch.workers.context import history_datasets, history_key
     from cbpo_orch.workers.prompts import prompt_kind
