@@ -35,6 +35,7 @@ from cbpo_orch.method.methods import UnknownMethod
 from cbpo_orch.orchestrator.spec import UnreachableCluster, check_address
 from cbpo_orch.training.model_dirs import ModelError
 from cbpo_orch.training.numerics import NumericalError
+from cbpo_orch.training.worker_memory import parameter_count, worker_memory_bytes
 
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}
 
@@ -106,9 +107,10 @@ def _token_auth() -> bool:
     return is_token_auth_enabled()
 
 
-def cluster_slots(cpus_per_user: float, gpus_per_user: float) -> int:
-    """How many workers of ``cpus_per_user`` CPUs (and ``gpus_per_user`` GPUs) the cluster's
-    alive nodes hold, node by node (a worker never spans two nodes); at least 1."""
+def cluster_slots(cpus_per_user: float, gpus_per_user: float, memory_per_user: int = 0) -> int:
+    """How many workers of ``cpus_per_user`` CPUs (and ``gpus_per_user`` GPUs, and
+    ``memory_per_user`` bytes of Ray's ``memory``) the cluster's alive nodes hold, node by
+    node (a worker never spans two nodes); at least 1."""
     fits = 0
     for node in ray.nodes():
         if not node["Alive"]:
@@ -117,8 +119,19 @@ def cluster_slots(cpus_per_user: float, gpus_per_user: float) -> int:
         per_node = int(have.get("CPU", 0) / cpus_per_user)
         if gpus_per_user > 0:
             per_node = min(per_node, int(have.get("GPU", 0) / gpus_per_user))
+        if memory_per_user > 0:
+            per_node = min(per_node, int(have.get("memory", 0) // memory_per_user))
         fits += per_node
     return max(1, fits)
+
+
+def worker_memory(model: str, on_gpu: bool) -> int:
+    """The bytes of Ray's ``memory`` each worker training ``model`` asks for (its peak:
+    ``worker_memory.py``), so that Ray never places more workers on a node than its memory
+    holds; at most the largest alive node's, so that a worker larger than every node still
+    runs, alone, as it would without asking."""
+    largest = max([int(node["Resources"].get("memory", 0)) for node in ray.nodes() if node["Alive"]] + [0])
+    return min(worker_memory_bytes(parameter_count(model), on_gpu), largest)
 
 
 class WorkerCannotStart(Exception):
@@ -317,7 +330,9 @@ def fan_out(
 ) -> None:
     """Run every unit of ``work`` on a pool of at most ``slots`` actors, each call a pack of
     up to ``users_per_step`` units of the same config (trained in the same passes; fewer
-    when less waits than fills every actor, :func:`pack_size`). Every actor gets ``history``,
+    when less waits than fills every actor, :func:`pack_size`). Each actor asks Ray for
+    its peak memory (:func:`worker_memory`), and no more actors start than the cluster's
+    memory holds: one Ray could not place would never take its work. Every actor gets ``history``,
     ``reference`` (π_ref's log-probs from the job's pass) and ``gammas`` (γ from the job's
     pass) once, through the object store.
 
@@ -333,13 +348,14 @@ def fan_out(
     if not queue:
         return
     history_ref, reference_ref, gammas_ref = ray.put(history), ray.put(reference), ray.put(gammas)
-    options = dict(num_cpus=cpus_per_user, num_gpus=gpus_per_user)
+    memory = worker_memory(context_args["model"], gpus_per_user > 0)
+    options = dict(num_cpus=cpus_per_user, num_gpus=gpus_per_user, memory=memory)
     threads = max(1, int(cpus_per_user))
 
     def new_actor():
         return PersonalizeWorker.options(**options).remote(context_args, history_ref, reference_ref, gammas_ref, threads, worker_fn)
 
-    idle = [new_actor() for _ in range(min(max(1, slots), len(queue)))]
+    idle = [new_actor() for _ in range(min(max(1, slots), cluster_slots(cpus_per_user, gpus_per_user, memory), len(queue)))]
     n_actors = len(idle)
     in_flight: dict = {}
     alone: set = set()

@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import torch
 
-ACTIVATION_BUDGET = 2**30
-"""Estimated activation bytes one CPU forward/backward may keep (1 GiB)."""
+from cbpo_orch.training.worker_memory import ACTIVATION_BUDGET
 
 
 def layer_activation_bytes(config, width: int, dtype: torch.dtype) -> int:

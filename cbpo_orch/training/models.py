@@ -5,6 +5,7 @@ Model hubs are never contacted: every path is local (``HF_HUB_OFFLINE`` is set).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import warnings
 from dataclasses import dataclass
@@ -72,9 +73,35 @@ def model_context(path: str | Path) -> int | None:
     return AutoConfig.from_pretrained(str(path)).to_dict().get("max_position_embeddings")
 
 
+M_MMAP_THRESHOLD = -3
+"""glibc's ``mallopt`` parameter: the size from which an allocation gets its own mapping."""
+
+LARGE_ALLOCATION_BYTES = 2**20
+"""Allocations from this size on are mapped alone, and unmapped when freed (1 MiB)."""
+
+
+def return_large_frees_to_the_system() -> bool:
+    """Have glibc serve every allocation of ``LARGE_ALLOCATION_BYTES`` or more from its own
+    mapping, given back to the system when freed; whether it could be set (glibc only).
+
+    glibc's default threshold rises with the largest block freed, up to 32 MiB, so a
+    training pass's tensors (one layer's hidden states at 8 rows of 560 tokens of SmolLM2:
+    10 MiB) come from the heap, which keeps what they free in holes it cannot give back. A
+    checkpointed SmolLM2 pass with 0.33 GiB of live tensors left 1.8 GiB resident that way,
+    and a pass peaked at 2.73 GiB resident instead of 1.77 (8 rows of 560 tokens). Fresh
+    mappings cost page faults: the pass took 5-10 % more CPU time."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, LARGE_ALLOCATION_BYTES))
+
+
 def load_model(path: str | Path, device: str = "auto") -> LoadedModel:
-    """Load a causal LM and its tokenizer from a local folder onto ``device``, frozen."""
+    """Load a causal LM and its tokenizer from a local folder onto ``device``, frozen; from
+    here on the process gives large freed blocks back (``return_large_frees_to_the_system``)."""
     path = check_model_dir(path)
+    return_large_frees_to_the_system()
     target = resolve_device(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=training_dtype(target))
