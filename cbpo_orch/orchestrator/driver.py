@@ -186,12 +186,28 @@ def _history(space: Workspace, spec: JobSpec, datasets: list[Dataset], progress:
     progress.stage(label)
 
     def on_cluster(texts: list[str]):
-        report = _each_tenth(lambda done, shards: progress.stage(f"{label}: {done}/{shards} shards of {len(texts)} texts"))
-        return np.concatenate(scheduler.map_shards(
-            EMBED_SHARD, texts, spec.embedder, min_shard=EMBED_MIN_SHARD, rounds=EMBED_ROUNDS, cost=embedding_cost, on_done=report
+        return np.concatenate(_shared_pass(
+            progress, label, f"shards of {len(texts)} texts", EMBED_SHARD, texts, spec.embedder,
+            min_shard=EMBED_MIN_SHARD, rounds=EMBED_ROUNDS, cost=embedding_cost,
         ))
 
     return cached_history(space.cache, datasets, spec.embedder, on_cluster)
+
+
+def _shared_pass(progress: Progress, label: str, unit: str, entry, items: list, *args, failed: str | None = None, **shard_options) -> list | None:
+    """One of the job's shared passes (embedding, π_ref, γ): ``entry`` over ``items`` in
+    shards on the cluster (``scheduler.map_shards``), its progress shown a tenth at a time as
+    "LABEL: DONE/SHARDS UNIT"; the shards' results, in order. With ``failed`` (a notice with a
+    ``{cause}``: what each worker does instead), a failed pass is that notice and None."""
+    progress.stage(label)
+    report = _each_tenth(lambda done, shards: progress.stage(f"{label}: {done}/{shards} {unit}"))
+    try:
+        return scheduler.map_shards(entry, items, *args, on_done=report, **shard_options)
+    except scheduler.TASK_FAILURES as error:
+        if failed is None:
+            raise
+        progress.notice(failed.format(cause=scheduler.first_line(scheduler.task_cause(error))))
+        return None
 
 
 def _task_adapter(space: Workspace, spec: JobSpec, resources: Resources, progress: Progress) -> str | None:
@@ -294,19 +310,12 @@ def _reference_pass(
                 missing.append(pair)
         if not missing:
             return
-        label = f"π_ref's pass over {len(missing)} {what}"
-        progress.stage(label)
-        report = _each_tenth(lambda done, shards: progress.stage(f"{label}: {done}/{shards} shards"))
-        try:
-            shards = scheduler.map_shards(
-                REFERENCE_SHARD, missing, spec.model, tam_path, budgets, batch_size,
-                min_shard=REFERENCE_MIN_SHARD, gpus=resources.gpus_per_user > 0, rounds=REFERENCE_ROUNDS,
-                cost=lambda pair: len(pair[0]) + len(pair[1]), on_done=report,
-            )
-        except scheduler.TASK_FAILURES as error:
-            progress.notice(f"π_ref's shared pass failed ({scheduler.first_line(scheduler.task_cause(error))}): each worker computes its own")
-            return
-        for shard in shards:
+        shards = _shared_pass(
+            progress, f"π_ref's pass over {len(missing)} {what}", "shards", REFERENCE_SHARD, missing, spec.model, tam_path, budgets, batch_size,
+            failed="π_ref's shared pass failed ({cause}): each worker computes its own",
+            min_shard=REFERENCE_MIN_SHARD, gpus=resources.gpus_per_user > 0, rounds=REFERENCE_ROUNDS, cost=lambda pair: len(pair[0]) + len(pair[1]),
+        )
+        for shard in shards or []:
             entries.update(shard)
 
     for (budgets, batch_size), pairs in groups.items():
@@ -353,17 +362,11 @@ def _gamma_pass(history: HistoryIndex, planned: list[tuple[TrainConfig, UserItem
     inputs = dict.fromkeys(key for config, items in planned if (key := gamma_inputs(items, config)) is not None)
     if not inputs:
         return {}
-    label = f"γ's pass over {len(inputs)} users' items (once per job, shared by its C-BPO methods)"
-    progress.stage(label)
-    report = _each_tenth(lambda done, shards: progress.stage(f"{label}: {done}/{shards} shards"))
-    try:
-        shards = scheduler.map_shards(
-            GAMMA_SHARD, list(inputs), history, min_shard=GAMMA_MIN_SHARD, rounds=GAMMA_ROUNDS, on_done=report
-        )
-    except scheduler.TASK_FAILURES as error:
-        progress.notice(f"γ's shared pass failed ({scheduler.first_line(scheduler.task_cause(error))}): each worker estimates its own")
-        return {}
-    return {key: gamma for shard in shards for key, gamma in shard.items()}
+    shards = _shared_pass(
+        progress, f"γ's pass over {len(inputs)} users' items (once per job, shared by its C-BPO methods)", "shards", GAMMA_SHARD, list(inputs), history,
+        failed="γ's shared pass failed ({cause}): each worker estimates its own", min_shard=GAMMA_MIN_SHARD, rounds=GAMMA_ROUNDS,
+    )
+    return {key: gamma for shard in shards or [] for key, gamma in shard.items()}
 
 
 def _fan_out(
