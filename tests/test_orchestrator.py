@@ -357,7 +357,7 @@ def test_a_full_device_stops_the_job_resumably_with_nothing_half_written(local_r
     with pytest.raises(NoSpaceLeft, match=rf"^no space left on the device writing {re.escape(str(home))}/artifacts/adapters/{job}/"):
         run_job(space, job, Resources(workers=1))
     info = space.registry.job(job)
-    assert info.state == "interrupted" and info.error.endswith(f"free space, then `cbpo-orch resume {job}` finishes it")
+    assert info.state == "interrupted" and info.error.endswith(f"free space, then `cbpo-orch resume {job}` finishes the job")
     assert info.counts["succeeded"] == 1
     assert not [p for p in (home / "artifacts").rglob(".*")], "a staging folder was left behind"
 

@@ -577,3 +577,10 @@ def test_an_open_that_finds_the_file_locked_tries_again(tmp_path, monkeypatch):
     monkeypatch.setattr(engine_module, "_configure_sqlite_connection", locked_once)
     with Registry(f"sqlite:///{tmp_path / 'registry.db'}") as registry:
         assert registry.create_job("lamp4", ["sft"], ["u1"], {}) and len(calls) >= 2
+
+
+def test_every_stopped_job_message_gives_the_same_resume_advice():
+    from cbpo_orch.storage.registry import resume_advice
+
+    assert resume_advice("abc") == "every finished run is kept: `cbpo-orch resume abc` finishes the job"
+    assert resume_advice("abc", "free space") == "every finished run is kept: free space, then `cbpo-orch resume abc` finishes the job"

@@ -23,7 +23,7 @@ from cbpo_orch.home import home_dir
 from cbpo_orch.method.methods import METHOD_CHOICES
 from cbpo_orch.orchestrator.spec import JobSpec, Resources, check_address, check_budgets, check_paths, check_task_adapter, parse_methods, resolve_users
 from cbpo_orch.storage.lineage import VERSION_COLUMNS
-from cbpo_orch.storage.registry import RESULT_COLUMNS
+from cbpo_orch.storage.registry import RESULT_COLUMNS, resume_advice
 
 DbOpt = Annotated[Optional[str], typer.Option(help="Registry as a SQLAlchemy URL, e.g. postgresql+psycopg://… (env CBPO_ORCH_DB; default SQLite in the home folder).")]
 ArtifactsOpt = Annotated[Optional[Path], typer.Option(help="Artifact folder (env CBPO_ORCH_ARTIFACTS; default <home>/artifacts).")]
@@ -67,7 +67,7 @@ def run_watched(space, job_id: str, resources: Resources | None, examples: int =
         how = f"signal {-code}" if code < 0 else f"exit code {code}"
         typer.echo(
             f"error: the driver of job {job_id} died ({how}) before the job finished (it was killed, or Ray ended it because "
-            f"its cluster went away); every finished run is kept: `cbpo-orch resume {job_id}` finishes the job",
+            f"its cluster went away); {resume_advice(job_id)}",
             err=True,
         )
         code = 1
@@ -94,16 +94,16 @@ def _drive(url: str, artifacts: Path, cache: Path, job_id: str, resources: Resou
         with job_progress(total) as progress:
             state = run_job(space, job_id, resources, progress)
     except KeyboardInterrupt:
-        typer.echo(f"interrupted: finish it with `cbpo-orch resume {job_id}`", err=True)
+        typer.echo(f"interrupted; {resume_advice(job_id)}", err=True)
         return 130
     except LeaseLost as lost:
         typer.echo(f"error: {lost}", err=True)
         return EXIT_LEASE_LOST
     except ClusterLost as lost:
-        typer.echo(f"error: {lost}; every finished run is kept: `cbpo-orch resume {job_id}` finishes the job", err=True)
+        typer.echo(f"error: {lost}; {resume_advice(job_id)}", err=True)
         return 1
     except NoSpaceLeft as full:
-        typer.echo(f"error: {full}; every finished run is kept: free space, then `cbpo-orch resume {job_id}` finishes the job", err=True)
+        typer.echo(f"error: {full}; {resume_advice(job_id, 'free space')}", err=True)
         return 1
     except USER_ERRORS as error:
         typer.echo(f"error: {error}", err=True)

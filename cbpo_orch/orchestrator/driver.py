@@ -32,7 +32,7 @@ from cbpo_orch.orchestrator.job_model import task_adapter_key
 from cbpo_orch.orchestrator.spec import JobSpec, Resources
 from cbpo_orch.orchestrator.workspace import Workspace
 from cbpo_orch.storage.reference_cache import Entry, ReferenceCache, is_left_out, pair_text_key, starting_model_fingerprint
-from cbpo_orch.storage.registry import InvalidTransition, Registry
+from cbpo_orch.storage.registry import InvalidTransition, Registry, resume_advice
 from cbpo_orch.workers.context import cached_history, history_datasets
 from cbpo_orch.workers.entrypoints import BUILD_TASK_ADAPTER, EMBED_SHARD, GAMMA_SHARD, PERSONALIZE_USERS, REFERENCE_SHARD
 from cbpo_orch.workers.user_items import UserItems, gamma_inputs, trained_pairs, user_items, with_task_level_gamma
@@ -122,15 +122,15 @@ def _drive(space: Workspace, job_id: str, spec: JobSpec, resources: Resources, p
     except LeaseLost:
         raise  # the job is the other driver's now: leave its state alone
     except scheduler.ClusterLost as lost:
-        registry.set_job_state(job_id, "interrupted", f"{lost}; `cbpo-orch resume {job_id}` finishes it")
+        registry.set_job_state(job_id, "interrupted", f"{lost}; {resume_advice(job_id)}")
         raise
     except KeyboardInterrupt:
-        registry.set_job_state(job_id, "interrupted", "interrupted by the user; `cbpo-orch resume` finishes it")
+        registry.set_job_state(job_id, "interrupted", f"interrupted by the user; {resume_advice(job_id)}")
         raise
     except Exception as error:
         if isinstance(error, OSError) and error.errno in NO_SPACE:
             full = NoSpaceLeft(f"no space left on the device writing {error.filename or 'to the home'}")
-            _interrupted_if_possible(registry, job_id, f"{full}; free space, then `cbpo-orch resume {job_id}` finishes it")
+            _interrupted_if_possible(registry, job_id, f"{full}; {resume_advice(job_id, 'free space')}")
             raise full from error
         registry.set_job_state(job_id, "failed", f"{type(error).__name__}: {error}")
         raise

@@ -107,6 +107,13 @@ class InvalidTransition(ValueError):
     """A run cannot move to the requested state from the state it is in."""
 
 
+def resume_advice(job_id: str, first: str | None = None) -> str:
+    """The one way every message says that a stopped job loses nothing and how to finish it
+    (``first``: what to do before resuming, such as "free space")."""
+    then = f"{first}, then " if first else ""
+    return f"every finished run is kept: {then}`cbpo-orch resume {job_id}` finishes the job"
+
+
 class LeaseHeld(RuntimeError):
     """Another live driver holds the job's lease: this one may not run the job."""
 
