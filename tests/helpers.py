@@ -187,3 +187,12 @@ def user_work(tokenizer, u: int, n_own: int, n_aux: int, method: str, pad_id: in
         kl_pairs=mismatched_pairs(tokenizer, own + aux, BUDGETS) if method == "kto" else None,
         validate=lambda: held_out_logp(model, [s.pair for s in held], pad_id, 4, "cpu"),
     )
+
+
+def wait_until(condition, timeout: float = 10.0, what: str = "the condition") -> None:
+    """Poll ``condition()`` until it is true; fail after ``timeout`` seconds (no fixed sleeps)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not hold within {timeout} s")
+        time.sleep(0.01)

@@ -19,7 +19,7 @@ from cbpo_orch.orchestrator.lease import JobLease, LeaseLost, dead_here, owner_p
 from cbpo_orch.orchestrator.processes import alive, signal_group
 from cbpo_orch.orchestrator.spec import JobSpec, Resources
 from cbpo_orch.storage.registry import LeaseHeld, Registry
-from tests.helpers import cli_in_process
+from tests.helpers import cli_in_process, wait_until
 
 ELSEWHERE = "another-host:4242:abcdef12"
 
@@ -43,7 +43,7 @@ def test_a_live_lease_refuses_others_and_an_expired_one_is_taken_over(registry: 
     with pytest.raises(LeaseHeld, match=f"job {job} is being run by another driver \\(A\\)"):
         registry.take_lease(job, "B", ttl_s=0.4)
     assert registry.renew_lease(job, "A", ttl_s=0.4) and not registry.renew_lease(job, "B", ttl_s=0.4)
-    time.sleep(0.5)
+    wait_until(lambda: registry.lease(job)["seconds_left"] <= 0, what="A's lease expiring")
     registry.take_lease(job, "B", ttl_s=30)
     assert not registry.renew_lease(job, "A", ttl_s=30), "an expired owner's heartbeat must not win the lease back"
     registry.release_lease(job, "A")  # not A's any more: nothing changes
@@ -97,11 +97,19 @@ def test_the_heartbeat_keeps_the_lease_past_its_ttl_and_exit_frees_it(registry: 
     assert registry.lease(job)["owner"] is None
 
 
+def _lost(lease: JobLease) -> bool:
+    try:
+        lease.check()
+    except LeaseLost:
+        return True
+    return False
+
+
 def test_a_driver_whose_lease_was_taken_over_stops(registry: Registry) -> None:
     job = _job(registry)
     with JobLease(registry, job, ttl_s=0.3) as lease:
         registry.take_lease(job, ELSEWHERE, ttl_s=30, replacing=lease.owner)  # as if it had stalled past its lease
-        time.sleep(0.3)
+        wait_until(lambda: _lost(lease), what="the heartbeat seeing the takeover")
         with pytest.raises(LeaseLost, match="lost job .* lease to another driver"):
             lease.check()
     assert registry.lease(job)["owner"] == ELSEWHERE, "the lost driver must not release the new owner's lease"
