@@ -34,7 +34,7 @@ import torch
 
 from cbpo_orch.data.embedding import embedding_cost, pair_text
 from cbpo_orch.data.tasks import load_task
-from cbpo_orch.orchestrator import driver, scheduler
+from cbpo_orch.orchestrator import cluster, driver, scheduler
 from cbpo_orch.workers.context import history_datasets
 from cbpo_orch.workers.embedding import embed_shard
 
@@ -59,7 +59,7 @@ def one_process_stage(folder: Path, threads: int) -> dict:
     (from the process's start) and encoding alone; the vectors land in ``folder``."""
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", ONE_PROCESS, str(folder), str(threads)], capture_output=True, text=True, check=True,
-                          env={**os.environ, **scheduler.WORKER_ENV})  # as a shard runs: no tokenizer threads
+                          env={**os.environ, **cluster.WORKER_ENV})  # as a shard runs: no tokenizer threads
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "encode_seconds": json.loads(done.stdout.strip().splitlines()[-1])["encode_seconds"], "threads": threads}
 
@@ -84,7 +84,7 @@ def main() -> None:
 
     import ray
 
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": scheduler.WORKER_ENV})
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": cluster.WORKER_ENV})
     try:
         ray.get([ray.remote(lambda: None).options(num_cpus=1).remote() for _ in range(args.cpus)])  # workers up
         shards, _ = scheduler.shard_plan(len(texts), driver.EMBED_MIN_SHARD, rounds=driver.EMBED_ROUNDS)

@@ -47,10 +47,10 @@ def fan_out_here(work, context_args, history, reference, gammas, worker_fn, slot
 
 def without_ray(monkeypatch) -> None:
     """Make the driver run every stage in this process (see the module's docstring)."""
-    from cbpo_orch.orchestrator import driver, scheduler
+    from cbpo_orch.orchestrator import cluster, driver, scheduler
 
-    monkeypatch.setattr(scheduler, "connect", lambda address: None)
-    monkeypatch.setattr(scheduler, "cluster_slots", lambda cpus, gpus: 1)
+    monkeypatch.setattr(cluster, "connect", lambda address: None)
+    monkeypatch.setattr(cluster, "cluster_slots", lambda cpus, gpus: 1)
     monkeypatch.setattr(scheduler, "map_shards", map_here)
     monkeypatch.setattr(scheduler, "fan_out", fan_out_here)
     monkeypatch.setattr(driver, "EMBED_SHARD", hashed_embedding)

@@ -163,11 +163,11 @@ def test_submit_to_an_address_where_nothing_answers_is_one_line_and_writes_nothi
 
 
 def test_a_driver_whose_cluster_address_answers_nothing_stops_at_once():
-    from cbpo_orch.orchestrator import scheduler
+    from cbpo_orch.orchestrator import cluster
 
     started = time.monotonic()
-    with pytest.raises(scheduler.ClusterLost, match=r"cannot reach the Ray cluster at ray://127\.0\.0\.1:\d+: nothing answers there"):
-        scheduler.connect(f"ray://127.0.0.1:{_closed_port()}")
+    with pytest.raises(cluster.ClusterLost, match=r"cannot reach the Ray cluster at ray://127\.0\.0\.1:\d+: nothing answers there"):
+        cluster.connect(f"ray://127.0.0.1:{_closed_port()}")
     assert time.monotonic() - started < 5
 
 
@@ -282,7 +282,7 @@ def local_ray(tmp_path_factory):
     """A local Ray started by this process, whose workers can import ``tests.faulty_worker``."""
     import ray
 
-    from cbpo_orch.orchestrator import scheduler
+    from cbpo_orch.orchestrator import cluster
 
     control = tmp_path_factory.mktemp("ray-control") / "cancel.json"
     with pytest.MonkeyPatch.context() as patch:
@@ -293,7 +293,7 @@ def local_ray(tmp_path_factory):
         for name in CLEAN_ENV:
             patch.delenv(name, raising=False)
         assert not ray.is_initialized()
-        scheduler.connect(None)
+        cluster.connect(None)
         try:
             yield control
         finally:
@@ -478,17 +478,17 @@ def test_a_remote_tasks_steps_reach_the_driver_while_it_runs(local_ray):
 def test_cluster_slots_count_what_each_node_holds(monkeypatch, nodes, cpus, gpus, expected):
     import ray
 
-    from cbpo_orch.orchestrator import scheduler
+    from cbpo_orch.orchestrator import cluster
 
     listed = [{"Alive": not node.pop("dead", False), "Resources": node} for node in [dict(n) for n in nodes]]
     monkeypatch.setattr(ray, "nodes", lambda: listed)
-    assert scheduler.cluster_slots(cpus, gpus) == expected
+    assert cluster.cluster_slots(cpus, gpus) == expected
 
 
 def test_more_workers_than_the_cluster_fits_runs_what_fits_and_says_so(local_ray, home, tiny_model_dir, dev_users, monkeypatch):
     from dataclasses import replace
 
-    from cbpo_orch.orchestrator import driver, scheduler
+    from cbpo_orch.orchestrator import cluster, driver, scheduler
     from cbpo_orch.orchestrator.lease import JobLease
     from cbpo_orch.orchestrator.spec import JobSpec
     from cbpo_orch.orchestrator.workspace import Workspace
@@ -503,7 +503,7 @@ def test_more_workers_than_the_cluster_fits_runs_what_fits_and_says_so(local_ray
         driver._fan_out(space, job, spec, replace(resources, workers=50), space.registry.runs(job, states=("pending",)),
                         SimpleNamespace(examples=[]), {}, {}, None,
                         driver.Progress(notice=notices.append), None, lease)
-    fits = scheduler.cluster_slots(1, 0)
+    fits = cluster.cluster_slots(1, 0)
     assert asked == [fits] and fits < 50
     assert notices == [f"--workers 50 is more than the cluster fits now ({fits} at 1 CPU each): running {fits}"]
 
@@ -591,10 +591,10 @@ def test_shards_are_even_in_cost_and_never_empty(costs, shards, expected):
 
 
 def test_shards_run_at_once_and_come_back_in_order(local_ray, tmp_path):
-    from cbpo_orch.orchestrator import scheduler
+    from cbpo_orch.orchestrator import cluster, scheduler
 
     shards, cpus = scheduler.shard_plan(10, 4)
-    assert shards == min(3, scheduler.largest_node_cpus()) >= 2, "this test needs a Ray of 2 CPUs or more"
+    assert shards == min(3, cluster.largest_node_cpus()) >= 2, "this test needs a Ray of 2 CPUs or more"
     done = []
     parts = scheduler.map_shards(faulty_worker.meet_the_other_shards, list(range(10)), str(tmp_path), shards, min_shard=4,
                                  cost=lambda item: 9 if item == 0 else 1, on_done=lambda finished, total: done.append((finished, total)))
@@ -716,7 +716,7 @@ def test_kto_mismatched_pairs_skip_what_training_leaves_out():
 def test_the_task_adapter_trains_on_a_whole_node_and_shows_its_steps(local_ray, home, tiny_model_dir, dev_users, monkeypatch):
     from dataclasses import replace
 
-    from cbpo_orch.orchestrator import driver, scheduler
+    from cbpo_orch.orchestrator import cluster, driver, scheduler
     from cbpo_orch.orchestrator.spec import JobSpec
     from cbpo_orch.orchestrator.workspace import Workspace
 
@@ -731,7 +731,7 @@ def test_the_task_adapter_trains_on_a_whole_node_and_shows_its_steps(local_ray, 
     monkeypatch.setattr(scheduler, "run_remote", recorded)
     stages = []
     path = driver._task_adapter(Workspace.open(home), spec, resources, driver.Progress(stage=stages.append))
-    cpus = scheduler.largest_node_cpus()
+    cpus = cluster.largest_node_cpus()
     assert asked == {"threads": cpus, "num_cpus": cpus} and cpus >= 1
     assert stages[0].endswith(f"; {cpus} CPUs)") and (Path(path) / "adapter_model.safetensors").is_file()
     shown = [re.search(r": step (\d+)/(\d+), loss ", stage) for stage in stages[1:]]

@@ -46,7 +46,7 @@ def job(tmp_path_factory, history_cache, dev_users):  # noqa: F811
     import ray
 
     from cbpo_orch.method.config import TrainConfig
-    from cbpo_orch.orchestrator import scheduler
+    from cbpo_orch.orchestrator import cluster
     from cbpo_orch.orchestrator.driver import run_job
     from cbpo_orch.orchestrator.spec import JobSpec, Resources
     from cbpo_orch.orchestrator.workspace import Workspace
@@ -67,7 +67,7 @@ def job(tmp_path_factory, history_cache, dev_users):  # noqa: F811
         for name in CLEAN_ENV:
             patch.delenv(name, raising=False)
         assert not ray.is_initialized()
-        scheduler.connect(None)
+        cluster.connect(None)
         try:
             space = Workspace.open(home, writes=True)
             job_id = space.registry.create_job("lamp4", ["cbpo"], users, spec.to_config(resources))

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from cbpo_orch.method.config import TrainConfig
-from cbpo_orch.orchestrator import scheduler
+from cbpo_orch.orchestrator import cluster, scheduler
 from cbpo_orch.training.worker_memory import (
     ACTIVATION_BUDGET,
     CPU_WEIGHT_BYTES,
@@ -101,7 +101,7 @@ def test_a_worker_larger_than_every_node_asks_for_a_whole_node(monkeypatch, tiny
 ])
 def test_cluster_slots_count_the_memory_of_each_node(monkeypatch, nodes, memory, expected):
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": node} for node in nodes])
-    assert scheduler.cluster_slots(1, 0, memory) == expected
+    assert cluster.cluster_slots(1, 0, memory) == expected
 
 
 

@@ -81,7 +81,7 @@ def _drive(url: str, artifacts: Path, cache: Path, job_id: str, resources: Resou
     from cbpo_orch.cli.driver_process import EXIT_LEASE_LOST
     from cbpo_orch.orchestrator.driver import NoSpaceLeft, run_job
     from cbpo_orch.orchestrator.lease import LeaseLost
-    from cbpo_orch.orchestrator.scheduler import ClusterLost
+    from cbpo_orch.orchestrator.cluster import ClusterLost
     from cbpo_orch.orchestrator.workspace import Workspace
     from cbpo_orch.storage.artifacts import ArtifactStore
     from cbpo_orch.storage.registry import Registry

@@ -67,7 +67,7 @@ def serve(
     import time
 
     from cbpo_orch.cli.app import UsageError
-    from cbpo_orch.orchestrator.scheduler import dashboard_notice
+    from cbpo_orch.orchestrator.cluster import dashboard_notice
     from cbpo_orch.serving import app as serving
     from cbpo_orch.serving.catalog import load_catalog
     from cbpo_orch.serving.keys import load_api_keys

@@ -25,7 +25,7 @@ from cbpo_orch.data.history import HistoryIndex
 from cbpo_orch.data.tasks import Task, load_task
 from cbpo_orch.method.config import TrainConfig
 from cbpo_orch.method.methods import method_spec, mismatched_pairs
-from cbpo_orch.orchestrator import scheduler
+from cbpo_orch.orchestrator import cluster, scheduler
 from cbpo_orch.orchestrator.fingerprint import run_inputs
 from cbpo_orch.orchestrator.lease import LEASE_TTL_S, JobLease, LeaseLost
 from cbpo_orch.orchestrator.job_model import task_adapter_key
@@ -104,9 +104,9 @@ def _drive(space: Workspace, job_id: str, spec: JobSpec, resources: Resources, p
     try:
         task = load_task(spec.task)
         progress.stage("connecting to Ray")
-        dashboard = scheduler.connect(resources.address)
+        dashboard = cluster.connect(resources.address)
         if dashboard:
-            notice = scheduler.dashboard_notice(dashboard)
+            notice = cluster.dashboard_notice(dashboard)
             progress.notice(notice)
             registry.set_lease_notice(job_id, lease.owner, notice)
         datasets = history_datasets(spec.data, spec.split, task)
@@ -121,7 +121,7 @@ def _drive(space: Workspace, job_id: str, spec: JobSpec, resources: Resources, p
         _fan_out(space, job_id, spec, resources, pending, history, reference, gammas, tam_path, progress, worker_fn, lease)
     except LeaseLost:
         raise  # the job is the other driver's now: leave its state alone
-    except scheduler.ClusterLost as lost:
+    except cluster.ClusterLost as lost:
         registry.set_job_state(job_id, "interrupted", f"{lost}; {resume_advice(job_id)}")
         raise
     except KeyboardInterrupt:
@@ -206,7 +206,7 @@ def _shared_pass(progress: Progress, label: str, unit: str, entry, items: list, 
     except scheduler.TASK_FAILURES as error:
         if failed is None:
             raise
-        progress.notice(failed.format(cause=scheduler.first_line(scheduler.task_cause(error))))
+        progress.notice(failed.format(cause=cluster.first_line(cluster.task_cause(error))))
         return None
 
 
@@ -224,7 +224,7 @@ def _task_adapter(space: Workspace, spec: JobSpec, resources: Resources, progres
     info = space.artifacts.find(f"task-adapters/{key}") if known is None else None
     if info is None:
         gpus = 1 if resources.gpus_per_user else 0
-        cpus = resources.cpus_per_user if gpus else scheduler.largest_node_cpus()  # it runs alone: a whole node's cores
+        cpus = resources.cpus_per_user if gpus else cluster.largest_node_cpus()  # it runs alone: a whole node's cores
         on = "1 GPU" if gpus else f"{cpus} CPUs"
         label = f"training the task adapter on the train split's users (once per task, data and model; {on})"
         progress.stage(label)
@@ -430,7 +430,7 @@ def _fan_out(
         "model": spec.model,
         "task_adapter": tam_path,
     }
-    fits = scheduler.cluster_slots(resources.cpus_per_user, resources.gpus_per_user)
+    fits = cluster.cluster_slots(resources.cpus_per_user, resources.gpus_per_user)
     slots = resources.workers or fits
     if slots > fits:  # an actor that cannot be placed never starts, and the work sent to it would wait forever
         each = f"{resources.gpus_per_user:g} GPU" if resources.gpus_per_user else f"{resources.cpus_per_user:g} CPU"

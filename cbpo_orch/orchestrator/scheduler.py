@@ -8,36 +8,26 @@ and receives every result to write it itself.
 A failure is permanent when a retry would fail the same way (:data:`PERMANENT_ERRORS`:
 the job's own input is at fault, or a seeded training diverged). Anything else — a dead
 worker, out of memory, any other exception — is transient and may be retried. When the
-cluster itself goes away, :class:`ClusterLost` ends the fan-out.
+cluster itself goes away, ``cluster.ClusterLost`` ends the fan-out. Joining and sizing the
+cluster is ``cluster.py``'s.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import ray
-from ray.exceptions import (
-    LocalRayletDiedError,
-    OutOfMemoryError,
-    RayActorError,
-    RaySystemError,
-    RayTaskError,
-    RpcError,
-    WorkerCrashedError,
-)
+from ray.exceptions import OutOfMemoryError, RayActorError, RayTaskError, WorkerCrashedError
 
 from cbpo_orch.data.dataset import DataError
 from cbpo_orch.method.config import ConfigError, TrainConfig
 from cbpo_orch.method.methods import UnknownMethod
-from cbpo_orch.orchestrator.spec import UnreachableCluster, check_address
+from cbpo_orch.orchestrator.cluster import cluster_deaths_as_lost, cluster_slots, first_line, largest_node_cpus, task_cause
 from cbpo_orch.training.model_dirs import ModelError
 from cbpo_orch.training.numerics import NumericalError
 from cbpo_orch.training.worker_memory import parameter_count, worker_memory_bytes
-
-WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}
 
 PERMANENT_ERRORS: tuple[type[Exception], ...] = (DataError, ConfigError, ModelError, UnknownMethod, NumericalError)
 """Errors that a retry would repeat: the job's own input (data, config, model, method), or
@@ -48,82 +38,6 @@ WORKER_DEATHS = (RayActorError, WorkerCrashedError, OutOfMemoryError)
 
 TASK_FAILURES = (RayTaskError, *WORKER_DEATHS)
 """How a task that raised, or whose worker died, reaches the caller of :func:`map_shards`."""
-
-CLUSTER_DEATHS = (LocalRayletDiedError, RaySystemError, RpcError)
-"""How Ray reports that the cluster itself went away under the driver (its raylet, the head)."""
-
-
-class ClusterLost(RuntimeError):
-    """The Ray cluster cannot be reached, or went away under the driver: nothing more can
-    run until it is back."""
-
-
-@contextmanager
-def _cluster_deaths_as_lost() -> Iterator[None]:
-    try:
-        yield
-    except CLUSTER_DEATHS as error:
-        raise ClusterLost(f"the Ray cluster went away under the driver ({first_line(error)})") from error
-
-
-def connect(address: str | None) -> str | None:
-    """Join the cluster at ``address`` (``auto``, ``ray://…``), or with none start a
-    local Ray of this machine's own (never an unrelated running cluster); returns the
-    Ray dashboard's address when there is one."""
-    if ray.is_initialized():
-        return None
-    try:
-        check_address(address)
-    except UnreachableCluster as error:
-        raise ClusterLost(str(error)) from None
-    try:
-        context = ray.init(
-            address=address or "local",
-            runtime_env={"env_vars": WORKER_ENV},
-            log_to_driver=False,
-            configure_logging=False,
-            include_dashboard=None,
-        )
-    except ConnectionError as error:
-        raise ClusterLost(
-            f"cannot reach the Ray cluster at {address}: {first_line(error)}; if the cluster checks a token, "
-            "set RAY_AUTH_MODE=token here, with RAY_AUTH_TOKEN or the token file (`ray get-auth-token` on the head)"
-        ) from None
-    return getattr(context, "dashboard_url", None) or None
-
-
-def dashboard_notice(dashboard: str) -> str:
-    """The line that points a person at the Ray dashboard, and, when the cluster checks
-    Ray's token, where the token to sign in with comes from."""
-    line = f"Ray dashboard: http://{dashboard}"
-    return f"{line} (token authentication: sign in with the token `ray get-auth-token` prints)" if _token_auth() else line
-
-
-def _token_auth() -> bool:
-    try:
-        from ray._private.authentication.authentication_utils import is_token_auth_enabled
-    except ImportError:  # a Ray without token authentication
-        return False
-    return is_token_auth_enabled()
-
-
-def cluster_slots(cpus_per_user: float, gpus_per_user: float, memory_per_user: int = 0) -> int:
-    """How many workers of ``cpus_per_user`` CPUs (and ``gpus_per_user`` GPUs, and
-    ``memory_per_user`` bytes of Ray's ``memory``) the cluster's alive nodes hold, node by
-    node (a worker never spans two nodes); at least 1."""
-    fits = 0
-    for node in ray.nodes():
-        if not node["Alive"]:
-            continue
-        have = node["Resources"]
-        per_node = int(have.get("CPU", 0) / cpus_per_user)
-        if gpus_per_user > 0:
-            per_node = min(per_node, int(have.get("GPU", 0) / gpus_per_user))
-        if memory_per_user > 0:
-            per_node = min(per_node, int(have.get("memory", 0) // memory_per_user))
-        fits += per_node
-    return max(1, fits)
-
 
 def worker_memory(model: str, on_gpu: bool) -> int:
     """The bytes of Ray's ``memory`` each worker training ``model`` asks for (its peak:
@@ -202,11 +116,6 @@ class Failure:
     shared: bool = False
 
 
-def largest_node_cpus() -> int:
-    """The CPUs of the cluster's largest alive node: what one task that uses a whole node gets."""
-    return max([int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node["Alive"]] + [1])
-
-
 @ray.remote(num_cpus=0)
 class _LatestStep:
     """Holds the last (step, total, loss) a task reported."""
@@ -238,7 +147,7 @@ def _call(fn: Callable, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
-@_cluster_deaths_as_lost()
+@cluster_deaths_as_lost()
 def run_remote(fn: Callable, *args, num_cpus: float = 1, num_gpus: float = 0, on_step: Callable[[int, int, float], None] | None = None):
     """Run a plain function once as a Ray task and return its result. With ``on_step``, the
     function is given an ``on_step`` of its own, and what it reports reaches ``on_step``
@@ -285,7 +194,7 @@ def shard_bounds(costs: list[float], shards: int) -> list[int]:
     return bounds + [n]
 
 
-@_cluster_deaths_as_lost()
+@cluster_deaths_as_lost()
 def map_shards(
     fn: Callable,
     items: list,
@@ -312,7 +221,7 @@ def map_shards(
     return ray.get(refs)
 
 
-@_cluster_deaths_as_lost()
+@cluster_deaths_as_lost()
 def fan_out(
     work: Iterable[Work],
     context_args: dict,
@@ -419,14 +328,3 @@ def _next_pack(queue: deque, size: int, alone: set) -> list[Work]:
         (pack if unit.config == pack[0].config and unit.key not in alone else rest).append(unit)
     queue.extendleft(reversed(rest))
     return pack
-
-
-def task_cause(error: BaseException) -> BaseException:
-    """What a Ray task raised: a ``RayTaskError``'s cause, or the error itself."""
-    cause = getattr(error, "cause", None)
-    return cause if cause is not None else error
-
-
-def first_line(error: BaseException) -> str:
-    text = f"{type(error).__name__}: {error}".strip()
-    return text.splitlines()[0][:500] if text else type(error).__name__

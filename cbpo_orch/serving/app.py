@@ -84,7 +84,7 @@ def start(catalog: Catalog, keys: ApiKeys | None, options: ServeOptions, host: s
     returns once every replica has loaded the model and answers."""
     from ray import serve
 
-    from cbpo_orch.orchestrator.scheduler import connect
+    from cbpo_orch.orchestrator.cluster import connect
 
     dashboard = connect(address)
     serve.start(http_options={"host": host, "port": port})
