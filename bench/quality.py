@@ -37,6 +37,7 @@ the CIs are over users.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import itertools
 import json
 import math
@@ -164,7 +165,17 @@ class Ledger:
                 group[run] = {"job": job, "scores": scores}
                 added = True
         if added:
-            self.groups = {k: dict(sorted(v.items())) for k, v in sorted(self.groups.items())}
+            self._write()
+
+    def _write(self) -> None:
+        """Merge this process's runs into the file as it is now, under a lock: two benchmarks
+        of one (data, model) running at once (a tune beside a run) each keep the other's runs."""
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            on_disk = json.loads(self.path.read_text()) if self.path.exists() else {}
+            for key, runs in self.groups.items():
+                on_disk.setdefault(key, {}).update(runs)
+            self.groups = {k: dict(sorted(v.items())) for k, v in sorted(on_disk.items())}
             self.path.write_text(json.dumps(self.groups, indent=1) + "\n")
 
 

@@ -230,3 +230,12 @@ def test_summarize_gives_cis_against_base_steps_and_the_share_of_outputs_at_the_
     assert arms["base"]["hit_budget_share"] == pytest.approx(4 / 20)
     table = quality.markdown(quality.summarize(per_seed, ["a", "b"]), "t")
     assert "+0.1000 [+0.1000, +0.1000]" in table and "| 20% |" in table
+
+
+def test_two_benchmarks_filing_into_one_ledger_at_once_keep_each_others_runs(tmp_path):
+    tune, run = quality.Ledger(tmp_path / "ledger.json"), quality.Ledger(tmp_path / "ledger.json")  # both read it before either wrote
+    tune.file("tune-group", "j1", [_row("a", "sft", 0.2)])
+    run.file("run-group", "j2", [_row("b", "cbpo", 0.3, 0.4)])
+    tune.file("tune-group", "j1", [_row("a", "sft", 0.2), _row("c", "sft", 0.1)])
+    filed = quality.Ledger(tmp_path / "ledger.json")
+    assert set(filed.scores("tune-group")) == {("a", "sft"), ("c", "sft")} and set(filed.scores("run-group")) == {("b", "cbpo")}
