@@ -508,15 +508,6 @@ def test_more_workers_than_the_cluster_fits_runs_what_fits_and_says_so(local_ray
     assert notices == [f"--workers 50 is more than the cluster fits now ({fits} at 1 CPU each): running {fits}"]
 
 
-def test_work_goes_out_by_method_then_largest_history_first():
-    from cbpo_orch.method.config import TrainConfig
-    from cbpo_orch.orchestrator.scheduler import Work, largest_first
-
-    sft, cbpo = TrainConfig(method="sft"), TrainConfig(method="cbpo")
-    work = [Work(1, "a", sft), Work(2, "a", cbpo), Work(3, "b", sft), Work(4, "b", cbpo), Work(5, "c", sft), Work(6, "d", sft)]
-    order = largest_first(work, {"a": 3, "b": 40, "c": 3})
-    assert [unit.key for unit in order] == [4, 2, 3, 1, 5, 6]  # cbpo: b, a; sft: b, then a and c (tied, by id), d unknown
-
 
 def test_the_driver_sends_the_largest_users_first(home, tiny_model_dir, dev_users, sample_history, monkeypatch):
     from cbpo_orch.orchestrator import driver, scheduler
@@ -778,19 +769,6 @@ def test_cancel_while_running_finishes_started_run_only(local_ray, home, tiny_mo
     assert len(started) == 1 and started[0].state == "succeeded"
     assert len(space.registry.results(job)) == 1
 
-
-def test_packs_default_to_one_user_on_a_cpu_and_a_full_pack_on_a_whole_gpu_and_even_out_at_the_end():
-    from cbpo_orch.orchestrator.scheduler import pack_size
-    from cbpo_orch.orchestrator.spec import GPU_PACK, Resources
-
-    assert Resources().pack_size == 1
-    assert Resources(gpus_per_user=0.5).pack_size == 1, "workers sharing a GPU cannot size packs from its memory"
-    assert Resources(gpus_per_user=1).pack_size == GPU_PACK
-    assert Resources(gpus_per_user=1, users_per_step=4).pack_size == 4
-    assert pack_size(waiting=100, actors=2, users_per_step=32) == 32
-    assert pack_size(waiting=36, actors=2, users_per_step=32) == 18  # the last 36 split over both workers
-    assert pack_size(waiting=1, actors=4, users_per_step=32) == 1
-    assert pack_size(waiting=5, actors=1, users_per_step=1) == 1
 
 
 def test_a_worker_process_loads_the_embedder_once_for_all_its_shards(monkeypatch):

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from cbpo_orch.method.config import TrainConfig
 from cbpo_orch.orchestrator import cluster, scheduler
+from cbpo_orch.orchestrator.packing import Work
 from cbpo_orch.training.worker_memory import (
     ACTIVATION_BUDGET,
     CPU_WEIGHT_BYTES,
@@ -74,7 +75,7 @@ def _fake_cluster(monkeypatch, nodes: list[dict]) -> list[dict]:
 
 
 def _fan_out(model: str, slots: int) -> None:
-    work = [scheduler.Work(k, f"user-{k}", TrainConfig(method="cbpo")) for k in range(6)]
+    work = [Work(k, f"user-{k}", TrainConfig(method="cbpo")) for k in range(6)]
     with pytest.raises(_Placed):
         scheduler.fan_out(work, {"model": model}, None, {}, {}, None, slots, 1, 0, lambda unit: True, lambda unit, result: [])
 

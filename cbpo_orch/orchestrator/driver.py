@@ -25,7 +25,7 @@ from cbpo_orch.data.history import HistoryIndex
 from cbpo_orch.data.tasks import Task, load_task
 from cbpo_orch.method.config import TrainConfig
 from cbpo_orch.method.methods import method_spec, mismatched_pairs
-from cbpo_orch.orchestrator import cluster, scheduler
+from cbpo_orch.orchestrator import cluster, packing, scheduler
 from cbpo_orch.orchestrator.fingerprint import run_inputs
 from cbpo_orch.orchestrator.lease import LEASE_TTL_S, JobLease, LeaseLost
 from cbpo_orch.orchestrator.job_model import task_adapter_key
@@ -387,7 +387,7 @@ def _fan_out(
     runs = {run.run_id: run for run in pending}
     tally = _Tally()
     sizes = Counter(example.user_id for example in history.examples)
-    work = scheduler.largest_first([scheduler.Work(run.run_id, run.user_id, spec.config_for(run.method)) for run in pending], sizes)
+    work = packing.largest_first([packing.Work(run.run_id, run.user_id, spec.config_for(run.method)) for run in pending], sizes)
     attempts: dict[int, int] = {}
 
     def report() -> None:
@@ -400,7 +400,7 @@ def _fan_out(
         if time.perf_counter() - tally.reported >= REPORT_EVERY_S:
             report()
 
-    def start(unit: scheduler.Work) -> bool:
+    def start(unit: packing.Work) -> bool:
         lease.check()
         try:
             attempts[unit.key] = registry.mark_running(unit.key).attempts
@@ -408,11 +408,11 @@ def _fan_out(
             return False
         return True
 
-    def finish(unit: scheduler.Work, result) -> list[scheduler.Work]:
+    def finish(unit: packing.Work, result) -> list[packing.Work]:
         lease.check()
         run = runs[unit.key]
-        retry: list[scheduler.Work] = []
-        if isinstance(result, scheduler.Failure):
+        retry: list[packing.Work] = []
+        if isinstance(result, packing.Failure):
             final = not result.shared and (result.permanent or attempts[unit.key] > resources.max_retries)
             registry.record_failure(unit.key, result.error, final=final)
             if not final:

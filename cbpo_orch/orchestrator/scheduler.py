@@ -14,8 +14,7 @@ cluster is ``cluster.py``'s.
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import ray
@@ -25,6 +24,7 @@ from cbpo_orch.data.dataset import DataError
 from cbpo_orch.method.config import ConfigError, TrainConfig
 from cbpo_orch.method.methods import UnknownMethod
 from cbpo_orch.orchestrator.cluster import cluster_deaths_as_lost, cluster_slots, first_line, largest_node_cpus, task_cause
+from cbpo_orch.orchestrator.packing import Failure, PackQueue, Work
 from cbpo_orch.training.model_dirs import ModelError
 from cbpo_orch.training.numerics import NumericalError
 from cbpo_orch.training.worker_memory import parameter_count, worker_memory_bytes
@@ -86,34 +86,6 @@ class PersonalizeWorker:
         if self.start_error is not None:
             raise WorkerCannotStart(self.start_error)
         return self.worker_fn(self.context, user_ids, config)
-
-
-@dataclass(frozen=True)
-class Work:
-    """One unit to schedule: a key the driver knows it by, a user and a config."""
-
-    key: object
-    user_id: str
-    config: TrainConfig
-
-
-def largest_first(work: Iterable[Work], sizes: Mapping[str, int]) -> list[Work]:
-    """The order to send ``work`` in: by method, and within a method the users with the most
-    history items (``sizes``) first, so that the job's tail is short runs and a pack's users
-    have like numbers of steps; ties by user id."""
-    return sorted(work, key=lambda unit: (unit.config.method, -sizes.get(unit.user_id, 0), unit.user_id))
-
-
-@dataclass(frozen=True)
-class Failure:
-    """A unit that raised, or whose worker died; ``error`` is its one-line reason and
-    ``permanent`` says a retry would fail the same way. ``shared``: the unit was in a pack
-    of several users that failed as a whole, so the cause may be another user's; it is
-    sent again alone."""
-
-    error: str
-    permanent: bool
-    shared: bool = False
 
 
 @ray.remote(num_cpus=0)
@@ -253,8 +225,8 @@ def fan_out(
     finished with a ``shared`` failure and its retry goes alone. When the cluster itself
     goes away, :class:`ClusterLost` is raised.
     """
-    queue = deque(work)
-    if not queue:
+    packs = PackQueue(work, users_per_step, start)
+    if not packs:
         return
     history_ref, reference_ref, gammas_ref = ray.put(history), ray.put(reference), ray.put(gammas)
     memory = worker_memory(context_args["model"], gpus_per_user > 0)
@@ -264,20 +236,18 @@ def fan_out(
     def new_actor():
         return PersonalizeWorker.options(**options).remote(context_args, history_ref, reference_ref, gammas_ref, threads, worker_fn)
 
-    idle = [new_actor() for _ in range(min(max(1, slots), cluster_slots(cpus_per_user, gpus_per_user, memory), len(queue)))]
+    idle = [new_actor() for _ in range(min(max(1, slots), cluster_slots(cpus_per_user, gpus_per_user, memory), len(packs)))]
     n_actors = len(idle)
     in_flight: dict = {}
-    alone: set = set()
 
     def dispatch() -> None:
-        while queue and idle:
-            size = 1 if queue[0].key in alone else pack_size(len(queue), n_actors, users_per_step)
-            pack = [unit for unit in _next_pack(queue, size, alone) if start(unit)]
+        while packs and idle:
+            pack = packs.next_pack(n_actors)
             if pack:
                 actor = idle.pop()
                 in_flight[actor.personalize.remote([unit.user_id for unit in pack], pack[0].config)] = (pack, actor)
 
-    while queue or in_flight:
+    while packs or in_flight:
         dispatch()
         if not in_flight:
             continue
@@ -297,34 +267,14 @@ def fan_out(
                 cannot_start = isinstance(cause, WorkerCannotStart)
                 results = [Failure(first_line(cause), permanent=cannot_start or isinstance(cause, PERMANENT_ERRORS))] * len(pack)
                 if cannot_start:  # no worker of this pool can start: send it nothing more
-                    while queue:
-                        finish(queue.popleft(), results[0])
+                    for unit in packs.drain():
+                        finish(unit, results[0])
             idle.append(actor)
-            if len(pack) > 1 and not cannot_start:
-                results = [Failure(r.error, r.permanent, shared=True) if isinstance(r, Failure) else r for r in results]
-                alone.update(unit.key for unit, r in zip(pack, results) if isinstance(r, Failure))
-            landed.append((pack, results))
+            landed.append((pack, results if cannot_start else packs.landed(pack, results)))
         dispatch()  # the freed workers start their next packs while the driver records these
         for pack, results in landed:
             for unit, result in zip(pack, results):
-                queue.extend(finish(unit, result))
+                packs.extend(finish(unit, result))
         tick()
     for actor in idle:
         ray.kill(actor, no_restart=True)
-
-
-def pack_size(waiting: int, actors: int, users_per_step: int) -> int:
-    """Units in the next pack: ``users_per_step``, but no more than an even share of what
-    waits over the actors, so that a job's last packs keep every worker busy."""
-    return max(1, min(users_per_step, -(-waiting // max(1, actors))))
-
-
-def _next_pack(queue: deque, size: int, alone: set) -> list[Work]:
-    """Take the queue's first unit and up to ``size − 1`` later ones of the same config that
-    may share a pack (none that must go alone), keeping the rest in order."""
-    pack, rest = [queue.popleft()], []
-    while queue and len(pack) < size:
-        unit = queue.popleft()
-        (pack if unit.config == pack[0].config and unit.key not in alone else rest).append(unit)
-    queue.extendleft(reversed(rest))
-    return pack
