@@ -3,6 +3,7 @@ the scheduler starts no more of them than the cluster's memory holds."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -137,3 +138,44 @@ def test_freed_large_tensors_leave_no_resident_memory(setting):
         assert freed < 16 * 2**20
     else:
         assert freed > 48 * 2**20
+
+
+WORKER = """
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+from cbpo_orch.data.tasks import load_task
+from cbpo_orch.home import SAMPLE_DATA
+from cbpo_orch.method.config import TrainConfig
+from cbpo_orch.training.models import load_model
+from cbpo_orch.workers.context import build_history, history_datasets
+from cbpo_orch.workers.personalize import personalize_user
+from cbpo_orch.workers.user_context import UserContext
+
+def resident():
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) * 1024
+
+task = load_task("lamp4")
+datasets = history_datasets(SAMPLE_DATA, "dev", task)
+context = UserContext(task=task, dataset=datasets[0], history=build_history(datasets), loaded=load_model(sys.argv[1], "cpu"))
+config = TrainConfig(method="cbpo", max_profile=8, max_prompt_tokens=96, max_new_tokens=8, batch_size=4, epochs=1, selection=False)
+users, after = list(context.dataset.users)[:3], []
+for round in range(2):
+    for user in users:
+        personalize_user(context, user, replace(config, seed=round))
+        after.append(resident())
+print(json.dumps(after))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_a_workers_memory_does_not_grow_with_the_users_it_has_run(tiny_model_dir):
+    """A long-lived worker (a ``PersonalizeWorker``: one loaded context, user after user), in a
+    fresh interpreter whose resident memory is the worker's alone: 6 C-BPO runs (3 of the
+    sample's users, then again with another seed); after the last 3, resident memory is within
+    16 MiB of its most after the first 2 (the first runs import and warm up what every later
+    run reuses). Nothing a finished user leaves behind may add up."""
+    after = json.loads(subprocess.run([sys.executable, "-c", WORKER, str(tiny_model_dir)], capture_output=True, text=True, check=True).stdout)
+    assert max(after[3:]) <= max(after[:2]) + 16 * 2**20, [round(value / 2**20) for value in after]

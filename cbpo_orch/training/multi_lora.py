@@ -202,7 +202,8 @@ class MultiLora:
         backward may come after its ``routed`` block has closed (``trainer.backward_by_rows``)
         and must still reach each row's own slot. Non-reentrant checkpointing needs no input
         that requires grad, so transformers' hook that makes the embeddings' output require
-        it is removed: left on, every later forward, eval included, would build a graph."""
+        it is removed: left on, a backward would also differentiate the frozen layers down to
+        the embeddings, and any later forward with grad enabled would build a graph."""
         if not on:
             yield self.model
             return
