@@ -30,18 +30,18 @@ def map_here(fn, items, *args, min_shard, gpus=False, rounds=1, cost=None, on_do
     return result
 
 
-def fan_out_here(work, context_args, history, reference, gammas, worker_fn, slots, cpus_per_user, gpus_per_user, start, finish, tick=lambda: None, users_per_step=1):
+def fan_out_here(work, setup, slots, start, finish, tick=lambda: None, users_per_step=1):
     """``scheduler.fan_out`` one unit at a time in this process, from one loaded context."""
     from cbpo_orch.data.dataset import load_split
     from cbpo_orch.data.tasks import load_task
     from cbpo_orch.workers.user_context import load_user_context
 
-    task = load_task(context_args["task"])
-    dataset = load_split(context_args["data"], context_args["split"], task)
-    context = load_user_context(task, dataset, history, context_args["model"], context_args["task_adapter"], "cpu", reference, gammas)
+    task = load_task(setup.task)
+    dataset = load_split(setup.data, setup.split, task)
+    context = load_user_context(task, dataset, setup.history, setup.model, setup.task_adapter, "cpu", setup.reference, setup.gammas)
     for unit in work:
         if start(unit):
-            [outcome] = worker_fn(context, [unit.user_id], unit.config)
+            [outcome] = setup.worker_fn(context, [unit.user_id], unit.config)
             finish(unit, outcome)
 
 

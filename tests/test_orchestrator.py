@@ -494,15 +494,15 @@ def test_more_workers_than_the_cluster_fits_runs_what_fits_and_says_so(local_ray
     from cbpo_orch.orchestrator.workspace import Workspace
 
     asked = []
-    monkeypatch.setattr(scheduler, "fan_out", lambda work, context, history, reference, gammas, fn, slots, *rest, **kw: asked.append(slots))
+    monkeypatch.setattr(scheduler, "fan_out", lambda work, setup, slots, *rest, **kw: asked.append(slots))
     job = _create_job(home, tiny_model_dir, dev_users[:2])
     space = Workspace.open(home)
     spec, resources = JobSpec.from_config(space.registry.job(job).config)
     notices = []
     with JobLease(space.registry, job, 60) as lease:
-        driver._fan_out(space, job, spec, replace(resources, workers=50), space.registry.runs(job, states=("pending",)),
-                        SimpleNamespace(examples=[]), {}, {}, None,
-                        driver.Progress(notice=notices.append), None, lease)
+        setup = scheduler.WorkerSetup("lamp4", "data", "dev", "model", None, SimpleNamespace(examples=[]), {}, {}, None)
+        driver._fan_out(space, job, replace(resources, workers=50), space.registry.runs(job, states=("pending",)), setup, spec,
+                        driver.Progress(notice=notices.append), lease)
     fits = cluster.cluster_slots(1, 0)
     assert asked == [fits] and fits < 50
     assert notices == [f"--workers 50 is more than the cluster fits now ({fits} at 1 CPU each): running {fits}"]
@@ -527,7 +527,8 @@ def test_the_driver_sends_the_largest_users_first(home, tiny_model_dir, dev_user
     examples = [e for user, own in by_user.items() for e in own[: keep.get(user, len(own))]]
     history = SimpleNamespace(examples=examples)
     with JobLease(space.registry, job, 60) as lease:
-        driver._fan_out(space, job, spec, resources, space.registry.runs(job, states=("pending",)), history, {}, {}, None, driver.Progress(), None, lease)
+        setup = scheduler.WorkerSetup("lamp4", "data", "dev", "model", None, history, {}, {}, None)
+        driver._fan_out(space, job, resources, space.registry.runs(job, states=("pending",)), setup, spec, driver.Progress(), lease)
     sizes = Counter(example.user_id for example in examples)
     assert sorted(sent) == sorted(dev_users) and len({sizes[u] for u in dev_users}) > 1
     assert [sizes[u] for u in sent] == sorted((sizes[u] for u in dev_users), reverse=True)

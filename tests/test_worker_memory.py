@@ -78,7 +78,8 @@ def _fake_cluster(monkeypatch, nodes: list[dict]) -> list[dict]:
 def _fan_out(model: str, slots: int) -> None:
     work = [Work(k, f"user-{k}", TrainConfig(method="cbpo")) for k in range(6)]
     with pytest.raises(_Placed):
-        scheduler.fan_out(work, {"model": model}, None, {}, {}, None, slots, 1, 0, lambda unit: True, lambda unit, result: [])
+        setup = scheduler.WorkerSetup("lamp4", "data", "dev", model, None, None, {}, {}, None)
+        scheduler.fan_out(work, setup, slots, lambda unit: True, lambda unit, result: [])
 
 
 def test_each_worker_asks_ray_for_its_memory_and_no_more_start_than_memory_holds(monkeypatch, tiny_model_dir):

@@ -118,7 +118,10 @@ def _drive(space: Workspace, job_id: str, spec: JobSpec, resources: Resources, p
         reference = _reference_pass(space, spec, task, planned, tam_path, resources, progress)
         gammas = with_task_level_gamma(_gamma_pass(history, planned, progress))
         progress.stage("personalizing users")
-        _fan_out(space, job_id, spec, resources, pending, history, reference, gammas, tam_path, progress, worker_fn, lease)
+        setup = scheduler.WorkerSetup(
+            spec.task, spec.data, spec.split, spec.model, tam_path, history, reference, gammas, worker_fn, resources.cpus_per_user, resources.gpus_per_user
+        )
+        _fan_out(space, job_id, resources, pending, setup, spec, progress, lease)
     except LeaseLost:
         raise  # the job is the other driver's now: leave its state alone
     except cluster.ClusterLost as lost:
@@ -369,24 +372,11 @@ def _gamma_pass(history: HistoryIndex, planned: list[tuple[TrainConfig, UserItem
     return {key: gamma for shard in shards or [] for key, gamma in shard.items()}
 
 
-def _fan_out(
-    space: Workspace,
-    job_id: str,
-    spec: JobSpec,
-    resources: Resources,
-    pending: list,
-    history,
-    reference: dict[bytes, float],
-    gammas: dict,
-    tam_path: str | None,
-    progress: Progress,
-    worker_fn: Callable,
-    lease: JobLease,
-) -> None:
+def _fan_out(space: Workspace, job_id: str, resources: Resources, pending: list, setup: scheduler.WorkerSetup, spec: JobSpec, progress: Progress, lease: JobLease) -> None:
     registry = space.registry
     runs = {run.run_id: run for run in pending}
     tally = _Tally()
-    sizes = Counter(example.user_id for example in history.examples)
+    sizes = Counter(example.user_id for example in setup.history.examples)
     work = packing.largest_first([packing.Work(run.run_id, run.user_id, spec.config_for(run.method)) for run in pending], sizes)
     attempts: dict[int, int] = {}
 
@@ -423,13 +413,6 @@ def _fan_out(
             tally.finished += 1
         return retry
 
-    context_args = {
-        "task": spec.task,
-        "data": spec.data,
-        "split": spec.split,
-        "model": spec.model,
-        "task_adapter": tam_path,
-    }
     fits = cluster.cluster_slots(resources.cpus_per_user, resources.gpus_per_user)
     slots = resources.workers or fits
     if slots > fits:  # an actor that cannot be placed never starts, and the work sent to it would wait forever
@@ -437,10 +420,7 @@ def _fan_out(
         progress.notice(f"--workers {slots} is more than the cluster fits now ({fits} at {each} each): running {fits}")
         slots = fits
     report()
-    scheduler.fan_out(
-        work, context_args, history, reference, gammas, worker_fn, slots, resources.cpus_per_user, resources.gpus_per_user, start, finish, tick,
-        resources.pack_size,
-    )
+    scheduler.fan_out(work, setup, slots, start, finish, tick, resources.pack_size)
     report()
 
 

@@ -15,7 +15,7 @@ cluster is ``cluster.py``'s.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import ray
 from ray.exceptions import OutOfMemoryError, RayActorError, RayTaskError, WorkerCrashedError
@@ -53,6 +53,26 @@ class WorkerCannotStart(Exception):
     error: no worker of the pool can start, so the job sends it nothing more."""
 
 
+@dataclass(frozen=True)
+class WorkerSetup:
+    """What every worker of a job starts from: the task, the data and its split, the starting
+    model and task adapter, the job's passes (the history index, π_ref's log-probs, γ), the
+    worker function, and what each worker asks Ray for. The passes travel to the workers
+    once, through the object store."""
+
+    task: str
+    data: str
+    split: str
+    model: str
+    task_adapter: str | None
+    history: object
+    reference: dict
+    gammas: dict
+    worker_fn: Callable
+    cpus_per_user: float = 1.0
+    gpus_per_user: float = 0.0
+
+
 @ray.remote
 class PersonalizeWorker:
     """Holds one loaded :class:`UserContext` and personalizes users with it.
@@ -62,22 +82,22 @@ class PersonalizeWorker:
     a bare actor death, its class lost, and the actor would be recreated in vain.
     """
 
-    def __init__(self, context_args: dict, history, reference: dict, gammas: dict, threads: int, worker_fn: Callable):
+    def __init__(self, setup: WorkerSetup, history, reference: dict, gammas: dict):
+        """``setup`` without its passes, which come as ``history``, ``reference`` and ``gammas``
+        (Ray resolves them from the object store)."""
         import torch
 
         from cbpo_orch.data.dataset import load_split
         from cbpo_orch.data.tasks import load_task
         from cbpo_orch.workers.user_context import load_user_context
 
-        torch.set_num_threads(max(1, threads))
-        self.worker_fn = worker_fn
+        torch.set_num_threads(max(1, int(setup.cpus_per_user)))
+        self.worker_fn = setup.worker_fn
         self.start_error: str | None = None
         try:
-            task = load_task(context_args["task"])
-            dataset = load_split(context_args["data"], context_args["split"], task)
-            self.context = load_user_context(
-                task, dataset, history, context_args["model"], context_args["task_adapter"], "auto", reference, gammas
-            )
+            task = load_task(setup.task)
+            dataset = load_split(setup.data, setup.split, task)
+            self.context = load_user_context(task, dataset, history, setup.model, setup.task_adapter, "auto", reference, gammas)
         except PERMANENT_ERRORS as error:
             self.start_error = first_line(error)
 
@@ -196,14 +216,8 @@ def map_shards(
 @cluster_deaths_as_lost()
 def fan_out(
     work: Iterable[Work],
-    context_args: dict,
-    history,
-    reference: dict,
-    gammas: dict,
-    worker_fn: Callable,
+    setup: WorkerSetup,
     slots: int,
-    cpus_per_user: float,
-    gpus_per_user: float,
     start: Callable[[Work], bool],
     finish: Callable[[Work, object], list[Work]],
     tick: Callable[[], None] = lambda: None,
@@ -213,9 +227,8 @@ def fan_out(
     up to ``users_per_step`` units of the same config (trained in the same passes; fewer
     when less waits than fills every actor, :func:`pack_size`). Each actor asks Ray for
     its peak memory (:func:`worker_memory`), and no more actors start than the cluster's
-    memory holds: one Ray could not place would never take its work. Every actor gets ``history``,
-    ``reference`` (π_ref's log-probs from the job's pass) and ``gammas`` (γ from the job's
-    pass) once, through the object store.
+    memory holds: one Ray could not place would never take its work. Every actor starts from
+    ``setup``, its passes (history index, π_ref's log-probs, γ) put in the object store once.
 
     ``start(w)`` is asked before a unit is sent (False skips it, e.g. cancelled);
     ``finish(w, result_or_failure)`` receives each result or :class:`Failure` and
@@ -228,15 +241,15 @@ def fan_out(
     packs = PackQueue(work, users_per_step, start)
     if not packs:
         return
-    history_ref, reference_ref, gammas_ref = ray.put(history), ray.put(reference), ray.put(gammas)
-    memory = worker_memory(context_args["model"], gpus_per_user > 0)
-    options = dict(num_cpus=cpus_per_user, num_gpus=gpus_per_user, memory=memory)
-    threads = max(1, int(cpus_per_user))
+    passes = [ray.put(setup.history), ray.put(setup.reference), ray.put(setup.gammas)]
+    bare = replace(setup, history=None, reference={}, gammas={})
+    memory = worker_memory(setup.model, setup.gpus_per_user > 0)
+    options = dict(num_cpus=setup.cpus_per_user, num_gpus=setup.gpus_per_user, memory=memory)
 
     def new_actor():
-        return PersonalizeWorker.options(**options).remote(context_args, history_ref, reference_ref, gammas_ref, threads, worker_fn)
+        return PersonalizeWorker.options(**options).remote(bare, *passes)
 
-    idle = [new_actor() for _ in range(min(max(1, slots), cluster_slots(cpus_per_user, gpus_per_user, memory), len(packs)))]
+    idle = [new_actor() for _ in range(min(max(1, slots), cluster_slots(setup.cpus_per_user, setup.gpus_per_user, memory), len(packs)))]
     n_actors = len(idle)
     in_flight: dict = {}
 
