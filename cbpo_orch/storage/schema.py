@@ -19,8 +19,7 @@ def _add_driver_leases(connection: Connection) -> None:
 
 def _add_lease_notice(connection: Connection) -> None:
     """2 → 3: the lease's ``notice`` column (a lease table made by 1 → 2 already has it)."""
-    if "notice" not in {column["name"] for column in inspect(connection).get_columns(DriverLease.__tablename__)}:
-        connection.execute(text(f"ALTER TABLE {DriverLease.__tablename__} ADD COLUMN notice TEXT"))
+    _add_columns(connection, DriverLease, ("notice",))
 
 
 def _scores_may_be_absent(connection: Connection) -> None:
