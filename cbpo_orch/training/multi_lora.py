@@ -162,7 +162,7 @@ class MultiLora:
             raise ValueError("slots must be a 1-D LongTensor with one slot per batch row")
         if slots.numel() and not 0 <= int(slots.min()) <= int(slots.max()) < self.n_slots:
             raise ValueError(f"slots must lie in 0..{self.n_slots - 1}")
-        with self._routing_set("slots", slots):
+        with self._routing_set(slots=slots):
             yield self.model
 
     @contextmanager
@@ -171,24 +171,27 @@ class MultiLora:
         size (one user's generation or held-out scoring)."""
         if not 0 <= slot < self.n_slots:
             raise ValueError(f"slot must lie in 0..{self.n_slots - 1}")
-        with self._routing_set("slots", int(slot)):
+        with self._routing_set(slots=int(slot)):
             yield self.model
 
     @contextmanager
     def disabled(self) -> Iterator[nn.Module]:
         """Forwards of the model in this block use the base weights alone (like peft's ``disable_adapter``)."""
-        with self._routing_set("enabled", False):
+        with self._routing_set(enabled=False):
             yield self.model
 
     @contextmanager
-    def _routing_set(self, field: str, value) -> Iterator[None]:
-        """The routing's ``field`` set to ``value`` inside the block, restored after it."""
-        previous = getattr(self._routing, field)
-        setattr(self._routing, field, value)
+    def _routing_set(self, **values) -> Iterator[None]:
+        """The routing's fields (``slots``, ``enabled``) set to ``values`` inside the block,
+        restored after it."""
+        previous = {field: getattr(self._routing, field) for field in values}
+        for field, value in values.items():
+            setattr(self._routing, field, value)
         try:
             yield
         finally:
-            setattr(self._routing, field, previous)
+            for field, value in previous.items():
+                setattr(self._routing, field, value)
 
     @contextmanager
     def checkpointed(self, on: bool = True) -> Iterator[nn.Module]:
@@ -217,16 +220,7 @@ class MultiLora:
     def _routing_replay(self) -> tuple[AbstractContextManager, AbstractContextManager]:
         """``torch.utils.checkpoint``'s context pair for one checkpointed layer: nothing in
         the forward, the forward's routing restored around the recomputation."""
-        return nullcontext(), self._restored(self._routing.slots, self._routing.enabled)
-
-    @contextmanager
-    def _restored(self, slots: Tensor | int | None, enabled: bool) -> Iterator[None]:
-        previous = self._routing.slots, self._routing.enabled
-        self._routing.slots, self._routing.enabled = slots, enabled
-        try:
-            yield
-        finally:
-            self._routing.slots, self._routing.enabled = previous
+        return nullcontext(), self._routing_set(slots=self._routing.slots, enabled=self._routing.enabled)
 
     @torch.no_grad()
     def init_slot(self, slot: int, seed: int) -> None:
