@@ -36,13 +36,18 @@ def run_inputs(dataset: Dataset, runs: list, config_for, planned: list[tuple[Tra
     the driver's plan of the runs that draw aux items). A run whose user cannot be read is left
     out: its worker fails it with the reason."""
     aux = {(_owner(items), config.method): sorted({e.user_id for e in items.auxiliary}) for config, items in planned}
+    digests: dict[tuple[str, int | None], tuple[str, int] | None] = {}  # a user's methods share one digest per profile cap
     inputs = {}
     for run in runs:
-        try:
-            fingerprint, n_items = user_fingerprint(dataset, run.user_id, config_for(run.method).max_profile)
-        except DataError:
-            continue
-        inputs[run.run_id] = RunInputs(fingerprint, n_items, tuple(aux.get((run.user_id, run.method), ())))
+        key = (run.user_id, config_for(run.method).max_profile)
+        if key not in digests:
+            try:
+                digests[key] = user_fingerprint(dataset, *key)
+            except DataError:
+                digests[key] = None
+        if digests[key] is not None:
+            fingerprint, n_items = digests[key]
+            inputs[run.run_id] = RunInputs(fingerprint, n_items, tuple(aux.get((run.user_id, run.method), ())))
     return inputs
 
 

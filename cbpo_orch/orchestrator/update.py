@@ -87,7 +87,6 @@ def _inputs(basis: Basis) -> RunInputs | None:
     return None if basis.data_fingerprint is None else RunInputs(basis.data_fingerprint, basis.n_items or 0)
 
 
-
 def _starting_task_adapter(space: Workspace, spec: JobSpec) -> str:
     """The job's task adapter as the update names it: the folder the job's users started from
     (an ``auto`` one is not trained again on the new data: carried and retrained users share
