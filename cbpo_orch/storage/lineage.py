@@ -68,6 +68,10 @@ def result_run(run: UserRun) -> int:
     return run.source_run_id or run.id
 
 
+RESULT_RUN_ID = func.coalesce(UserRun.source_run_id, UserRun.id)
+"""``result_run`` as a column expression, for queries that join a run's metrics and adapter."""
+
+
 def record_inputs(session: Session, inputs: Mapping[int, RunInputs]) -> None:
     """Store each run's data fingerprint, item count and aux users (replacing earlier ones),
     in a few statements for all runs."""

@@ -71,8 +71,6 @@ RESULT_COLUMNS = (
 """Keys of every row returned by :meth:`Registry.results`, in order."""
 
 _STARTABLE = ("pending", "running")
-_result_run = func.coalesce(UserRun.source_run_id, UserRun.id)
-"""The run whose metrics and adapter stand for a run: its own, or a carried run's source."""
 _FLOAT_METRICS = ("rouge1", "rougeL", "seconds")
 _SCORES = ("rouge1", "rougeL")
 """Metrics that are None for a run whose user has no gold output to score against."""
@@ -421,8 +419,8 @@ class Registry:
                     Adapter.sha256,
                     Metric.seconds,
                 )
-                .join(Metric, Metric.run_id == _result_run)
-                .outerjoin(Adapter, Adapter.run_id == _result_run)
+                .join(Metric, Metric.run_id == lineage.RESULT_RUN_ID)
+                .outerjoin(Adapter, Adapter.run_id == lineage.RESULT_RUN_ID)
                 .where(UserRun.job_id == job_id, UserRun.state == "succeeded")
                 .order_by(UserRun.user_id, UserRun.method)
             )
@@ -438,7 +436,7 @@ class Registry:
             _get_job(session, job_id)
             query = (
                 select(UserRun.user_id, UserRun.method, Metric.extra)
-                .join(Metric, Metric.run_id == _result_run)
+                .join(Metric, Metric.run_id == lineage.RESULT_RUN_ID)
                 .where(UserRun.job_id == job_id, UserRun.state == "succeeded")
             )
             return {(user, method): extra or {} for user, method, extra in session.execute(query)}
