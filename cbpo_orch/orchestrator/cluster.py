@@ -92,9 +92,14 @@ def cluster_slots(cpus_per_user: float, gpus_per_user: float, memory_per_user: i
     return max(1, fits)
 
 
+def largest_node(resource: str, none: int) -> int:
+    """The most of Ray's ``resource`` ("CPU", "memory") one alive node has; ``none`` without any."""
+    return max([int(node["Resources"].get(resource, 0)) for node in ray.nodes() if node["Alive"]] + [none])
+
+
 def largest_node_cpus() -> int:
     """The CPUs of the cluster's largest alive node: what one task that uses a whole node gets."""
-    return max([int(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node["Alive"]] + [1])
+    return largest_node("CPU", 1)
 
 
 def task_cause(error: BaseException) -> BaseException:

@@ -23,7 +23,7 @@ from ray.exceptions import OutOfMemoryError, RayActorError, RayTaskError, Worker
 from cbpo_orch.data.dataset import DataError
 from cbpo_orch.method.config import ConfigError, TrainConfig
 from cbpo_orch.method.methods import UnknownMethod
-from cbpo_orch.orchestrator.cluster import cluster_deaths_as_lost, cluster_slots, first_line, largest_node_cpus, task_cause
+from cbpo_orch.orchestrator.cluster import cluster_deaths_as_lost, cluster_slots, first_line, largest_node, largest_node_cpus, task_cause
 from cbpo_orch.orchestrator.packing import Failure, PackQueue, Work
 from cbpo_orch.training.model_dirs import ModelError
 from cbpo_orch.training.numerics import NumericalError
@@ -44,8 +44,7 @@ def worker_memory(model: str, on_gpu: bool) -> int:
     ``worker_memory.py``), so that Ray never places more workers on a node than its memory
     holds; at most the largest alive node's, so that a worker larger than every node still
     runs, alone, as it would without asking."""
-    largest = max([int(node["Resources"].get("memory", 0)) for node in ray.nodes() if node["Alive"]] + [0])
-    return min(worker_memory_bytes(parameter_count(model), on_gpu), largest)
+    return min(worker_memory_bytes(parameter_count(model), on_gpu), largest_node("memory", 0))
 
 
 class WorkerCannotStart(Exception):
