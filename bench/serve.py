@@ -47,7 +47,7 @@ USERS = 20
 def synthetic_job(space: Workspace, model: Path, users: int, seed: int = 0) -> str:
     """A succeeded cbpo job of ``users`` synthetic users, one registered adapter each."""
     ids = [f"user-{i:02d}" for i in range(users)]
-    spec = JobSpec("lamp4", str(SAMPLE_DATA), "dev", str(model), ("cbpo",), tuple(ids), TrainConfig(method="cbpo", lora=LORA))
+    spec = JobSpec(task="lamp4", data=str(SAMPLE_DATA), split="dev", model=str(model), methods=("cbpo",), users=tuple(ids), train=TrainConfig(method="cbpo", lora=LORA))
     job = space.registry.create_job("lamp4", ["cbpo"], ids, spec.to_config(Resources()))
     with attached_multi_lora(load_model(model, "cpu").model, LORA, users) as multi:
         fill_synthetic_slots(multi, seed)

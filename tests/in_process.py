@@ -50,7 +50,7 @@ def without_ray(monkeypatch) -> None:
     from cbpo_orch.orchestrator import cluster, driver, scheduler
 
     monkeypatch.setattr(cluster, "connect", lambda address: None)
-    monkeypatch.setattr(cluster, "cluster_slots", lambda cpus, gpus: 1)
+    monkeypatch.setattr(scheduler, "worker_fit", lambda setup: cluster.Fit(1, setup.cpus_per_user, setup.gpus_per_user, 0, ("CPU",)))
     monkeypatch.setattr(scheduler, "map_shards", map_here)
     monkeypatch.setattr(scheduler, "fan_out", fan_out_here)
     monkeypatch.setattr(driver, "EMBED_SHARD", hashed_embedding)
@@ -98,7 +98,7 @@ def finished_job(root: Path, model: Path, methods: tuple[str, ...] = ("sft",), d
     v1 = write_data(root / "v1", users[:4], {users[0]: 3})
     v2 = write_data(root / "v2", users[:5])
     space = Workspace.open(root / "home", db, writes=True)
-    spec = JobSpec("lamp4", str(v1), "dev", str(model), methods, tuple(users[:4]), TrainConfig(method=methods[0], **TRAIN))
+    spec = JobSpec(task="lamp4", data=str(v1), split="dev", model=str(model), methods=methods, users=tuple(users[:4]), train=TrainConfig(method=methods[0], **TRAIN))
     job = space.registry.create_job("lamp4", list(methods), users[:4], spec.to_config(Resources(workers=1)))
     assert run_job(space, job) == "succeeded"
     return space, job, users, v1, v2

@@ -31,7 +31,7 @@ def registry(db_url: str):
 
 
 def _job(registry: Registry, users=("a", "b")) -> str:
-    spec = JobSpec("lamp4", str(SAMPLE_DATA.resolve()), "dev", "/no/model/needed", ("sft",), tuple(users), TrainConfig(method="sft"))
+    spec = JobSpec(task="lamp4", data=str(SAMPLE_DATA.resolve()), split="dev", model="/no/model/needed", methods=("sft",), users=tuple(users), train=TrainConfig(method="sft"))
     return registry.create_job("lamp4", ["sft"], list(users), spec.to_config(Resources(workers=1)))
 
 

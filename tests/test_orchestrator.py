@@ -41,7 +41,7 @@ def _spec_config(model: Path, users: list[str], methods=("sft",)) -> tuple[dict,
     from cbpo_orch.orchestrator.spec import JobSpec, Resources
 
     train = TrainConfig(method=methods[0], max_profile=8, epochs=1, max_new_tokens=8, max_prompt_tokens=128)
-    spec = JobSpec("lamp4", str(SAMPLE_DATA.resolve()), "dev", str(model), tuple(methods), tuple(users), train)
+    spec = JobSpec(task="lamp4", data=str(SAMPLE_DATA.resolve()), split="dev", model=str(model), methods=tuple(methods), users=tuple(users), train=train)
     resources = Resources(workers=1, max_retries=1)
     return spec.to_config(resources), resources
 
@@ -482,13 +482,13 @@ def test_cluster_slots_count_what_each_node_holds(monkeypatch, nodes, cpus, gpus
 
     listed = [{"Alive": not node.pop("dead", False), "Resources": node} for node in [dict(n) for n in nodes]]
     monkeypatch.setattr(ray, "nodes", lambda: listed)
-    assert cluster.cluster_slots(cpus, gpus) == expected
+    assert cluster.cluster_fit(cpus, gpus).workers == expected
 
 
 def test_more_workers_than_the_cluster_fits_runs_what_fits_and_says_so(local_ray, home, tiny_model_dir, dev_users, monkeypatch):
     from dataclasses import replace
 
-    from cbpo_orch.orchestrator import cluster, driver, scheduler
+    from cbpo_orch.orchestrator import driver, scheduler
     from cbpo_orch.orchestrator.lease import JobLease
     from cbpo_orch.orchestrator.spec import JobSpec
     from cbpo_orch.orchestrator.workspace import Workspace
@@ -503,9 +503,9 @@ def test_more_workers_than_the_cluster_fits_runs_what_fits_and_says_so(local_ray
         setup = scheduler.WorkerSetup("lamp4", "data", "dev", "model", None, SimpleNamespace(examples=[]), {}, {}, None)
         driver._fan_out(space, job, replace(resources, workers=50), space.registry.runs(job, states=("pending",)), setup, spec,
                         driver.Progress(notice=notices.append), lease)
-    fits = cluster.cluster_slots(1, 0)
-    assert asked == [fits] and fits < 50
-    assert notices == [f"--workers 50 is more than the cluster fits now ({fits} at 1 CPU each): running {fits}"]
+    fit = scheduler.worker_fit(setup)
+    assert asked == [fit.workers] and fit.workers < 50 and fit.memory > 0
+    assert notices == [f"--workers 50 is more than the cluster fits now ({fit}): running {fit.workers}"]
 
 
 

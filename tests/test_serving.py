@@ -59,7 +59,7 @@ def job(tmp_path_factory, history_cache, dev_users):  # noqa: F811
     users = dev_users[:3]
     assert users[1] == faulty_worker.FAILING_USER
     train = TrainConfig(method="cbpo", max_profile=8, epochs=2, lr=3e-2, selection=False, max_new_tokens=8, max_prompt_tokens=128)
-    spec = JobSpec("lamp4", str(SAMPLE_DATA.resolve()), "dev", str(model), ("cbpo",), tuple(users), train, task_adapter="auto", task_adapter_epochs=1)
+    spec = JobSpec(task="lamp4", data=str(SAMPLE_DATA.resolve()), split="dev", model=str(model), methods=("cbpo",), users=tuple(users), train=train, task_adapter="auto", task_adapter_epochs=1)
     resources = Resources(workers=1, max_retries=0)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]))
@@ -148,7 +148,7 @@ def _registered_adapter_job(job, tiny_model_dir, edit=lambda config: config, r: 
 
     lora = LoraSettings(r=r, alpha=r)
     user = "ad7c7cfda48"
-    spec = JobSpec("lamp4", str(SAMPLE_DATA.resolve()), "dev", str(tiny_model_dir), ("sft",), (user,), TrainConfig(method="sft", lora=lora))
+    spec = JobSpec(task="lamp4", data=str(SAMPLE_DATA.resolve()), split="dev", model=str(tiny_model_dir), methods=("sft",), users=(user,), train=TrainConfig(method="sft", lora=lora))
     registry, store = job.space.registry, job.space.artifacts
     job_id = registry.create_job("lamp4", ["sft"], [user], spec.to_config(Resources()))
     with attached_multi_lora(load_model(tiny_model_dir, "cpu").model, lora, 1) as multi:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import sys
 from collections import Counter, defaultdict
 from dataclasses import replace
@@ -19,9 +18,10 @@ from rich.table import Table
 from cbpo_orch.cli.app import DeviceOpt, HomeOpt, ModelOpt, UsageError, app, resolve_model
 from cbpo_orch.cli.progress import job_progress
 from cbpo_orch.cli.training_options import build_config, with_training_options
+from cbpo_orch.data.tasks import load_task
 from cbpo_orch.home import home_dir
 from cbpo_orch.method.methods import METHOD_CHOICES
-from cbpo_orch.orchestrator.spec import JobSpec, Resources, check_address, check_budgets, check_paths, check_task_adapter, parse_methods, resolve_users
+from cbpo_orch.orchestrator.spec import JobSpec, Resources, parse_methods, plan_job
 from cbpo_orch.storage.lineage import VERSION_COLUMNS
 from cbpo_orch.storage.registry import RESULT_COLUMNS, resume_advice
 
@@ -154,30 +154,17 @@ def submit(
     options: Optional[dict] = None,
 ) -> None:
     """Personalize many users: one LoRA adapter per (user, method), fanned out over Ray."""
-    from cbpo_orch.data.dataset import load_split
-    from cbpo_orch.data.sources import task_data
-    from cbpo_orch.data.tasks import load_task
-
     methods = parse_methods(method)
     train = build_config(methods[0], options)
     resources = Resources(address, cpus_per_user, gpus_per_user, workers, max_retries, users_per_step)
-    task_def = load_task(task)
-    data_path, model_path = check_paths(task_data(data, task_def.name), resolve_model(model, home))
-    dataset = load_split(data_path, split, task_def)
-    chosen = resolve_users(users, dataset)
-    check_budgets(task_def, dataset, chosen, model_path, train)
-    tam = check_task_adapter(task_adapter)
-    if tam == "auto":
-        load_split(data_path, "train", task_def)
-    task_ref = task if task == task_def.name else str(Path(task).resolve())
-    if not (math.isfinite(task_adapter_lr) and task_adapter_lr > 0) or task_adapter_epochs < 1:
-        raise UsageError("--task-adapter-lr must be a finite number > 0 and --task-adapter-epochs ≥ 1")
-    spec = JobSpec(task_ref, data_path, split, model_path, methods, chosen, train, tam, task_adapter_lr, task_adapter_epochs, embedder)
-    check_address(address)
+    spec = plan_job(
+        task=task, data=data, model=resolve_model(model, home), users=users, methods=methods, split=split, train=train,
+        task_adapter=task_adapter, task_adapter_lr=task_adapter_lr, task_adapter_epochs=task_adapter_epochs, embedder=embedder, address=address,
+    )
 
     space = open_workspace(home, db, artifacts, writes=True)
-    typer.echo(f"data: {_data_line(data_path, split)}", err=True)
-    job_id = space.registry.create_job(task_def.name, list(methods), list(chosen), spec.to_config(resources))
+    typer.echo(f"data: {_data_line(spec.data, split)}", err=True)
+    job_id = space.registry.create_job(load_task(spec.task).name, list(methods), list(spec.users), spec.to_config(resources))
     typer.echo(job_id)
     run_watched(space, job_id, resources, examples)
 
@@ -344,7 +331,6 @@ def generate(
 ) -> None:
     """Answer one input with one user's adapter from a finished job."""
     from cbpo_orch.data.dataset import Query
-    from cbpo_orch.data.tasks import load_task
     from cbpo_orch.orchestrator.job_model import loaded_for_job
     from cbpo_orch.training.generation import generate as greedy
 

@@ -1,19 +1,20 @@
 """What a job is: its task, data, model, users, methods and training config.
 
 A :class:`JobSpec` is validated in full before anything is written (unknown task or
-method, missing paths, unknown user ids all fail here), then stored as the job's
-config in the registry, so ``resume`` runs exactly the job that was submitted.
+method, missing paths, unknown user ids all fail here: :func:`plan_job`), then stored as the
+job's config in the registry, so ``resume`` runs exactly the job that was submitted.
 """
 
 from __future__ import annotations
 
+import math
 import socket
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from cbpo_orch.data.dataset import DataError, Dataset
-from cbpo_orch.data.sources import open_source
-from cbpo_orch.data.tasks import Task
+from cbpo_orch.data.dataset import DataError, Dataset, load_split
+from cbpo_orch.data.sources import open_source, task_data
+from cbpo_orch.data.tasks import Task, load_task
 from cbpo_orch.method.config import TASK_ADAPTER_CONFIG, ConfigError, TrainConfig
 from cbpo_orch.method.methods import method_spec
 from cbpo_orch.training.model_dirs import ModelError, check_adapter_dir, check_model_dir
@@ -62,7 +63,7 @@ class Resources:
         return GPU_PACK if self.gpus_per_user >= 1 else 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class JobSpec:
     task: str
     data: str
@@ -181,3 +182,49 @@ def check_paths(data: str | Path, model: Path) -> tuple[str, str]:
     """The job's data set as it reopens anywhere (``Source.ref``: an absolute path or a hub id)
     and its model's folder, absolute; DataError or ModelError where either is missing."""
     return open_source(data).ref, str(check_model_dir(model).resolve())
+
+
+def plan_job(
+    *,
+    task: str,
+    data: str | None,
+    model: Path,
+    users: str,
+    methods: tuple[str, ...],
+    split: str,
+    train: TrainConfig,
+    task_adapter: str,
+    task_adapter_lr: float,
+    task_adapter_epochs: int,
+    embedder: str | None,
+    address: str | None,
+) -> JobSpec:
+    """Every check a job passes before anything is written, in the order a user would fix
+    them: the task, the data and model paths, the split and the users, the prompts against
+    the budgets, the task adapter (with ``auto``, the train split it learns from), then the
+    cluster's address. The job it describes, or DataError, ModelError, ConfigError or
+    UnreachableCluster with a one-line reason."""
+    task_def = load_task(task)
+    data_path, model_path = check_paths(task_data(data, task_def.name), model)
+    dataset = load_split(data_path, split, task_def)
+    chosen = resolve_users(users, dataset)
+    check_budgets(task_def, dataset, chosen, model_path, train)
+    adapter = check_task_adapter(task_adapter)
+    if adapter == "auto":
+        load_split(data_path, "train", task_def)
+    if not (math.isfinite(task_adapter_lr) and task_adapter_lr > 0) or task_adapter_epochs < 1:
+        raise ConfigError("--task-adapter-lr must be a finite number > 0 and --task-adapter-epochs ≥ 1")
+    check_address(address)
+    return JobSpec(
+        task=task if task == task_def.name else str(Path(task).resolve()),
+        data=data_path,
+        split=split,
+        model=model_path,
+        methods=methods,
+        users=chosen,
+        train=train,
+        task_adapter=adapter,
+        task_adapter_lr=task_adapter_lr,
+        task_adapter_epochs=task_adapter_epochs,
+        embedder=embedder,
+    )
