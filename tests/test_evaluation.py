@@ -85,3 +85,23 @@ def test_slots_come_with_their_multi_lora_one_per_prompt(untied_tiny):
 
     with pytest.raises(ValueError, match="one per prompt"):
         generate(untied_tiny.model, untied_tiny.tokenizer, ["a", "b"], Budgets(64, 4), 2, "cpu", slots=[0])
+
+
+def test_results_aggregate_gives_each_method_its_paired_difference_from_base():
+    """`results --aggregate`: per method, the mean per-user ROUGE-1 difference from base over
+    the users both scored, with its paired CI; none for base itself or for a lone user."""
+    from cbpo_orch.cli.job_commands import _aggregate, _versus_cell
+
+    def row(user, method, rouge1):
+        return {"user_id": user, "method": method, "rouge1": rouge1, "rougeL": rouge1, "gamma": None, "seconds": 1.0}
+
+    rows = [row(u, "base", r) for u, r in (("a", 0.1), ("b", 0.2), ("c", 0.3), ("d", 0.4))]
+    rows += [row(u, "sft", r) for u, r in (("a", 0.2), ("b", 0.2), ("c", 0.5), ("d", None))]
+    rows += [row("a", "cbpo", 0.9), row("e", "cbpo", 0.1)]
+    by_method = {m["method"]: m for m in _aggregate(rows)}
+    sft = by_method["sft"]
+    assert sft["rouge1_vs_base"] == pytest.approx(0.1)  # differences 0.1, 0, 0.2 (user d unscored)
+    assert 0.0 <= sft["rouge1_vs_base_low"] < 0.1 < sft["rouge1_vs_base_high"] <= 0.2 + 1e-12
+    assert _versus_cell(sft).startswith("+0.1000 [+0.0")
+    for lone in (by_method["base"], by_method["cbpo"]):
+        assert lone["rouge1_vs_base"] is None and _versus_cell(lone) == "—"

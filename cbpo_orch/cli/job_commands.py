@@ -31,6 +31,8 @@ AddressOpt = Annotated[Optional[str], typer.Option(help="Ray cluster: 'auto' (RA
 JobArg = Annotated[str, typer.Argument(help="Job id (see `cbpo-orch status`).")]
 PANEL = "Scheduling"
 SCORES = ("rouge1", "rougeL")
+VERSUS_BASE = ("rouge1_vs_base", "rouge1_vs_base_low", "rouge1_vs_base_high")
+"""``results --aggregate``: a method's mean per-user ROUGE-1 difference from ``base`` and its CI."""
 NO_SCORE = "n/a"
 """How ``results`` shows a score that does not exist: the user had no gold output (JSON: null)."""
 OUT = Console()
@@ -253,14 +255,23 @@ def _print_line(registry, info) -> None:
 
 
 def _aggregate(rows: list[dict]) -> list[dict]:
+    """One row per method: means over its users, and where the job ran ``base``, the mean
+    per-user ROUGE-1 difference from it with its paired-bootstrap 95% CI over the users both
+    scored (None where fewer than two did: one user has no spread to resample)."""
+    from cbpo_orch.training.evaluation import paired_bootstrap_ci
+
     by_method: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         by_method[row["method"]].append(row)
+    base = {r["user_id"]: r["rouge1"] for r in by_method.get("base", []) if r["rouge1"] is not None}
     out = []
     for method, group in by_method.items():
         mean = lambda key: (sum(r[key] for r in group if r[key] is not None) / n if (n := sum(r[key] is not None for r in group)) else None)  # noqa: E731
         scored = sum(r["rouge1"] is not None for r in group)
-        out.append({"method": method, "users": len(group), "scored": scored, "rouge1": mean("rouge1"), "rougeL": mean("rougeL"), "gamma": mean("gamma"), "seconds": mean("seconds")})
+        paired = [(r["rouge1"], base[r["user_id"]]) for r in group if r["rouge1"] is not None and r["user_id"] in base]
+        versus = paired_bootstrap_ci(*zip(*paired)) if method != "base" and len(paired) >= 2 else (None, None, None)
+        out.append({"method": method, "users": len(group), "scored": scored, "rouge1": mean("rouge1"), "rougeL": mean("rougeL"),
+                    **dict(zip(VERSUS_BASE, versus)), "gamma": mean("gamma"), "seconds": mean("seconds")})
     return out
 
 
@@ -281,11 +292,16 @@ def _print_rows(rows: list[dict], fmt: str, columns: tuple[str, ...]) -> None:
         typer.echo(buffer.getvalue(), nl=False)
     else:
         columns = list(rows[0]) if rows else list(columns)
-        shown = [c for c in columns if c not in ("adapter_path", "sha256")]
-        table = Table(*shown)
+        shown = [c for c in columns if c not in ("adapter_path", "sha256", *VERSUS_BASE[1:])]
+        table = Table(*("R-1 vs base [95% CI]" if c == VERSUS_BASE[0] else c for c in shown))
         for row in rows:
-            table.add_row(*(_cell(row[c], c) for c in shown))
+            table.add_row(*(_versus_cell(row) if c == VERSUS_BASE[0] else _cell(row[c], c) for c in shown))
         OUT.print(table)
+
+
+def _versus_cell(row: dict) -> str:
+    mean, low, high = (row[key] for key in VERSUS_BASE)
+    return "—" if mean is None else f"{mean:+.4f} [{low:+.4f}, {high:+.4f}]"
 
 
 def _cell(value, column: str) -> str:
