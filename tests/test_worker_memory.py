@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from cbpo_orch.method.config import TrainConfig
-from cbpo_orch.orchestrator import cluster, scheduler
+from cbpo_orch.orchestrator import scheduler
 from cbpo_orch.orchestrator.packing import Work
 from cbpo_orch.training.worker_memory import (
     ACTIVATION_BUDGET,
@@ -94,18 +94,6 @@ def test_a_worker_larger_than_every_node_asks_for_a_whole_node(monkeypatch, tiny
     created = _fake_cluster(monkeypatch, [{"CPU": 4, "memory": GIB // 2}, {"CPU": 4, "memory": GIB}])
     _fan_out(str(tiny_model_dir), slots=8)
     assert [options["memory"] for options in created] == [GIB]
-
-
-@pytest.mark.parametrize("nodes, memory, expected", [
-    ([{"CPU": 8, "memory": 10 * GIB}], 3 * GIB, 3),                          # memory, not CPUs
-    ([{"CPU": 2, "memory": 10 * GIB}], 3 * GIB, 2),                          # CPUs, not memory
-    ([{"CPU": 8, "memory": 4 * GIB}, {"CPU": 8, "memory": 5 * GIB}], 3 * GIB, 2),  # node by node: 1 + 1, not 9 // 3
-    ([{"CPU": 8}], 0, 8),                                                    # no request: CPUs alone
-])
-def test_cluster_slots_count_the_memory_of_each_node(monkeypatch, nodes, memory, expected):
-    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": node} for node in nodes])
-    assert cluster.cluster_slots(1, 0, memory) == expected
-
 
 
 FRAGMENTING = """

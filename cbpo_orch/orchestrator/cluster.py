@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import ray
 from ray.exceptions import LocalRayletDiedError, RaySystemError, RpcError
@@ -74,22 +75,42 @@ def _token_auth() -> bool:
     return is_token_auth_enabled()
 
 
-def cluster_slots(cpus_per_user: float, gpus_per_user: float, memory_per_user: int = 0) -> int:
+@dataclass(frozen=True)
+class Fit:
+    """How many workers the cluster's alive nodes hold now, what each asks Ray for (CPUs,
+    GPUs, bytes of ``memory``; 0 asks for none), and which of those resources bound the
+    count (on some node, a worker more of it would have fitted)."""
+
+    workers: int
+    cpus: float
+    gpus: float
+    memory: int
+    limits: tuple[str, ...]
+
+    def __str__(self) -> str:
+        asks = [f"{self.gpus:g} GPU"] if self.gpus else []
+        asks.append(f"{self.cpus:g} CPU")
+        if self.memory:
+            asks.append(f"{self.memory / 2**30:.2f} GiB of memory")
+        return f"{self.workers} at {' and '.join(asks)} each; {' and '.join(self.limits)} limits it"
+
+
+def cluster_fit(cpus_per_user: float, gpus_per_user: float, memory_per_user: int = 0) -> Fit:
     """How many workers of ``cpus_per_user`` CPUs (and ``gpus_per_user`` GPUs, and
     ``memory_per_user`` bytes of Ray's ``memory``) the cluster's alive nodes hold, node by
-    node (a worker never spans two nodes); at least 1."""
-    fits = 0
+    node as Ray places them (a worker never spans two nodes), at least 1; and which resources
+    bound that count."""
+    asks = {"CPU": cpus_per_user, "GPU": gpus_per_user, "memory": memory_per_user}
+    asks = {resource: ask for resource, ask in asks.items() if ask > 0}
+    fits, limits = 0, set()
     for node in ray.nodes():
         if not node["Alive"]:
             continue
-        have = node["Resources"]
-        per_node = int(have.get("CPU", 0) / cpus_per_user)
-        if gpus_per_user > 0:
-            per_node = min(per_node, int(have.get("GPU", 0) / gpus_per_user))
-        if memory_per_user > 0:
-            per_node = min(per_node, int(have.get("memory", 0) // memory_per_user))
-        fits += per_node
-    return max(1, fits)
+        holds = {resource: int(node["Resources"].get(resource, 0) / ask) for resource, ask in asks.items()}
+        fewest = min(holds.values())
+        fits += fewest
+        limits.update(resource for resource, held in holds.items() if held == fewest)
+    return Fit(max(1, fits), cpus_per_user, gpus_per_user, memory_per_user, tuple(resource for resource in asks if resource in limits))
 
 
 def largest_node(resource: str, none: int) -> int:

@@ -15,7 +15,7 @@ cluster is ``cluster.py``'s.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import ray
 from ray.exceptions import OutOfMemoryError, RayActorError, RayTaskError, WorkerCrashedError
@@ -23,7 +23,7 @@ from ray.exceptions import OutOfMemoryError, RayActorError, RayTaskError, Worker
 from cbpo_orch.data.dataset import DataError
 from cbpo_orch.method.config import ConfigError, TrainConfig
 from cbpo_orch.method.methods import UnknownMethod
-from cbpo_orch.orchestrator.cluster import cluster_deaths_as_lost, cluster_slots, first_line, largest_node, largest_node_cpus, task_cause
+from cbpo_orch.orchestrator.cluster import Fit, cluster_deaths_as_lost, cluster_fit, first_line, largest_node, largest_node_cpus, task_cause
 from cbpo_orch.orchestrator.packing import Failure, PackQueue, Work
 from cbpo_orch.training.model_dirs import ModelError
 from cbpo_orch.training.numerics import NumericalError
@@ -56,8 +56,8 @@ class WorkerCannotStart(Exception):
 class WorkerSetup:
     """What every worker of a job starts from: the task, the data and its split, the starting
     model and task adapter, the job's passes (the history index, π_ref's log-probs, γ), the
-    worker function, and what each worker asks Ray for. The passes travel to the workers
-    once, through the object store."""
+    worker function, what each worker asks Ray for, and the PAG summaries found in the home's
+    cache. The passes travel to the workers once, through the object store."""
 
     task: str
     data: str
@@ -70,6 +70,13 @@ class WorkerSetup:
     worker_fn: Callable
     cpus_per_user: float = 1.0
     gpus_per_user: float = 0.0
+    summaries: dict = field(default_factory=dict)
+
+
+def worker_fit(setup: WorkerSetup) -> Fit:
+    """How many of the job's workers the cluster holds now, each asking for its CPUs, GPUs
+    and peak memory (:func:`worker_memory`), and which of them limits the count."""
+    return cluster_fit(setup.cpus_per_user, setup.gpus_per_user, worker_memory(setup.model, setup.gpus_per_user > 0))
 
 
 @ray.remote
@@ -96,7 +103,7 @@ class PersonalizeWorker:
         try:
             task = load_task(setup.task)
             dataset = load_split(setup.data, setup.split, task)
-            self.context = load_user_context(task, dataset, history, setup.model, setup.task_adapter, "auto", reference, gammas)
+            self.context = load_user_context(task, dataset, history, setup.model, setup.task_adapter, "auto", reference, gammas, setup.summaries)
         except PERMANENT_ERRORS as error:
             self.start_error = first_line(error)
 
@@ -225,8 +232,8 @@ def fan_out(
     """Run every unit of ``work`` on a pool of at most ``slots`` actors, each call a pack of
     up to ``users_per_step`` units of the same config (trained in the same passes; fewer
     when less waits than fills every actor, :func:`pack_size`). Each actor asks Ray for
-    its peak memory (:func:`worker_memory`), and no more actors start than the cluster's
-    memory holds: one Ray could not place would never take its work. Every actor starts from
+    its peak memory (:func:`worker_memory`), and no more actors start than the cluster
+    holds (:func:`worker_fit`): one Ray could not place would never take its work. Every actor starts from
     ``setup``, its passes (history index, π_ref's log-probs, γ) put in the object store once.
 
     ``start(w)`` is asked before a unit is sent (False skips it, e.g. cancelled);
@@ -242,13 +249,13 @@ def fan_out(
         return
     passes = [ray.put(setup.history), ray.put(setup.reference), ray.put(setup.gammas)]
     bare = replace(setup, history=None, reference={}, gammas={})
-    memory = worker_memory(setup.model, setup.gpus_per_user > 0)
-    options = dict(num_cpus=setup.cpus_per_user, num_gpus=setup.gpus_per_user, memory=memory)
+    fit = worker_fit(setup)
+    options = dict(num_cpus=fit.cpus, num_gpus=fit.gpus, memory=fit.memory)
 
     def new_actor():
         return PersonalizeWorker.options(**options).remote(bare, *passes)
 
-    idle = [new_actor() for _ in range(min(max(1, slots), cluster_slots(setup.cpus_per_user, setup.gpus_per_user, memory), len(packs)))]
+    idle = [new_actor() for _ in range(min(max(1, slots), fit.workers, len(packs)))]
     n_actors = len(idle)
     in_flight: dict = {}
 
