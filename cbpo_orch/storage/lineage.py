@@ -166,6 +166,39 @@ def versions(session: Session, job: Job, user_id: str | None = None) -> list[dic
     return [dict(row._mapping) for row in session.execute(query)]
 
 
+SERVED_COLUMNS = ("user_id", "state", "error", "version", "adapter_path", "sha256")
+"""Keys of every row :func:`served` returns, in order."""
+
+
+def served(session: Session, job: Job, method: str) -> list[dict[str, Any]]:
+    """What a server of ``job``'s line answers with for ``method``, one row per user of the
+    line, by user id, keyed by ``SERVED_COLUMNS``: the user's current version (its number,
+    adapter path and sha256; state ``succeeded``), or for a user without one the state and
+    error of its latest run (version and adapter None). Two small selects: what a running
+    server reads every few seconds."""
+    line = line_of(job)
+    current = (AdapterVersion.line_id == line, AdapterVersion.method == method, AdapterVersion.state == "current")
+    rows = {
+        user: {"user_id": user, "state": "succeeded", "error": None, "version": number, "adapter_path": path, "sha256": sha256}
+        for user, number, path, sha256 in session.execute(
+            select(AdapterVersion.user_id, AdapterVersion.number, Adapter.path, Adapter.sha256)
+            .join(Adapter, Adapter.run_id == AdapterVersion.run_id)
+            .where(*current)
+        )
+    }
+    for user, state, error in session.execute(
+        select(UserRun.user_id, UserRun.state, UserRun.error)
+        .where(
+            UserRun.job_id.in_(select(Job.job_id).where(or_(Job.job_id == line, Job.line_id == line))),
+            UserRun.method == method,
+            UserRun.user_id.not_in(select(AdapterVersion.user_id).where(*current)),
+        )
+        .order_by(UserRun.id)
+    ):
+        rows[user] = {"user_id": user, "state": state, "error": error, "version": None, "adapter_path": None, "sha256": None}
+    return [rows[user] for user in sorted(rows)]
+
+
 def rollback(session: Session, job: Job, user_id: str, methods: list[str]) -> list[tuple[str, int, int]]:
     """Make the version each current one of ``user_id`` (for ``methods``) replaced current
     again, the replaced one ``rolled-back``; returns (method, from, to) per method rolled

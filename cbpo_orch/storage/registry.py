@@ -519,6 +519,11 @@ class Registry:
 
         return transact(self._engine, work)
 
+    def served(self, job_id: str, method: str) -> list[dict[str, Any]]:
+        """What a server of ``job_id``'s line answers with for ``method``: per user, its
+        current version or its latest run's state, keyed by ``lineage.SERVED_COLUMNS``."""
+        return transact(self._engine, lambda session: lineage.served(session, _get_job(session, job_id), method))
+
     def rollback(self, job_id: str, user_id: str, methods: Sequence[str] | None = None) -> list[tuple[str, int, int]]:
         """Make the previous version of ``user_id``'s current adapters (every method of the
         job, or ``methods``) in ``job_id``'s line current again; returns (method, from, to)."""
