@@ -13,7 +13,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 pytest_plugins = ["tests.postgres_server"]
 
-RAY_HEAVY_MODULES = frozenset({"test_orchestrator", "test_serving", "test_ray_cluster", "test_crash_resume", "test_load"})
+RAY_HEAVY_MODULES = frozenset({"test_orchestrator", "test_serving", "test_serving_follow", "test_ray_cluster", "test_crash_resume", "test_load"})
 """Modules whose tests start whole local Rays and jobs: under ``-n 2 --dist loadgroup`` they run
 in one process, one after another, so two Rays never share the 2 cores."""
 

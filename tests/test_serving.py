@@ -73,7 +73,7 @@ def job(tmp_path_factory, history_cache, dev_users):  # noqa: F811
             job_id = space.registry.create_job("lamp4", ["cbpo"], users, spec.to_config(resources))
             assert run_job(space, job_id, resources, worker_fn=faulty_worker.bad_record_for_one_user) == "failed"
             rows = {r["user_id"]: r for r in space.registry.results(job_id)}
-            served = [users[0], users[2]]
+            served = sorted([users[0], users[2]])  # the server lists users by id
             assert sorted(rows) == sorted(served)
             predictions = {u: [json.loads(line) for line in (Path(rows[u]["adapter_path"]) / "predictions.jsonl").read_text().splitlines()] for u in served}
             yield SimpleNamespace(id=job_id, home=home, space=space, model=model, served=served, failed=users[1], rows=rows, predictions=predictions)
@@ -385,3 +385,5 @@ def test_serve_refuses_a_non_loopback_host_without_keys_and_a_bad_key_file(job, 
     assert OPERATOR_KEY not in _one_error_line(code, err, "key #1")
     code, out, err = cli_in_process(monkeypatch, capsys, "serve", "--job", job.id, "--method", "base", "--home", str(job.home))
     _one_error_line(code, err, "did not run method 'base'")
+    code, out, err = cli_in_process(monkeypatch, capsys, "serve", "--job", job.id, "--follow-every", "0", "--home", str(job.home))
+    _one_error_line(code, err, "--follow-every must be > 0")

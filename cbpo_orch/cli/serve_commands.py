@@ -58,18 +58,22 @@ def serve(
     batch_wait_ms: Annotated[float, typer.Option(help="How long a batch waits for more requests once the first has come.", rich_help_panel=PANEL)] = 20.0,
     cpus_per_replica: Annotated[float, typer.Option(help="CPUs per replica (its torch threads).", rich_help_panel=PANEL)] = 1.0,
     gpus_per_replica: Annotated[float, typer.Option(help="GPUs per replica (> 0: the model runs on a GPU).", rich_help_panel=PANEL)] = 0.0,
+    follow_every: Annotated[float, typer.Option(help="Seconds between two reads of what is current in the registry and of --api-keys: new users, new current versions (update, promotion, rollback), forgotten users and changed keys are served within this time, without a restart.")] = 2.0,
     home: HomeOpt = None,
     db: DbOpt = None,
 ) -> None:
-    """Serve every user's adapter of a job behind one OpenAI-compatible endpoint on Ray Serve:
-    POST /v1/completions (`model` = a user id, or the base model's name), GET /v1/models.
-    Runs until Ctrl-C."""
-    import time
+    """Serve the current adapter version of every user of a job's line behind one
+    OpenAI-compatible endpoint on Ray Serve: POST /v1/completions (`model` = a user id, or the
+    base model's name), GET /v1/models. It follows the registry while it runs (see
+    --follow-every). Runs until Ctrl-C."""
+    import threading
+    from datetime import datetime
 
     from cbpo_orch.cli.app import UsageError
     from cbpo_orch.orchestrator.cluster import dashboard_notice
     from cbpo_orch.serving import app as serving
-    from cbpo_orch.serving.catalog import load_catalog
+    from cbpo_orch.serving.catalog import load_catalog, served_users
+    from cbpo_orch.serving.follow import Follower
     from cbpo_orch.serving.keys import load_api_keys
 
     if api_keys is None and not serving.is_loopback(host):
@@ -79,9 +83,12 @@ def serve(
         )
     if not 1 <= port <= 65535:
         raise UsageError("--port must be from 1 to 65535")
+    if not follow_every > 0:
+        raise UsageError("--follow-every must be > 0 seconds")
     options = serving.ServeOptions(replicas, max_adapters_per_replica, max_batch_size, batch_wait_ms / 1000, cpus_per_replica, gpus_per_replica)
     keys = load_api_keys(api_keys) if api_keys is not None else None
-    catalog = load_catalog(open_workspace(home, db, None), job, method)
+    space = open_workspace(home, db, None)
+    catalog = load_catalog(space, job, method)
     typer.echo(f"job {job}: starting {replicas} replica(s) of {catalog.base_name} with {len(catalog.servable)} {method} adapters …", err=True)
     dashboard = serving.start(catalog, keys, options, host, port, address)
     try:
@@ -89,9 +96,9 @@ def serve(
         typer.echo(("API keys required (Authorization: Bearer KEY)" if keys else "no API keys: loopback only"), err=True)
         if dashboard:
             typer.echo(f"{dashboard_notice(dashboard)} (its Serve tab shows the application)", err=True)
-        typer.echo("Ctrl-C stops the server.", err=True)
-        while True:
-            time.sleep(3600)
+        typer.echo(f"following the registry every {follow_every:g} s; Ctrl-C stops the server.", err=True)
+        follower = Follower(lambda: served_users(space.registry, job, method), serving.RunningIngress(catalog), catalog.users, api_keys, keys)
+        follower.run(follow_every, threading.Event(), lambda line: typer.echo(f"{datetime.now():%H:%M:%S} {line}", err=True))
     except KeyboardInterrupt:
         typer.echo("stopping …", err=True)
     finally:

@@ -2,13 +2,16 @@
 
 Two deployments:
 
-- ``Ingress`` (FastAPI, no CPU of its own): the OpenAI routes. It checks the key, the body,
-  the user (404 unknown, 409 its run did not succeed) and the prompt's budget, then calls
-  the adapter server with the user id as Serve's *multiplexed model id*, so the request is
-  routed to a replica that already holds that user's adapter.
+- ``Ingress`` (FastAPI, no CPU of its own, one replica): the OpenAI routes. It checks the
+  key, the body, the user (404 unknown, 409 without a current version) and the prompt's
+  budget, then calls the adapter server with the user's current version, whose
+  :attr:`~cbpo_orch.serving.catalog.UserAdapterEntry.model_id` is Serve's *multiplexed model
+  id*, so the request is routed to a replica that already holds that version. What is
+  current is handed to it by the follower (``follow.py``) while it runs.
 - ``AdapterServer`` (``replicas`` of them): the job's starting model and a
   :class:`BatchedGenerator`. ``serve.multiplexed`` keeps an LRU of at most
-  ``max_adapters_per_replica`` users' adapters per replica; its own ``StepBatcher``
+  ``max_adapters_per_replica`` adapter versions per replica (a replaced version is never
+  asked for again, and ages out); its own ``StepBatcher``
   (``batcher.py``, the engine loop of vLLM and Ray Serve LLM) gathers the requests that
   arrive together, whoever their users are, into one batched generate whose steps stream
   back to each request. (Serve's ``serve.batch`` would split a batch by multiplexed model id,
@@ -26,7 +29,7 @@ from dataclasses import dataclass, replace
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from cbpo_orch.serving.catalog import Catalog, UnknownUser, UserNotReady
+from cbpo_orch.serving.catalog import Catalog, UnknownUser, UserAdapterEntry, UserNotReady
 from cbpo_orch.serving.generator import Row
 from cbpo_orch.serving.keys import ApiKeys
 from cbpo_orch.serving.openai_api import SSE_DONE, ApiError, completion_body, models_body, new_completion_id, parse_completion_request, sse_event
@@ -75,7 +78,7 @@ def app_name(catalog: Catalog) -> str:
 
 def build_app(catalog: Catalog, keys: ApiKeys | None, options: ServeOptions):
     """The bound application: ``Ingress`` in front of ``AdapterServer``."""
-    return _ingress().bind(_adapter_server(options).bind(catalog, options), catalog, keys)
+    return _ingress().bind(_adapter_server(options).bind(replace(catalog, users={}), options), catalog, keys)
 
 
 def start(catalog: Catalog, keys: ApiKeys | None, options: ServeOptions, host: str, port: int, address: str | None) -> str | None:
@@ -90,6 +93,21 @@ def start(catalog: Catalog, keys: ApiKeys | None, options: ServeOptions, host: s
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(catalog, keys, options), name=app_name(catalog), route_prefix="/")
     return dashboard
+
+
+class RunningIngress:
+    """The deployed application's ingress, as the follower talks to it (``follow.py``)."""
+
+    def __init__(self, catalog: Catalog):
+        from ray import serve
+
+        self.handle = serve.get_app_handle(app_name(catalog))
+
+    def following(self) -> int:
+        return self.handle.following.remote().result()
+
+    def follow(self, users: dict[str, UserAdapterEntry], keys: ApiKeys | None, stamp: int) -> None:
+        self.handle.follow.remote(users, keys, stamp).result()
 
 
 def stop(catalog: Catalog) -> None:
@@ -125,7 +143,8 @@ def _adapter_server(options: ServeOptions):
         max_ongoing_requests=max(64, 4 * options.max_batch_size),
     )
     class AdapterServer:
-        """The starting model, its adapter slots, and the users' adapters it holds."""
+        """The starting model, its adapter slots, and the adapter versions it holds. It
+        reads no user list: each request brings its version's entry."""
 
         def __init__(self, catalog: Catalog, options: ServeOptions):
             import torch
@@ -134,6 +153,7 @@ def _adapter_server(options: ServeOptions):
 
             torch.set_num_threads(max(1, int(options.cpus_per_replica)))
             self.catalog = catalog
+            self.entries: dict[str, UserAdapterEntry] = {}  # model id → its version, as requests brought them
             self.device = "cuda" if options.gpus_per_replica > 0 else "cpu"
             loaded = starting_model(catalog.model_path, catalog.task_adapter, self.device)
             self.generator = BatchedGenerator(loaded, catalog.lora, options.max_batch_size, catalog.task.decoding)
@@ -141,14 +161,16 @@ def _adapter_server(options: ServeOptions):
             self.batcher = StepBatcher(self._run_batch, options.max_batch_size, options.batch_wait_s)
 
         @serve.multiplexed(max_num_models_per_replica=options.max_adapters_per_replica)
-        async def adapter(self, user_id: str):
-            entry = self.catalog.adapter(user_id)
-            return await asyncio.to_thread(load_user_adapter, user_id, entry.adapter_path, self.catalog.lora, self.device)
+        async def adapter(self, model_id: str):
+            entry = self.entries[model_id]
+            return await asyncio.to_thread(load_user_adapter, entry.user_id, entry.adapter_path, self.catalog.lora, self.device)
 
-        async def stream(self, row: Row):
-            """The row's chunks, step by step; its user is the request's multiplexed model id."""
-            user = serve.get_multiplexed_model_id()
-            row = replace(row, adapter=await self.adapter(user)) if user else row
+        async def stream(self, row: Row, entry: UserAdapterEntry | None):
+            """The row's chunks, step by step, on ``entry``'s adapter version (None: the base
+            model), the one the request started with, whatever became current since."""
+            if entry is not None:
+                self.entries[entry.model_id] = entry
+                row = replace(row, adapter=await self.adapter(entry.model_id))
             async for chunk in self.batcher.stream(row):
                 yield chunk
 
@@ -156,8 +178,8 @@ def _adapter_server(options: ServeOptions):
             """Batches run so far, their rows, and the most users one batch held."""
             return dict(self._stats)
 
-        async def complete(self, row: Row) -> Completion:
-            async for chunk in self.stream(row):
+        async def complete(self, row: Row, entry: UserAdapterEntry | None) -> Completion:
+            async for chunk in self.stream(row, entry):
                 if chunk.completion is not None:
                     return chunk.completion
             raise RuntimeError("the generation ended without a completion")
@@ -179,21 +201,31 @@ def _ingress():
 
     api = FastAPI(title="cbpo-orch", description="Every user's adapter of one cbpo-orch job, OpenAI-compatible.")
 
-    @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+    @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
     @serve.ingress(api)
     class Ingress:
-        """The OpenAI routes: keys, checks, and routing by user."""
+        """The OpenAI routes: keys, checks, and routing by user. One replica: the follower's
+        readings reach it."""
 
         def __init__(self, server, catalog: Catalog, keys: ApiKeys | None):
             from cbpo_orch.training.models import load_tokenizer
 
             self.server, self.catalog, self.keys = server, catalog, keys
+            self.stamp = 0
             self.tokenizer = load_tokenizer(catalog.model_path)
             self.retrieval = None
             if catalog.retrieval is not None:
                 from cbpo_orch.serving.retrieval import served_context
 
                 self.retrieval = served_context(catalog.retrieval, catalog.task, self.tokenizer, catalog.model_path)
+
+        async def follow(self, users: dict[str, UserAdapterEntry], keys: ApiKeys | None, stamp: int) -> None:
+            """Answer new requests with ``users`` and ``keys`` (the follower's reading
+            ``stamp``); requests in flight keep the versions they started with."""
+            self.catalog, self.keys, self.stamp = replace(self.catalog, users=users), keys, stamp
+
+        async def following(self) -> int:
+            return self.stamp
 
         @api.get("/v1/models")
         async def models(self, request: Request):
@@ -202,18 +234,18 @@ def _ingress():
                 users = self.keys.visible(request.headers.get("authorization"), users)
                 if users is None:
                     return _error(ApiError(401, "a valid API key is required: send `Authorization: Bearer KEY`"))
-            return models_body([self.catalog.base_name, *users], f"cbpo-orch job {self.catalog.job_id} ({self.catalog.method})")
+            return models_body(self.catalog.base_name, [self.catalog.users[user] for user in users], f"cbpo-orch job {self.catalog.job_id} ({self.catalog.method})")
 
         @api.post("/v1/completions")
         async def completions(self, request: Request):
             try:
-                user, parsed, row = self._checked(request.headers.get("authorization"), await request.body())
-                handle = self.server.options(multiplexed_model_id=user) if user else self.server
+                entry, parsed, row = self._checked(request.headers.get("authorization"), await request.body())
+                handle = self.server.options(multiplexed_model_id=entry.model_id) if entry else self.server
                 completion_id = new_completion_id()
                 if parsed.stream:
-                    chunks = handle.options(stream=True).stream.remote(row)
+                    chunks = handle.options(stream=True).stream.remote(row, entry)
                     return StreamingResponse(_events(chunks, completion_id, parsed.model), media_type="text/event-stream")
-                return completion_body(completion_id, parsed.model, await handle.complete.remote(row))
+                return completion_body(completion_id, parsed.model, await handle.complete.remote(row, entry))
             except ApiError as error:
                 return _error(error)
             except Exception as error:  # the server answers, whatever failed
@@ -221,29 +253,38 @@ def _ingress():
                 return _error(ApiError(500, f"the completion failed: {type(error).__name__}"))
 
         def _checked(self, authorization: str | None, body: bytes):
-            """(user or None for the base model, the request, its row) or ApiError."""
+            """(the user's current version or None for the base model, the request, its row)
+            or ApiError; one step of the event loop, so one reading of the follower's."""
             if self.keys is not None and not (known := self.keys.access(authorization, None)).allowed:
                 raise ApiError(known.status, known.message)
             parsed = parse_completion_request(body, self.catalog.budgets.new_tokens)
             user = None if parsed.model == self.catalog.base_name else parsed.model
             if self.keys is not None and not (access := self.keys.access(authorization, user)).allowed:
                 raise ApiError(access.status, access.message, "model")
+            entry = None
             if user is not None:
                 try:
-                    self.catalog.adapter(user)
+                    entry = self.catalog.adapter(user)
                 except UnknownUser as error:
                     raise ApiError(404, f"{error}: `model` must be one of GET /v1/models", "model") from None
                 except UserNotReady as error:
                     raise ApiError(409, str(error), "model") from None
             prompt = self.catalog.task.prompt(Query(id="request", input=parsed.prompt, gold=None))
             if user is not None and self.retrieval is not None:
-                from cbpo_orch.workers.prompts import served_prompt
-
-                prompt = served_prompt(self.retrieval, user, prompt, self.catalog.retrieval.config, self.catalog.budgets)
+                prompt = self._retrieved_prompt(user, prompt)
             try:
                 ids = prompt_ids(self.tokenizer, prompt, self.catalog.budgets.prompt_tokens)
             except BudgetError as error:
                 raise ApiError(400, str(error), "prompt") from None
-            return user, parsed, Row(ids, parsed.max_tokens, None, parsed.temperature, parsed.top_p)
+            return entry, parsed, Row(ids, parsed.max_tokens, None, parsed.temperature, parsed.top_p)
+
+        def _retrieved_prompt(self, user: str, prompt: str) -> str:
+            """The user's prompt after its retrieved items, from the data ``serve`` started
+            with (409 for a user that data does not hold: added by a later update)."""
+            from cbpo_orch.workers.prompts import served_prompt
+
+            if user not in self.retrieval.dataset.users:
+                raise ApiError(409, f"user {user!r} is not in the data this --retrieve server read its items from when it started: restart `serve` to answer it", "model")
+            return served_prompt(self.retrieval, user, prompt, self.catalog.retrieval.config, self.catalog.budgets)
 
     return Ingress

@@ -1,8 +1,10 @@
-"""What a job can serve: its starting model and, per user, the adapter of one method.
+"""What a job can serve: its starting model and, per user, the current adapter version of one
+method in the job's line.
 
-Read once from the registry (a snapshot: users whose runs finish later are served after a
-restart) and handed to the server's replicas as plain values, so no replica opens the
-registry.
+Read from the registry by the process that runs ``serve`` and handed to the server as plain
+values, so no replica opens the registry. The starting model is read once; the users are
+read again every few seconds (``follow.py``), and :func:`changes` says what a new reading
+changed.
 """
 
 from __future__ import annotations
@@ -31,13 +33,58 @@ class UserNotReady(RuntimeError):
 
 @dataclass(frozen=True)
 class UserAdapterEntry:
-    """One user's run for the served method, and its adapter when it succeeded."""
+    """One user of the job's line for the served method: its current adapter version, or
+    without one the state (and error) of its latest run."""
 
     user_id: str
     state: str
     adapter_path: str | None = None
     sha256: str | None = None
     error: str | None = None
+    version: int | None = None
+
+    @property
+    def model_id(self) -> str:
+        """The version's multiplexed model id, the key of a replica's LRU of adapters: a
+        replaced version is never asked for again. The digest keeps a user forgotten and
+        trained anew (its numbers start again at 1) from meeting its old adapter there."""
+        return f"{self.user_id}@v{self.version}-{self.sha256[:12]}"
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What a new reading of the users changed: users now served that were not, users whose
+    served version changed (user, from, to), users no longer served (forgotten, or their
+    only version rolled back)."""
+
+    added: tuple[str, ...] = ()
+    replaced: tuple[tuple[str, int, int], ...] = ()
+    removed: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.replaced or self.removed)
+
+    def summary(self) -> str:
+        """One line, such as ``now serving u3 (v1); u1 v1 → v2; no longer serving u2``."""
+        parts = []
+        if self.added:
+            parts.append("now serving " + ", ".join(self.added))
+        parts += [f"{user} v{before} → v{after}" for user, before, after in self.replaced]
+        if self.removed:
+            parts.append("no longer serving " + ", ".join(self.removed))
+        return "; ".join(parts)
+
+
+def changes(before: dict[str, UserAdapterEntry], after: dict[str, UserAdapterEntry]) -> Changes:
+    """What serving ``after`` instead of ``before`` changes, by user id; users served in
+    neither (a run that failed or is pending) are no change."""
+    old = {user: entry for user, entry in before.items() if entry.adapter_path}
+    new = {user: entry for user, entry in after.items() if entry.adapter_path}
+    return Changes(
+        added=tuple(sorted(set(new) - set(old))),
+        replaced=tuple((user, old[user].version, new[user].version) for user in sorted(set(old) & set(new)) if old[user].model_id != new[user].model_id),
+        removed=tuple(sorted(set(old) - set(new))),
+    )
 
 
 @dataclass(frozen=True)
@@ -76,7 +123,7 @@ class Catalog:
 
     @property
     def servable(self) -> list[str]:
-        """Users whose run for the method succeeded with an adapter, in the job's order."""
+        """Users with a current adapter version, by user id."""
         return [user for user, entry in self.users.items() if entry.adapter_path]
 
     def adapter(self, user_id: str) -> UserAdapterEntry:
@@ -90,9 +137,19 @@ class Catalog:
         return entry
 
 
+def served_users(registry, job_id: str, method: str) -> dict[str, UserAdapterEntry]:
+    """Every user of ``job_id``'s line for ``method`` as it is served now, by user id: one
+    read of the registry."""
+    return {
+        row["user_id"]: UserAdapterEntry(row["user_id"], row["state"], row["adapter_path"], row["sha256"], row["error"], row["version"])
+        for row in registry.served(job_id, method)
+    }
+
+
 def load_catalog(space, job_id: str, method: str) -> Catalog:
-    """The catalog of ``job_id`` for ``method`` (UnknownJob for an unknown job, NotServable
-    for a method the job did not run or that trains no adapter)."""
+    """The catalog of ``job_id`` for ``method``: the job's starting model, and its line's
+    users as they are now (UnknownJob for an unknown job, NotServable for a method the job
+    did not run or that trains no adapter)."""
     from cbpo_orch.data.tasks import load_task
     from cbpo_orch.method.methods import method_spec
     from cbpo_orch.orchestrator.job_model import job_task_adapter
@@ -106,12 +163,6 @@ def load_catalog(space, job_id: str, method: str) -> Catalog:
     if not method_spec(method).trains:
         raise NotServable(f"method {method!r} trains no adapter: serve the base model with a method that does")
     spec, _ = JobSpec.from_config(info.config)
-    adapters = {row["user_id"]: row for row in space.registry.results(job_id) if row["method"] == method}
-    runs = {run.user_id: run for run in space.registry.runs(job_id) if run.method == method}
-    users = {}
-    for user in info.users:
-        row, run = adapters.get(user), runs[user]
-        users[user] = UserAdapterEntry(user, run.state, row and row["adapter_path"], row and row["sha256"], run.error)
     train, task = spec.config_for(method), load_task(spec.task)
     retrieval = None
     if prompt_kind(train) == "retrieved":
@@ -125,6 +176,6 @@ def load_catalog(space, job_id: str, method: str) -> Catalog:
         lora=train.lora,
         budgets=task.budgets(train.max_prompt_tokens, train.max_new_tokens),
         task=task,
-        users=users,
+        users=served_users(space.registry, job_id, method),
         retrieval=retrieval,
     )

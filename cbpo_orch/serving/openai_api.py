@@ -14,6 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from cbpo_orch.serving.catalog import UserAdapterEntry
 from cbpo_orch.serving.generator import Chunk
 from cbpo_orch.training.generation import Completion
 
@@ -127,6 +128,9 @@ def sse_event(completion_id: str, model: str, chunk: Chunk) -> str:
 SSE_DONE = "data: [DONE]\n\n"
 
 
-def models_body(names: list[str], owner: str) -> dict:
-    """``GET /v1/models``: the base model and the users, in OpenAI's list format."""
-    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": owner} for name in names]}
+def models_body(base: str, users: list[UserAdapterEntry], owner: str) -> dict:
+    """``GET /v1/models``: the base model, then the users with the number of their current
+    version (``version``, as ``results --versions`` shows it), in OpenAI's list format."""
+    listed = [{"id": base, "object": "model", "created": 0, "owned_by": owner}]
+    listed += [{"id": user.user_id, "object": "model", "created": 0, "owned_by": owner, "version": user.version} for user in users]
+    return {"object": "list", "data": listed}
