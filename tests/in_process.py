@@ -38,7 +38,7 @@ def fan_out_here(work, setup, slots, start, finish, tick=lambda: None, users_per
 
     task = load_task(setup.task)
     dataset = load_split(setup.data, setup.split, task)
-    context = load_user_context(task, dataset, setup.history, setup.model, setup.task_adapter, "cpu", setup.reference, setup.gammas)
+    context = load_user_context(task, dataset, setup.history, setup.model, setup.task_adapter, "cpu", setup.reference, setup.gammas, setup.summaries)
     for unit in work:
         if start(unit):
             [outcome] = setup.worker_fn(context, [unit.user_id], unit.config)

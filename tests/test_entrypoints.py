@@ -32,7 +32,7 @@ def test_every_entry_names_a_function_that_exists():
     import importlib
 
     entries = [value for value in vars(entrypoints).values() if isinstance(value, Entrypoint)]
-    assert len(entries) == 5
+    assert len(entries) == 6
     for entry in entries:
         module, _, name = entry.target.partition(":")
         assert callable(getattr(importlib.import_module(module), name)), entry.target

@@ -76,6 +76,34 @@ def test_pag_writes_one_summary_of_the_users_older_items_and_puts_it_before_each
     assert "context_items" not in outcome.predictions[0]
 
 
+def test_pag_reuses_a_summary_the_job_found_for_the_same_items_and_writes_one_for_other_items(context, monkeypatch):
+    """A summary in ``context.summaries`` (the cache's, found by the driver) under the key of
+    the instruction the user's items make is put before the prompts as it is, nothing
+    generated; items that make another instruction get a summary of their own."""
+    from dataclasses import replace
+
+    from cbpo_orch.workers import profile_summary
+
+    user_id = next(iter(context.dataset.users))
+    config = TrainConfig(method="pag", **BUDGETS)
+    first = personalize_user(context, user_id, config).metrics["prompting"]
+    assert first["summary_cached"] is False and first["summary_key"]
+
+    asked = []
+    real = profile_summary.generate
+    monkeypatch.setattr(profile_summary, "generate", lambda model, tokenizer, prompts, *rest, **kw: asked.append(prompts) or real(model, tokenizer, prompts, *rest, **kw))
+    cached = replace(context, summaries={first["summary_key"]: {"summary": "Writes about food.", "summary_items": first["summary_items"], "summary_finish": "stop"}})
+    again = personalize_user(cached, user_id, config)
+    assert asked == [], "a cached summary is not written again"
+    assert again.metrics["prompting"] == {**first, "summary": "Writes about food.", "summary_finish": "stop", "summary_cached": True}
+    label = SUMMARY_LABEL.format(summary="Writes about food.")
+    prompts = [with_context(label, bare) for bare in _asked_prompts(context, user_id)]
+    assert [p["prediction"] for p in again.predictions] == _again(context, prompts, context.task.budgets(384, 8))
+
+    other = personalize_user(cached, user_id, replace(config, eval_items=4)).metrics["prompting"]
+    assert len(asked) == 1 and other["summary_cached"] is False and other["summary_key"] != first["summary_key"], "other items read, another summary"
+
+
 def test_an_arm_trained_with_retrieve_trains_and_answers_on_prompts_carrying_only_older_items(context, monkeypatch, tmp_path):
     """sft --retrieve 2: each item it trains on carries items older than it only (the first
     none), never an evaluation item; its queries and evaluation items carry the items that
@@ -150,7 +178,8 @@ def test_submit_runs_base_rag_pag_sft_and_cbpo_end_to_end_on_the_sample(home, ti
     for row in rows:
         extra, method = extras[(row["user_id"], row["method"])], row["method"]
         assert (row["adapter_path"] is None) == (method in ("base", "rag", "pag"))
-        assert set(extra["prompting"]) == {"rag": {"retrieve", "retriever"}, "pag": {"summary", "summary_items", "summary_finish"}}.get(method, set())
+        pag_record = {"summary", "summary_items", "summary_finish", "summary_key", "summary_cached"}
+        assert set(extra["prompting"]) == {"rag": {"retrieve", "retriever"}, "pag": pag_record}.get(method, set())
         assert all(("context_items" in p) == (method == "rag") for p in extra["predictions"])
     assert extras[(dev_users[0], "rag")]["prompting"] == {"retrieve": 4, "retriever": "embedding"}
     assert all(p["context_items"] for p in extras[(dev_users[0], "rag")]["predictions"])

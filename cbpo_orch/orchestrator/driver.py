@@ -3,7 +3,9 @@
 Stages: (1) the history index (embeddings, in shards over the cluster, + FAISS), cached
 per task/data/embedder; (2) the task adapter, trained once per task/data/model and reused,
 when asked for; (3) π_ref's log-probs of every pair the preference runs train on, in one pass
-of shards over the cluster, then the γ of every C-BPO run, likewise; (4) one Ray call per
+of shards over the cluster (the training prompts of ``--retrieve`` runs composed first, in a pass
+of their own), then the γ of every C-BPO run, likewise, and the PAG summaries that earlier jobs
+wrote on the same starting model (from the home's cache); (4) one Ray call per
 (user, method): select aux → γ → train → generate → score; (5) the job's final state. Workers return results; this driver writes each adapter
 atomically to the artifact store and then records it, once, in the registry.
 """
@@ -32,10 +34,11 @@ from cbpo_orch.orchestrator.job_model import task_adapter_key
 from cbpo_orch.orchestrator.spec import JobSpec, Resources
 from cbpo_orch.orchestrator.workspace import Workspace
 from cbpo_orch.storage.reference_cache import Entry, ReferenceCache, is_left_out, pair_text_key, starting_model_fingerprint
+from cbpo_orch.storage.summary_cache import SummaryCache
 from cbpo_orch.storage.registry import InvalidTransition, Registry, resume_advice
 from cbpo_orch.workers.context import cached_history, history_datasets
-from cbpo_orch.workers.entrypoints import BUILD_TASK_ADAPTER, EMBED_SHARD, GAMMA_SHARD, PERSONALIZE_USERS, REFERENCE_SHARD
-from cbpo_orch.workers.user_items import UserItems, gamma_inputs, trained_pairs, user_items, with_task_level_gamma
+from cbpo_orch.workers.entrypoints import BUILD_TASK_ADAPTER, EMBED_SHARD, GAMMA_SHARD, PERSONALIZE_USERS, PROMPT_SHARD, REFERENCE_SHARD
+from cbpo_orch.workers.user_items import UserItems, gamma_inputs, prompt_kind, trained_pairs, user_items, with_task_level_gamma
 
 if TYPE_CHECKING:
     from cbpo_orch.workers.personalize import UserOutcome
@@ -115,13 +118,17 @@ def _drive(space: Workspace, job_id: str, spec: JobSpec, resources: Resources, p
         pending = registry.runs(job_id, states=("pending",))
         planned = _planned_items(spec, datasets[0], history, pending)
         registry.record_inputs(run_inputs(datasets[0], pending, spec.config_for, planned))
-        reference = _reference_pass(space, spec, task, planned, tam_path, resources, progress)
+        prompted = _prompt_pass(spec, datasets[0], history, planned, progress)
+        reference = _reference_pass(space, spec, task, prompted, tam_path, resources, progress)
         gammas = with_task_level_gamma(_gamma_pass(history, planned, progress))
+        summary_cache = SummaryCache(space.cache / "summary" / _starting_model(spec, tam_path, resources))
+        summaries = summary_cache.load({run.user_id for run in pending if prompt_kind(spec.config_for(run.method)) == "summary"})
         progress.stage("personalizing users")
         setup = scheduler.WorkerSetup(
-            spec.task, spec.data, spec.split, spec.model, tam_path, history, reference, gammas, worker_fn, resources.cpus_per_user, resources.gpus_per_user
+            spec.task, spec.data, spec.split, spec.model, tam_path, history, reference, gammas, worker_fn, resources.cpus_per_user, resources.gpus_per_user,
+            summaries,
         )
-        _fan_out(space, job_id, resources, pending, setup, spec, progress, lease)
+        _fan_out(space, job_id, resources, pending, setup, spec, progress, lease, summary_cache)
     except LeaseLost:
         raise  # the job is the other driver's now: leave its state alone
     except cluster.ClusterLost as lost:
@@ -241,6 +248,40 @@ def _task_adapter(space: Workspace, spec: JobSpec, resources: Resources, progres
     return str(info.path)
 
 
+PROMPT_MIN_SHARD = 16
+"""The fewest runs one prompt task composes: each loads the tokenizer and the embedder."""
+
+PROMPT_ROUNDS = 2
+"""Prompt shards per CPU: the pass is short, its shards few."""
+
+
+def _prompt_pass(spec: JobSpec, dataset: Dataset, history: HistoryIndex, planned: list[tuple[TrainConfig, UserItems]], progress: Progress) -> list[tuple[TrainConfig, UserItems]]:
+    """``planned`` with the training prompts of every run that reads π_ref and carries retrieved
+    items (``--retrieve``) composed as its worker will compose them (``prompts.prompted_items``),
+    in CPU shards over the cluster (the driver loads no tokenizer and no embedder), so that
+    π_ref's pass covers the pairs those runs train on. A pass that fails leaves those runs out
+    of π_ref's pass: their workers compute their own (the same results, slower)."""
+    retrieved = {i for i, (config, _) in enumerate(planned) if method_spec(config.method).uses_reference and prompt_kind(config) == "retrieved"}
+    if not retrieved:
+        return planned
+    shards = _shared_pass(
+        progress, f"composing the retrieved prompts of {len(retrieved)} runs", "shards", PROMPT_SHARD, [planned[i] for i in sorted(retrieved)],
+        spec.task, dataset, history, spec.model,
+        failed="the pass composing retrieved prompts failed ({cause}): those runs' workers compute π_ref themselves",
+        min_shard=PROMPT_MIN_SHARD, rounds=PROMPT_ROUNDS,
+    )
+    if shards is None:
+        return [run for i, run in enumerate(planned) if i not in retrieved]
+    composed = iter(items for shard in shards for items in shard)
+    return [(config, next(composed)) if i in retrieved else (config, items) for i, (config, items) in enumerate(planned)]
+
+
+def _starting_model(spec: JobSpec, tam_path: str | None, resources: Resources) -> str:
+    """The fingerprint that names the job's starting model in the home's caches (π_ref's, the
+    summaries): its folders and the device kind (``reference_cache.starting_model_fingerprint``)."""
+    return starting_model_fingerprint([spec.model, tam_path], "gpu" if resources.gpus_per_user > 0 else "cpu")
+
+
 REFERENCE_MIN_SHARD = 128
 """The fewest pairs one π_ref task gets: each loads the starting model."""
 
@@ -281,8 +322,9 @@ def _reference_pass(
     under the same starting model come from the home's cache (``storage/reference_cache.py``,
     found by their text: only the others go to the cluster, and a job whose pairs are all
     known runs no shard). KTO's mismatched pairs follow in a second pass, once the first has
-    told which pairs training keeps (``planned``: see :func:`_planned_items`). A pass that fails
-    leaves each worker to compute its own (the same results, slower)."""
+    told which pairs training keeps (``planned``: see :func:`_planned_items`, with the prompts of
+    ``--retrieve`` runs composed by :func:`_prompt_pass`). A pass that fails leaves each worker
+    to compute its own (the same results, slower)."""
     groups: dict[tuple, dict[tuple[str, str], None]] = {}
     cycles: dict[tuple, dict[tuple, None]] = {}  # KTO's: each user's pairs in training order
     for config, items in planned:
@@ -295,8 +337,7 @@ def _reference_pass(
             cycles.setdefault(key, {})[tuple((e.x, e.y) for e in (*items.positives, *items.auxiliary))] = None
     if not groups:
         return {}
-    device_kind = "gpu" if resources.gpus_per_user > 0 else "cpu"
-    cache = ReferenceCache(space.cache / "reference" / starting_model_fingerprint([spec.model, tam_path], device_kind))
+    cache = ReferenceCache(space.cache / "reference" / _starting_model(spec, tam_path, resources))
     known = cache.load()
     entries: dict[bytes, Entry] = {}
     asked: set[bytes] = set()
@@ -372,7 +413,10 @@ def _gamma_pass(history: HistoryIndex, planned: list[tuple[TrainConfig, UserItem
     return {key: gamma for shard in shards or [] for key, gamma in shard.items()}
 
 
-def _fan_out(space: Workspace, job_id: str, resources: Resources, pending: list, setup: scheduler.WorkerSetup, spec: JobSpec, progress: Progress, lease: JobLease) -> None:
+def _fan_out(
+    space: Workspace, job_id: str, resources: Resources, pending: list, setup: scheduler.WorkerSetup, spec: JobSpec, progress: Progress, lease: JobLease,
+    summaries: SummaryCache,
+) -> None:
     registry = space.registry
     runs = {run.run_id: run for run in pending}
     tally = _Tally()
@@ -408,7 +452,7 @@ def _fan_out(space: Workspace, job_id: str, resources: Resources, pending: list,
             if not final:
                 retry.append(unit)
         else:
-            _record(space, job_id, run, attempts[unit.key], result)
+            _record(space, job_id, run, attempts[unit.key], result, summaries)
         if not retry:
             tally.finished += 1
         return retry
@@ -423,8 +467,9 @@ def _fan_out(space: Workspace, job_id: str, resources: Resources, pending: list,
     report()
 
 
-def _record(space: Workspace, job_id: str, run, attempt: int, outcome: UserOutcome) -> None:
-    """Write the adapter atomically (its own folder per attempt), then record the run once."""
+def _record(space: Workspace, job_id: str, run, attempt: int, outcome: UserOutcome, summaries: SummaryCache) -> None:
+    """Write the adapter atomically (its own folder per attempt), then record the run once; a
+    PAG summary its worker wrote goes to the home's cache, for later jobs."""
     adapter = None
     if outcome.adapter_files:
         info = space.artifacts.write_dir(f"adapters/{job_id}/{run.user_id}/{run.method}/attempt-{attempt}", outcome.artifact_files())
@@ -442,3 +487,6 @@ def _record(space: Workspace, job_id: str, run, attempt: int, outcome: UserOutco
         "extra": {"losses": m["losses"], "selection": m["selection"], "evaluation": m["evaluation"], "prompting": m["prompting"], "predictions": outcome.predictions},
     }
     space.registry.record_success(run.run_id, metrics, adapter)
+    prompting = m["prompting"]
+    if prompting.get("summary_key") and not prompting["summary_cached"]:
+        summaries.keep(run.user_id, prompting["summary_key"], {k: prompting[k] for k in ("summary", "summary_items", "summary_finish")})

@@ -15,7 +15,7 @@ cluster is ``cluster.py``'s.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import ray
 from ray.exceptions import OutOfMemoryError, RayActorError, RayTaskError, WorkerCrashedError
@@ -56,8 +56,8 @@ class WorkerCannotStart(Exception):
 class WorkerSetup:
     """What every worker of a job starts from: the task, the data and its split, the starting
     model and task adapter, the job's passes (the history index, π_ref's log-probs, γ), the
-    worker function, and what each worker asks Ray for. The passes travel to the workers
-    once, through the object store."""
+    worker function, what each worker asks Ray for, and the PAG summaries found in the home's
+    cache. The passes travel to the workers once, through the object store."""
 
     task: str
     data: str
@@ -70,6 +70,7 @@ class WorkerSetup:
     worker_fn: Callable
     cpus_per_user: float = 1.0
     gpus_per_user: float = 0.0
+    summaries: dict = field(default_factory=dict)
 
 
 def worker_fit(setup: WorkerSetup) -> Fit:
@@ -102,7 +103,7 @@ class PersonalizeWorker:
         try:
             task = load_task(setup.task)
             dataset = load_split(setup.data, setup.split, task)
-            self.context = load_user_context(task, dataset, history, setup.model, setup.task_adapter, "auto", reference, gammas)
+            self.context = load_user_context(task, dataset, history, setup.model, setup.task_adapter, "auto", reference, gammas, setup.summaries)
         except PERMANENT_ERRORS as error:
             self.start_error = first_line(error)
 

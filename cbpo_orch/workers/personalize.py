@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from cbpo_orch.data.records import Example
 from cbpo_orch.data.retrieval import Asked
@@ -36,7 +36,7 @@ from cbpo_orch.training.trainer import (
     train_and_hold,
 )
 from cbpo_orch.workers.gamma_pass import estimated_gamma
-from cbpo_orch.workers.prompts import Composed, UserAsk, compose
+from cbpo_orch.workers.prompts import Composed, UserAsk, compose, prompted_items
 from cbpo_orch.workers.user_context import UserContext
 from cbpo_orch.workers.user_items import UserItems, gamma_inputs, user_items
 
@@ -66,11 +66,13 @@ def _phase(phases: dict[str, float], name: str):
 @dataclass
 class _Prepared:
     """One user made ready to train: the held-out split, aux items, γ and the training work;
+    ``drawn``: its items as ``user_items`` drew them (before any prompt is composed);
     ``items``: all of the user's items the method may see, oldest first; ``composed``: the
     prompts it is answered on, once composed."""
 
     user_id: str
     phases: dict[str, float]
+    drawn: UserItems
     items: list[Example]
     positives: list
     held_out: list
@@ -159,15 +161,16 @@ def _prepare(context: UserContext, user_id: str, config: TrainConfig) -> _Prepar
     budgets = context.task.budgets(config.max_prompt_tokens, config.max_new_tokens)
     fitting = set(_fitting(context.loaded.tokenizer, items.evaluation, budgets, user_id))
     evaluation = [e for e in items.evaluation if (e.x, e.y) in fitting]
-    return _Prepared(user_id, phases, seen, items.positives, items.held_out, items.auxiliary, evaluation, gamma, gamma_reason)
+    return _Prepared(user_id, phases, items, seen, items.positives, items.held_out, items.auxiliary, evaluation, gamma, gamma_reason)
 
 
 def _add_work(context: UserContext, user: _Prepared, budgets: Budgets, config: TrainConfig) -> None:
     """The user's training work: the items within budget, prompted as the method prompts
-    (``_prompted``), encoded; KTO's mismatched pairs; the held-out score."""
+    (``prompts.prompted_items``), encoded; KTO's mismatched pairs; the held-out score."""
     loaded = context.loaded
     tokenizer = loaded.tokenizer
-    positives, auxiliary, held_out = _prompted(context, user, budgets, config)
+    prompted = prompted_items(context, user.drawn, config, budgets)
+    positives, auxiliary, held_out = prompted.positives, prompted.auxiliary, prompted.held_out
     pos_pairs = _fitting(tokenizer, positives, budgets, user.user_id, required=True)
     aux_pairs = _fitting(tokenizer, auxiliary, budgets, user.user_id)
     held_pairs = _fitting(tokenizer, held_out, budgets, user.user_id)
@@ -179,20 +182,6 @@ def _add_work(context: UserContext, user: _Prepared, budgets: Budgets, config: T
         kl_pairs=mismatched_pairs(tokenizer, pos_pairs + aux_pairs, budgets) if method_spec(config.method).mismatched else None,
         validate=_held_out_score(loaded.model, tokenizer, held_pairs, budgets, config, loaded.device) if held_pairs else None,
     )
-
-
-def _prompted(context: UserContext, user: _Prepared, budgets: Budgets, config: TrainConfig) -> tuple[list[Example], list[Example], list[Example]]:
-    """The user's positives, aux and held-out items with their prompts as its method composes
-    them (``prompts.py``): with ``--retrieve``, after the user's items retrieved for each (an
-    own item's from the items older than it, an aux item's from every item the user trains
-    on), as its queries and evaluation items are."""
-    own = user.positives + user.held_out
-    asked = [Asked(e.item_id, e.x, e.y, before) for before, e in enumerate(own)]
-    asked += [Asked(e.item_id, e.x, e.y, len(own)) for e in user.auxiliary]
-    [composed] = compose(context, [UserAsk(user.items, asked)], config, budgets)
-    prompted = [replace(e, x=x) for e, x in zip(own + user.auxiliary, composed.prompts)]
-    n = len(user.positives)
-    return prompted[:n], prompted[len(own) :], prompted[n : len(own)]
 
 
 def _selection(user: _Prepared, result: TrainResult) -> dict:

@@ -11,7 +11,7 @@ what the run records about them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -19,10 +19,10 @@ from cbpo_orch.data.records import Example
 from cbpo_orch.data.retrieval import Asked, bm25_scores, default_k, embedding_scores, fitted_prompt, retrieve, with_context
 from cbpo_orch.data.tasks import Budgets
 from cbpo_orch.method.config import TrainConfig
-from cbpo_orch.method.methods import method_spec
 from cbpo_orch.training.encoding import prompt_lengths
 from cbpo_orch.workers.profile_summary import SUMMARY_LABEL, profile_summaries
 from cbpo_orch.workers.user_context import UserContext
+from cbpo_orch.workers.user_items import UserItems, prompt_kind
 
 
 @dataclass(frozen=True)
@@ -44,16 +44,24 @@ class Composed:
     record: dict = field(default_factory=dict)
 
 
-def prompt_kind(config: TrainConfig) -> str:
-    """How ``config``'s method composes its prompts: its MethodSpec prompt kind, or retrieved items for an
-    arm that trains with ``--retrieve k`` (``base`` stays the plain baseline)."""
-    method = method_spec(config.method)
-    return "retrieved" if method.trains and config.retrieve else method.prompt
-
-
 def compose(context: UserContext, users: list[UserAsk], config: TrainConfig, budgets: Budgets) -> list[Composed]:
     """Every user's prompts, by its method's composer."""
     return COMPOSERS[prompt_kind(config)](context, users, config, budgets)
+
+
+def prompted_items(context: UserContext, items: UserItems, config: TrainConfig, budgets: Budgets) -> UserItems:
+    """``items`` with the prompts of the positives, held-out and aux items as ``config``'s method
+    composes them: with ``--retrieve``, after the user's items retrieved for each (an own item's
+    from the items older than it, an aux item's from every item the user trains on), as its
+    queries and evaluation items are. The worker trains on them, and the driver's π_ref pass
+    plans its pairs by them."""
+    own = items.positives + items.held_out
+    asked = [Asked(e.item_id, e.x, e.y, before) for before, e in enumerate(own)]
+    asked += [Asked(e.item_id, e.x, e.y, len(own)) for e in items.auxiliary]
+    [composed] = compose(context, [UserAsk(own + items.evaluation, asked)], config, budgets)
+    prompted = [replace(e, x=x) for e, x in zip(own + items.auxiliary, composed.prompts)]
+    n = len(items.positives)
+    return replace(items, positives=prompted[:n], held_out=prompted[n : len(own)], auxiliary=prompted[len(own) :])
 
 
 def served_prompt(context: UserContext, user_id: str, prompt: str, config: TrainConfig, budgets: Budgets) -> str:
@@ -105,16 +113,16 @@ def _bm25_scores(context: UserContext, users: list[UserAsk]) -> list[list[np.nda
 
 def _summarized(context: UserContext, users: list[UserAsk], config: TrainConfig, budgets: Budgets) -> list[Composed]:
     """Each prompt after the user's summary where both fit the budget. The summary reads only
-    items older than everything the user is asked (``Asked.before``)."""
+    items older than everything the user is asked (``Asked.before``); one the job found in the
+    home's cache (``context.summaries``) is not written again."""
     length = _length(context)
     seen = [user.items[: min((a.before for a in user.asked), default=0)] for user in users]
-    summaries = profile_summaries(context.loaded, seen, budgets, length, config.eval_batch_size)
+    summaries = profile_summaries(context.loaded, seen, budgets, length, config.eval_batch_size, context.summaries)
     composed = []
     for user, summary in zip(users, summaries):
         label = SUMMARY_LABEL.format(summary=summary.text) if summary.text else ""
         prompts = [_fitting_or_bare(with_context(label, a.prompt), a.prompt, length, budgets) for a in user.asked]
-        record = {"summary": summary.text, "summary_items": summary.n_items, "summary_finish": summary.finish_reason}
-        composed.append(Composed(prompts, record=record))
+        composed.append(Composed(prompts, record=summary.record()))
     return composed
 
 

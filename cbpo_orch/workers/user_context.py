@@ -21,7 +21,8 @@ from cbpo_orch.workers.user_items import GammaInputs
 class UserContext:
     """What every user of a job shares, loaded once per worker process; ``reference``
     holds π_ref's log-probs of the job's pass and of every pair trained so far, for all
-    users and methods; ``gammas``: the γ of the job's pass, by their inputs."""
+    users and methods; ``gammas``: the γ of the job's pass, by their inputs; ``summaries``:
+    the PAG summaries the job found in the home's cache, by key (``storage/summary_cache.py``)."""
 
     task: Task
     dataset: Dataset
@@ -29,6 +30,7 @@ class UserContext:
     loaded: LoadedModel
     reference: ReferenceLogps = field(default_factory=ReferenceLogps)
     gammas: dict[GammaInputs, Gamma] = field(default_factory=dict)
+    summaries: dict[str, dict] = field(default_factory=dict)
 
 
 def load_user_context(
@@ -40,7 +42,9 @@ def load_user_context(
     device: str = "auto",
     reference: dict[bytes, float] | None = None,
     gammas: dict[GammaInputs, Gamma] | None = None,
+    summaries: dict[str, dict] | None = None,
 ) -> UserContext:
-    """The worker's context; ``reference`` and ``gammas``: π_ref's log-probs and γ from the job's passes."""
+    """The worker's context; ``reference`` and ``gammas``: π_ref's log-probs and γ from the job's
+    passes; ``summaries``: the cached PAG summaries of the job's users."""
     loaded = starting_model(model_path, task_adapter, device)
-    return UserContext(task, dataset, history, loaded, ReferenceLogps(reference), dict(gammas or {}))
+    return UserContext(task, dataset, history, loaded, ReferenceLogps(reference), dict(gammas or {}), dict(summaries or {}))

@@ -59,6 +59,13 @@ def user_items(dataset: Dataset, history: HistoryIndex, user_id: str, config: Tr
     return UserItems(positives, held_out, own_rows, drawn[:n_aux], auxiliary, evaluation)
 
 
+def prompt_kind(config: TrainConfig) -> str:
+    """How ``config``'s method composes its prompts (``prompts.py``): its MethodSpec prompt kind, or
+    retrieved items for an arm that trains with ``--retrieve k`` (``base`` stays the plain baseline)."""
+    method = method_spec(config.method)
+    return "retrieved" if method.trains and config.retrieve else method.prompt
+
+
 def aux_seed(user_id: str, seed: int) -> int:
     """The seed of a user's aux draw: its own per (user, seed), so that users do not all draw
     the same positions of the pool."""
