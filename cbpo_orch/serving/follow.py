@@ -61,7 +61,8 @@ class Follower:
 
     def run(self, every_s: float, stop: threading.Event, report: Callable[[str], None]) -> None:
         """Poll every ``every_s`` seconds until ``stop`` is set; ``report`` sees what changed,
-        and once each, a poll's failure (the server keeps what it was handed last)."""
+        and a failed poll (the server keeps what it was handed last), once for polls that fail
+        alike in a row."""
         failure = None
         while not stop.wait(every_s):
             try:
