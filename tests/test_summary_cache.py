@@ -9,6 +9,7 @@ import shutil
 from cbpo_orch.home import SAMPLE_DATA
 from cbpo_orch.method.config import TrainConfig
 from cbpo_orch.orchestrator.driver import run_job
+from cbpo_orch.orchestrator.forget import forget_user
 from cbpo_orch.orchestrator.spec import JobSpec, Resources
 from cbpo_orch.orchestrator.workspace import Workspace
 from cbpo_orch.storage.summary_cache import SummaryCache, forget_user_summaries, summary_key
@@ -41,6 +42,10 @@ def test_a_later_job_on_the_same_starting_model_reuses_each_users_summary_and_an
 
     third = pag_job(shutil.copytree(tiny_model_dir, tmp_path / "another-model"), users[:1])  # another folder: another starting model
     assert len(written) == 3 and not third[users[0]]["summary_cached"]
+
+    assert forget_user(space, users[0]).summary_caches == 2, "forget removes the user's summaries of both starting models"
+    assert [folder.name for folder in (space.cache / "summary").iterdir() if SummaryCache(folder).load({users[0]})] == []
+    assert pag_job(tiny_model_dir, users[1:])[users[1]]["summary_cached"] and len(written) == 3, "the other user's stays"
 
 
 def test_the_cache_finds_a_users_summaries_by_key_and_forgets_a_user_under_every_starting_model(tmp_path):

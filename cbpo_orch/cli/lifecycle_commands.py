@@ -102,7 +102,7 @@ def forget(
     typer.echo(
         f"forgot {user}: {counts['runs']} runs and {counts['versions']} adapter versions in {counts['jobs']} jobs, "
         f"{counts['adapter_folders']} adapter folders, {counts['history_rows']} cached history rows, "
-        f"{counts['reference_caches']} π_ref cache files"
+        f"{counts['reference_caches']} π_ref cache files, the PAG summaries of {counts['summary_caches']} starting models"
     )
     if not report.erased:
         typer.echo(f"the registry's write-ahead log was in use and may still hold the deleted rows' bytes: run `cbpo-orch forget {user}` again", err=True)

@@ -4,8 +4,8 @@ In this order, so that a crash part-way leaves what a second run finishes: the u
 folders (every version and attempt, with their predictions), then its registry rows (runs,
 metrics with their predictions, adapters, versions, aux records, its id in its jobs' user
 lists), then the deleted rows' bytes in the database's files (SQLite), then the home's caches: its rows of every cached history index (the aux pool of future
-training, and the embeddings γ and retrieval read), rewritten without them, and every π_ref
-cache file holding any of its pairs. Last, an audit line that names the user only by a digest.
+training, and the embeddings γ and retrieval read), rewritten without them, every π_ref
+cache file holding any of its pairs, and its PAG summaries. Last, an audit line that names the user only by a digest.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from cbpo_orch.data.history import HistoryIndex
 from cbpo_orch.data.tasks import load_task
 from cbpo_orch.orchestrator.workspace import Workspace
 from cbpo_orch.storage.reference_cache import forget_pairs, pair_text_key
+from cbpo_orch.storage.summary_cache import forget_user_summaries
 
 
 class UserInUse(RuntimeError):
@@ -41,6 +42,7 @@ class ForgetReport:
     adapter_folders: int
     history_rows: int
     reference_caches: int
+    summary_caches: int
     aux_users_of: list[tuple[str, str, str]]
     erased: bool = True
     """False when a SQLite registry's write-ahead log could not be emptied (another connection
@@ -50,6 +52,7 @@ class ForgetReport:
         return {
             "jobs": len(self.jobs), "runs": self.runs, "versions": self.versions, "adapter_folders": self.adapter_folders,
             "history_rows": self.history_rows, "reference_caches": self.reference_caches,
+            "summary_caches": self.summary_caches,
         }
 
 
@@ -82,6 +85,7 @@ def forget_user(space: Workspace, user_id: str, job_id: str | None = None) -> Fo
         adapter_folders=len(folders),
         history_rows=history_rows,
         reference_caches=forget_pairs(space.cache / "reference", keys),
+        summary_caches=forget_user_summaries(space.cache / "summary", user_id),
         aux_users_of=forgotten.aux_users_of,
         erased=erased,
     )
