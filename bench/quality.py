@@ -83,6 +83,7 @@ ARMS: dict[str, tuple[str, dict[str, str]]] = {
     "cbpo-retrieve": ("cbpo", {"retrieve": "4"}),
 }
 EVALUATION_KEYS = ("steps", "hit_budget", "n_scored")  # a run's extra.evaluation the report reads
+COST_KEYS = ("seconds",)  # a run's cost the report reads: its seconds, every phase (a results row's)
 VALIDATION_SEED = 0
 
 
@@ -161,7 +162,7 @@ class Ledger:
             run = f"{row['method']}/{row['user_id']}"
             if run not in group:
                 scores = {"rouge1": row["rouge1"], "rougeL": row["rougeL"], "gamma": row["gamma"], **trainer_state(row["adapter_path"]),
-                          **{k: row[k] for k in EVALUATION_KEYS if row.get(k) is not None}}
+                          **{k: row[k] for k in (*EVALUATION_KEYS, *COST_KEYS) if row.get(k) is not None}}
                 group[run] = {"job": job, "scores": scores}
                 added = True
         if added:
@@ -373,7 +374,7 @@ def summarize(per_seed: dict[int, dict[str, dict[str, dict]]], users: list[str])
                     metric: list(paired_bootstrap_ci([scores[u][metric] for u in complete], [per_arm[baseline][u][metric] for u in complete])[1:])
                     for metric in ("rouge1", "rougeL")
                 }
-        for key, name in (("steps", "steps_mean"), ("n_scored", "items_mean")):
+        for key, name in (("steps", "steps_mean"), ("n_scored", "items_mean"), ("seconds", "seconds_mean")):
             if all(key in scores[u] for u in complete):
                 entry[name] = sum(scores[u][key] for u in complete) / len(complete)
         if all("hit_budget" in scores[u] and scores[u].get("n_scored") for u in complete):
@@ -420,20 +421,22 @@ def markdown(summary: dict, title: str) -> str:
     items = items_per_user(arms)
     items_text = f"{items:.1f} scored items per user (queries and evaluation items); " if items is not None else ""
     lines = [f"### {title}", "", f"{len(summary['users'])} users; {items_text}{seeds_text}; mean ROUGE-1 / ROUGE-L; Δ vs sft and vs base with "
-             "paired bootstrap 95% CIs over users; optimizer steps per user; share of outputs that ran to the token budget; "
+             "paired bootstrap 95% CIs over users; optimizer steps per user; seconds per user (every phase of its run: the cost, "
+             "comparable between arms run on the same machine); share of outputs that ran to the token budget; "
              "for EMA-reference arms, the final mean rewards m₊ (own items) and m_U (aux); users whose ROUGE-1 is below base's; "
              "for arms with selection, the share of users for whom it kept the starting model", "",
-             "| arm | ROUGE-1 | ROUGE-L | Δ R-1 vs sft [95% CI] | Δ R-1 vs base [95% CI] | Δ R-L vs sft [95% CI] | steps | at budget | m₊ / m_U | users < base | kept start |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| arm | ROUGE-1 | ROUGE-L | Δ R-1 vs sft [95% CI] | Δ R-1 vs base [95% CI] | Δ R-L vs sft [95% CI] | steps | s / user | at budget | m₊ / m_U | users < base | kept start |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     sft, base = arms["sft"], arms.get("base")
     for arm, entry in arms.items():
         rewards = f"{entry['m_pos']:+.2f} / {entry['m_aux']:+.2f}" if "m_pos" in entry else ""
         below = f"{entry['users_below_base']}" if "users_below_base" in entry else ""
         steps = f"{entry['steps_mean']:.0f}" if "steps_mean" in entry else ""
+        seconds = f"{entry['seconds_mean']:.1f}" if "seconds_mean" in entry else ""
         budget = f"{entry['hit_budget_share']:.0%}" if "hit_budget_share" in entry else ""
         start = f"{entry['selected_start_share']:.0%}" if "selected_start_share" in entry else ""
         lines.append(f"| {arm} | {entry['rouge1']:.4f} | {entry['rougeL']:.4f} | {_delta(entry, sft, 'ci_vs_sft', 'rouge1')} | "
-                     f"{_delta(entry, base, 'ci_vs_base', 'rouge1')} | {_delta(entry, sft, 'ci_vs_sft', 'rougeL')} | {steps} | {budget} | {rewards} | {below} | {start} |")
+                     f"{_delta(entry, base, 'ci_vs_base', 'rouge1')} | {_delta(entry, sft, 'ci_vs_sft', 'rougeL')} | {steps} | {seconds} | {budget} | {rewards} | {below} | {start} |")
     if summary.get("gamma_vs_gain") is not None:
         lines += ["", f"Spearman ρ between a user's estimated γ and cbpo − sft ROUGE-L: {summary['gamma_vs_gain']:+.2f}"]
     return "\n".join(lines) + "\n"
