@@ -112,7 +112,7 @@ def load_context(args, task, device: torch.device):
     from cbpo_orch.home import default_model_dir, home_dir
     from cbpo_orch.training.models import LoadedModel, load_model, load_tokenizer, training_dtype
     from cbpo_orch.workers.context import cached_history, history_datasets
-    from cbpo_orch.workers.user_context import UserContext
+    from cbpo_orch.workers.personalize import UserContext  # where the code before issue 28 also has it
 
     datasets = history_datasets(DATA[task.name], "dev", task)
     history = cached_history(home_dir(None) / "cache", datasets)
