@@ -3,7 +3,7 @@
 Each slot is optimised exactly as one user's adapter is by the single-user trainer:
 ``clip_grad_norm_`` over that user's tensors, then ``torch.optim.AdamW`` (decoupled weight
 decay) with the learning rate of ``get_linear_schedule_with_warmup`` for that user's total
-steps, one step ahead (:meth:`SlotAdamW.learning_rates`). So every slot keeps its own step count, moments and schedule, its gradient norm is
+steps. So every slot keeps its own step count, moments and schedule, its gradient norm is
 taken over its own slices of all tensors (never one global norm), and a slot with no rows
 in a step is not moved at all: no decay, no moment update, no step counted.
 """
@@ -90,12 +90,8 @@ class SlotAdamW:
         self.warmup_steps[slot] = warmup_steps
 
     def learning_rates(self) -> Tensor:
-        """Each slot's learning rate for its next step (float64 [N]): the linear schedule over
-        one more step and one more warm-up step, skipping its first step. That step's rate is
-        0: it would do nothing, and a small user's whole run can be 4 steps (a warm-up of 1 step
-        in 4). A warm-up then rises over its steps to the full rate, and a run without one is
-        exactly the plain linear decay."""
-        return self.lr * linear_warmup_decay(self.steps + 1, self.warmup_steps + 1, self.total_steps + 1)
+        """Each slot's learning rate for its next step (float64 [N])."""
+        return self.lr * linear_warmup_decay(self.steps, self.warmup_steps, self.total_steps)
 
     def zero_grad(self) -> None:
         for p in self.params:
