@@ -24,8 +24,8 @@ of them: the run's peak.
     PYTHONPATH=/tmp/before .venv/bin/python bench/memory.py --label before   # another tree's code
 
 Writes ``bench/results/memory-<device>-<model>.json``: ``{label: {task: {"user", "items",
-"phases_gib": {phase: GiB}, "user_gib", "seconds"}}}``, adding to what is there under other
-labels, and prints a table of every label.
+"phases_gib": {phase: GiB}, "user_gib", "seconds"}}}``, adding to what is there (other labels,
+and other tasks under the same label) when it ends, and prints a table of every label.
 """
 
 from __future__ import annotations
@@ -194,8 +194,9 @@ def main() -> None:
         return
     model = args.shape or (Path(args.model).name if args.model else "SmolLM2-135M-Instruct")
     out = HERE / "results" / f"memory-{torch.device(args.device).type}-{model}.json"
-    results = json.loads(out.read_text()) if out.exists() else {}
-    results[args.label] = {task: measure(args, task) for task in args.tasks.split(",")}
+    measured = {task: measure(args, task) for task in args.tasks.split(",")}
+    results = json.loads(out.read_text()) if out.exists() else {}  # as it is now: another run may have written it meanwhile
+    results.setdefault(args.label, {}).update(measured)
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
