@@ -31,9 +31,13 @@ def map_here(fn, items, *args, min_shard, gpus=False, rounds=1, cost=None, on_do
 
 
 def fan_out_here(work, setup, slots, start, finish, tick=lambda: None, users_per_step=1):
-    """``scheduler.fan_out`` one unit at a time in this process, from one loaded context."""
+    """``scheduler.fan_out`` one unit at a time in this process, from one loaded context; a
+    run's permanent error fails it as the scheduler fails it (any other error fails the test)."""
     from cbpo_orch.data.dataset import load_split
     from cbpo_orch.data.tasks import load_task
+    from cbpo_orch.orchestrator.cluster import first_line
+    from cbpo_orch.orchestrator.packing import Failure
+    from cbpo_orch.orchestrator.scheduler import PERMANENT_ERRORS
     from cbpo_orch.workers.user_context import load_user_context
 
     task = load_task(setup.task)
@@ -41,7 +45,10 @@ def fan_out_here(work, setup, slots, start, finish, tick=lambda: None, users_per
     context = load_user_context(task, dataset, setup.history, setup.model, setup.task_adapter, "cpu", setup.reference, setup.gammas, setup.summaries)
     for unit in work:
         if start(unit):
-            [outcome] = setup.worker_fn(context, [unit.user_id], unit.config)
+            try:
+                [outcome] = setup.worker_fn(context, [unit.user_id], unit.config)
+            except PERMANENT_ERRORS as error:
+                outcome = Failure(first_line(error), permanent=True)
             finish(unit, outcome)
 
 

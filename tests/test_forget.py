@@ -155,3 +155,27 @@ def test_erasing_says_so_when_another_reader_keeps_the_sqlite_log_in_use(sqlite_
         reader.execute("COMMIT")
         reader.close()
         assert registry.erase_freed() is True
+
+
+def test_a_forgotten_user_in_a_new_job_on_the_same_data_fails_its_run_with_the_reason(tmp_path, tiny_model_dir, monkeypatch):
+    """The data's history index keeps leaving a forgotten user's items out, so a later job on
+    the same data that names the user fails that user's runs at once with why (no KeyError, no
+    retries) and trains the others."""
+    from cbpo_orch.method.config import TrainConfig
+    from cbpo_orch.orchestrator.driver import run_job
+    from cbpo_orch.orchestrator.forget import forget_user
+    from cbpo_orch.orchestrator.spec import JobSpec, Resources
+    from tests.in_process import TRAIN
+
+    without_ray(monkeypatch)
+    space, _, users, v1, _ = finished_job(tmp_path, tiny_model_dir, ("sft",))
+    gone, kept = users[0], users[1]
+    forget_user(space, gone)
+    spec = JobSpec(task="lamp4", data=str(v1), split="dev", model=str(tiny_model_dir), methods=("cbpo",), users=(gone, kept),
+                   train=TrainConfig(method="cbpo", **TRAIN))
+    again = space.registry.create_job("lamp4", ["cbpo"], [gone, kept], spec.to_config(Resources(workers=1)))
+    run_job(space, again)
+    runs = {run.user_id: run for run in space.registry.runs(again)}
+    assert runs[kept].state == "succeeded"
+    assert (runs[gone].state, runs[gone].attempts) == ("failed", 1)
+    assert runs[gone].error.startswith(f"DataError: user {gone} was forgotten (cbpo-orch forget)")

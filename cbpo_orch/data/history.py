@@ -22,6 +22,7 @@ from cbpo_orch.data.auxiliary import AuxIndex
 from cbpo_orch.data.dataset import Dataset
 from cbpo_orch.data.records import Example
 from cbpo_orch.data.embedding import pair_text
+from cbpo_orch.data.errors import DataError
 
 
 @dataclass
@@ -40,8 +41,16 @@ class HistoryIndex:
         return cls(examples, embeddings, index, embedder)
 
     def rows(self, examples: list[Example]) -> list[int]:
-        """Row numbers of ``examples`` (matched by user and item id)."""
-        return [self._rows[(e.user_id, e.item_id)] for e in examples]
+        """Row numbers of ``examples`` (matched by user and item id); DataError for an item the
+        index left out: its user was forgotten (``cbpo-orch forget``) after the index was built."""
+        try:
+            return [self._rows[(e.user_id, e.item_id)] for e in examples]
+        except KeyError as missing:
+            user = missing.args[0][0]
+            raise DataError(
+                f"user {user} was forgotten (cbpo-orch forget): this data's history index leaves its items out, so it is not "
+                "trained on this data again; data where its history differs builds a new index"
+            ) from None
 
     @cached_property
     def _rows(self) -> dict[tuple[str, str], int]:
