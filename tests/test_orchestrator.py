@@ -3,7 +3,9 @@
 
 Every subprocess runs in its own session; whatever it leaves behind in that session
 (its local Ray: GCS, raylet, dashboard, workers) is killed when the test ends.
-The history index is embedded once per test session and copied into each home.
+The history index is embedded once per test session and copied into each home. The CLI
+tests train for real, end to end; ``run_job``'s tests of what the driver schedules, retries and
+records give it a stub worker (``tests/faulty_worker.py``'s ``canned_outcomes``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import shutil
 import socket
 import time
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,6 +32,9 @@ from tests import faulty_worker
 from tests.helpers import CLEAN_ENV, FAST_JOB, REPO, attempt_dirs, cli_in_process, ok_line, sqlite_registry
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "trainer_state.json", "predictions.jsonl")
+LOCAL_RAY_CPUS = 2
+"""The CPUs of ``local_ray``, whatever this machine has: the shard plans below depend on them."""
+BAD_RECORD = partial(faulty_worker.bad_record_for_one_user, then=faulty_worker.canned_outcomes)
 
 CONTRACT = ["user_id", "method", "rouge1", "rougeL", "gamma", "n_pos", "n_aux", "adapter_path", "sha256", "seconds"]
 
@@ -279,7 +285,8 @@ def test_a_task_adapter_written_but_never_recorded_is_adopted_not_trained_again(
 
 @pytest.fixture(scope="module")
 def local_ray(tmp_path_factory):
-    """A local Ray started by this process, whose workers can import ``tests.faulty_worker``."""
+    """A local Ray started by this process as ``submit`` starts one, with ``LOCAL_RAY_CPUS``
+    CPUs (Ray's ``RAY_OVERRIDE_RESOURCES``), whose workers can import ``tests.faulty_worker``."""
     import ray
 
     from cbpo_orch.orchestrator import cluster
@@ -290,10 +297,12 @@ def local_ray(tmp_path_factory):
         patch.setenv("PYTHONPATH", os.pathsep.join(paths))
         patch.setenv(faulty_worker.CANCEL_FILE_ENV, str(control))
         patch.setenv(faulty_worker.DEATHS_DIR_ENV, str(control.parent))
+        patch.setenv("RAY_OVERRIDE_RESOURCES", json.dumps({"CPU": LOCAL_RAY_CPUS}))
         for name in CLEAN_ENV:
             patch.delenv(name, raising=False)
         assert not ray.is_initialized()
         cluster.connect(None)
+        assert ray.cluster_resources()["CPU"] == LOCAL_RAY_CPUS
         try:
             yield control
         finally:
@@ -355,14 +364,14 @@ def test_a_full_device_stops_the_job_resumably_with_nothing_half_written(local_r
 
     monkeypatch.setattr(artifacts, "_write_file", fills_up)
     with pytest.raises(NoSpaceLeft, match=rf"^no space left on the device writing {re.escape(str(home))}/artifacts/adapters/{job}/"):
-        run_job(space, job, Resources(workers=1))
+        run_job(space, job, Resources(workers=1), worker_fn=faulty_worker.canned_outcomes)
     info = space.registry.job(job)
     assert info.state == "interrupted" and info.error.endswith(f"free space, then `cbpo-orch resume {job}` finishes the job")
     assert info.counts["succeeded"] == 1
     assert not [p for p in (home / "artifacts").rglob(".*")], "a staging folder was left behind"
 
     monkeypatch.setattr(artifacts, "_write_file", write_file)
-    assert run_job(space, job, Resources(workers=1)) == "succeeded"
+    assert run_job(space, job, Resources(workers=1), worker_fn=faulty_worker.canned_outcomes) == "succeeded"
     rows = space.registry.results(job)
     assert sorted(r["user_id"] for r in rows) == sorted(users)
     assert all(directory_sha256(r["adapter_path"]) == r["sha256"] for r in rows)
@@ -388,7 +397,7 @@ def test_the_driver_process_says_a_full_device_in_one_line(home, tiny_model_dir,
 
 @pytest.mark.parametrize(
     "worker_fn, error",
-    [(faulty_worker.bad_record_for_one_user, "DataError"), (faulty_worker.diverge_for_one_user, "NumericalError")],
+    [(BAD_RECORD, "DataError"), (faulty_worker.diverge_for_one_user, "NumericalError")],
     ids=["bad-record", "diverged"],
 )
 def test_input_error_fails_its_run_at_once_others_succeed(local_ray, home, tiny_model_dir, dev_users, worker_fn, error):
@@ -426,7 +435,7 @@ def test_packed_users_succeed_together_and_a_failing_pack_is_retried_user_by_use
     job = _create_job(home, tiny_model_dir, users)
     space = Workspace.open(home)
 
-    state = run_job(space, job, Resources(max_retries=0, workers=1, users_per_step=3), worker_fn=faulty_worker.bad_record_for_one_user)
+    state = run_job(space, job, Resources(max_retries=0, workers=1, users_per_step=3), worker_fn=BAD_RECORD)
 
     assert state == "failed"
     assert space.registry.job(job).counts == {"pending": 0, "running": 0, "succeeded": 2, "failed": 1}
@@ -438,7 +447,7 @@ def test_packed_users_succeed_together_and_a_failing_pack_is_retried_user_by_use
             assert run.state == "succeeded" and attempt_dirs(home, job, run.user_id, "sft") == ["attempt-2"]
 
     packed = _create_job(home, tiny_model_dir, [dev_users[0], dev_users[2]])
-    assert run_job(space, packed, Resources(max_retries=0, workers=1, users_per_step=3)) == "succeeded"
+    assert run_job(space, packed, Resources(max_retries=0, workers=1, users_per_step=3), worker_fn=faulty_worker.canned_outcomes) == "succeeded"
     assert all(run.attempts == 1 for run in space.registry.runs(packed))
 
 
@@ -582,18 +591,18 @@ def test_shards_are_even_in_cost_and_never_empty(costs, shards, expected):
     assert scheduler.shard_bounds(costs, shards) == expected
 
 
-def test_shards_run_at_once_and_come_back_in_order(local_ray, tmp_path):
-    from cbpo_orch.orchestrator import cluster, scheduler
+def test_shards_follow_the_plan_ask_for_their_cpus_and_come_back_in_order(local_ray):
+    """What ``map_shards`` decides: the plan (a shard per CPU, the CPUs shared among them), the
+    bounds (even in cost), what each task asks Ray for, and the order the parts come back in."""
+    from cbpo_orch.orchestrator import scheduler
 
-    shards, cpus = scheduler.shard_plan(10, 4)
-    assert shards == min(3, cluster.largest_node_cpus()) >= 2, "this test needs a Ray of 2 CPUs or more"
+    assert scheduler.shard_plan(10, 4) == (2, 1)  # 10 items of at least 4 a shard: one shard per CPU, one CPU each
     done = []
-    parts = scheduler.map_shards(faulty_worker.meet_the_other_shards, list(range(10)), str(tmp_path), shards, min_shard=4,
+    parts = scheduler.map_shards(faulty_worker.shard_as_placed, list(range(10)), "shared argument", min_shard=4,
                                  cost=lambda item: 9 if item == 0 else 1, on_done=lambda finished, total: done.append((finished, total)))
-    assert [item for items, _, _ in parts for item in items] == list(range(10))
-    assert [len(items) for items, _, _ in parts] == {2: [1, 9], 3: [1, 3, 6]}[shards]  # item 0 costs 9 of the 18
-    assert all(met and threads == cpus for _, threads, met in parts)  # every shard ran while the others did
-    assert done == [(k, shards) for k in range(1, shards + 1)]
+    assert [items for items, _, _, _ in parts] == [[0], list(range(1, 10))]  # item 0 costs 9 of the 18: a shard alone
+    assert all(argument == "shared argument" and threads == 1 and asked == {"CPU": 1.0} for _, argument, threads, asked in parts)
+    assert done == [(1, 2), (2, 2)]
 
 
 def test_the_driver_embeds_in_shards_on_ray_as_the_process_would(local_ray, tmp_path, tiny_model_dir, dev_users, monkeypatch, sample_history):
