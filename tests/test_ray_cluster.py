@@ -9,6 +9,12 @@ test's own in ``RAY_AUTH_TOKEN``), and so must the CLI, which inherits both. Ray
 its ``ray_current_cluster`` file go to a folder of the cluster's own (``RAY_TMPDIR``), never
 to ``/tmp/ray``, where other Rays of this machine keep theirs. Every process of the cluster,
 the actors' workers included, is checked gone once its node is removed.
+
+The nodes' workers hold each run after their first (``CBPO_TEST_HOLD_DIR``, in
+``tests/crash_hooks``) until the test releases them: the worker node is killed with a run
+surely in flight on it, whatever the machine's load. The test may take over the suite's 60 s a
+test: Ray's health checks need 15–30 s to declare the node dead (``NODE_DEATH_TIMEOUT``), and
+three nodes and a driver's worker actors start in it, about 10 s each on 2 busy cores.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import signal
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -27,11 +35,12 @@ import pytest
 from cbpo_orch.orchestrator.processes import stat_fields
 from cbpo_orch.storage.artifacts import directory_sha256
 from cbpo_orch.storage.registry import Registry, RunInfo
-from tests.helpers import CLEAN_ENV, JOB_TIMEOUT, SLOW_JOB, attempt_dirs, ok_line
+from tests.helpers import CLEAN_ENV, FAST_JOB, JOB_TIMEOUT, REPO, attempt_dirs, ok_line
 
 NODE_DEATH_TIMEOUT = 120
 """How long the driver may take to see that a node is gone: its call to the node's actor fails
 within seconds, Ray's health checks of the raylet take 15–30 s, more on a loaded machine."""
+HOOKS = str(REPO / "tests" / "crash_hooks")
 
 
 # ───────────────────────────── the cluster ─────────────────────────────
@@ -78,12 +87,30 @@ def _wait_gone(processes: dict[int, str], timeout: float = 30.0) -> None:
 
 
 class TwoNodes:
-    """A ``ray.cluster_utils.Cluster`` of a head and at most one worker node, one CPU each."""
+    """A ``ray.cluster_utils.Cluster`` of a head and at most one worker node, one CPU each,
+    whose workers hold each run after their first until ``hold/release`` exists."""
 
-    def __init__(self, cluster_utils) -> None:
-        self.cluster = cluster_utils.Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    def __init__(self, cluster_utils, hold: Path) -> None:
+        self.hold = hold
+        with self._holding():
+            self.cluster = cluster_utils.Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
         self.head = self.cluster.head_node
         self.worker = None
+
+    @contextmanager
+    def _holding(self) -> Iterator[None]:
+        """The environment a node starts in, which its workers inherit (and no driver)."""
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("CBPO_TEST_HOLD_DIR", str(self.hold))
+            patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [HOOKS, os.environ.get("PYTHONPATH")])))
+            yield
+
+    def held(self) -> int:
+        """How many workers hold a run now."""
+        return len(list(self.hold.glob("held-*")))
+
+    def release(self) -> None:
+        (self.hold / "release").touch()
 
     @property
     def address(self) -> str:
@@ -91,7 +118,8 @@ class TwoNodes:
 
     def add_worker(self) -> None:
         assert self.worker is None
-        self.worker = self.cluster.add_node(num_cpus=1)
+        with self._holding():
+            self.worker = self.cluster.add_node(num_cpus=1)
 
     def kill_worker(self) -> None:
         """SIGKILL every process of the worker node, as when its machine is lost."""
@@ -134,7 +162,8 @@ def ray_cluster():
             patch.delenv(name, raising=False)
         read_auth_again()
         try:
-            nodes = TwoNodes(cluster_utils)
+            (Path(folder) / "hold").mkdir()
+            nodes = TwoNodes(cluster_utils, Path(folder) / "hold")
             try:
                 nodes.add_worker()
                 yield nodes
@@ -174,23 +203,22 @@ def _check_results(registry: Registry, home: Path, job: str, users: list[str]) -
 def test_runs_of_a_lost_node_are_retried_on_a_node_that_joins(ray_cluster, cli, home, postgres_url, tiny_model_dir, dev_users):
     earlier = {a["ActorID"] for a in ray_cluster.personalize_actors()}
     lost_node = ray_cluster.worker.node_id
-    proc = _submit(cli, ray_cluster, postgres_url, tiny_model_dir, 4, SLOW_JOB)
+    proc = _submit(cli, ray_cluster, postgres_url, tiny_model_dir, 4, FAST_JOB)
     job = proc.stdout.readline().strip()
     assert job, f"submit printed no job id: {proc.stderr.read()[-4000:] if proc.poll() is not None else ''}"
 
     with Registry(postgres_url) as registry:
-        # Each node's first run done and both busy again: the driver has handed each slot its next
-        # run, so the node lost next has one that just started in flight (not a gap between runs,
-        # nor a run about to end: after one run alone, the other node's first could be ending).
+        # Each node's first run done and recorded, and its second held: the node lost next has a
+        # run in flight until it is gone.
         deadline = time.monotonic() + JOB_TIMEOUT
-        while not ((counts := registry.job(job).counts)["succeeded"] >= 2 and counts["running"] == 2):
+        while not (ray_cluster.held() == 2 and registry.job(job).counts["succeeded"] == 2):
             assert proc.poll() is None, f"the driver ended before the node could be removed:\n{proc.stderr.read()[-4000:]}"
-            assert time.monotonic() < deadline, f"no run succeeded with both slots busy again in time: {counts}"
+            assert time.monotonic() < deadline, f"no two runs succeeded with both slots' next runs held in time: {registry.job(job).counts}"
             time.sleep(0.05)
+        assert registry.job(job).counts == {"pending": 0, "running": 2, "succeeded": 2, "failed": 0}
         before = {(r.user_id, r.method): r for r in registry.runs(job, states=("succeeded",))}
         recorded = {(r["user_id"], r["method"]): r for r in registry.results(job)}
-        ray_cluster.kill_worker()  # a run done, one in flight on each node, the rest pending
-        assert len(before) < 4, f"{len(before)} runs had succeeded: the node was lost too late to test"
+        ray_cluster.kill_worker()  # a run done and one held on each node
 
         # The driver sees the lost node by itself; only then does a new node join.
         deadline = time.monotonic() + NODE_DEATH_TIMEOUT
@@ -202,6 +230,7 @@ def test_runs_of_a_lost_node_are_retried_on_a_node_that_joins(ray_cluster, cli, 
             )
             time.sleep(0.2)
         ray_cluster.add_worker()
+        ray_cluster.release()
 
         ok_line(cli.finish(proc))
         runs = _check_results(registry, home, job, dev_users[:4])
