@@ -26,8 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 CLI = Path(sys.executable).with_name("cbpo-orch")
 FAST_JOB = ["--max-profile", "8", "--epochs", "1", "--max-new-tokens", "8", "--max-prompt-tokens", "128"]
 """``submit`` flags that make a job on the tiny model take seconds."""
-SLOW_JOB = ["--max-profile", "40", "--epochs", "4", "--max-new-tokens", "8", "--max-prompt-tokens", "128"]
-"""Slow enough (≈1.5 s a run on one CPU) that the driver can be killed between two runs."""
 FAST_TRAIN_USER = ["--max-profile", "8", "--epochs", "1", "--max-prompt-tokens", "128", "--max-new-tokens", "6"]
 TRAIN_USER = json.loads((SAMPLE_DATA / "dev_questions.json").read_text())[0]["user_id"]
 """The shipped sample's first dev user, the one ``train_args`` trains."""
