@@ -146,20 +146,20 @@ def child(args) -> dict:
     recorder.wrap(personalize, "held_out_logp", "held_out")
     recorder.wrap(personalize, "generate", "generate")
     recorder.wrap(personalize, "train_and_hold", "train")
-    config = replace(TrainConfig(method="cbpo", epochs=1), batch_size=args.batch_size)
+    config = replace(TrainConfig(method="cbpo", epochs=1), batch_size=args.batch_size, max_profile=args.max_profile)
     started = time.perf_counter()
     with recorder.phase("other"):
         outcome = personalize.personalize_user(context, user, config)
     seconds = time.perf_counter() - started
     phases = {name: round(peak / 2**30, 3) for name, peak in recorder.peaks.items() if name in PHASES}
     items = {key: outcome.metrics[key] for key in ("n_pos", "n_aux")}
-    return {"user": user, "items": items, "phases_gib": phases, "user_gib": max(phases.values()), "seconds": round(seconds, 1)}
+    return {"user": user, "items": items, "max_profile": args.max_profile, "phases_gib": phases, "user_gib": max(phases.values()), "seconds": round(seconds, 1)}
 
 
 def measure(args, task: str) -> dict:
     """``child`` for ``task`` in a fresh interpreter."""
     command = [sys.executable, __file__, "--child", "--task", task, "--device", args.device, "--batch-size", str(args.batch_size)]
-    for flag, value in (("--model", args.model), ("--shape", args.shape), ("--user", args.user)):
+    for flag, value in (("--model", args.model), ("--shape", args.shape), ("--user", args.user), ("--max-profile", args.max_profile)):
         if value:
             command += [flag, str(value)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -185,6 +185,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--user", help="this user instead of the one with the longest items among the first 200")
+    parser.add_argument("--max-profile", type=int, help="the user's newest N history items (a batch's width, which decides its peak, stays the items'; fewer steps)")
     parser.add_argument("--label", default="after", help="the key the results go under (before / after …)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--task", help=argparse.SUPPRESS)
