@@ -4,7 +4,8 @@ machine slows both alike: the ratio of each round's pair is the figure, not the 
 Each measurement is a fresh interpreter (this script with ``--child``) on one tree (its
 folder first on ``PYTHONPATH``): it loads the model and the history index once, as a worker
 does, then personalizes the task's first ``--users`` users of the split one after another
-(C-BPO, 1 epoch, batch 8, each user's ``--max-profile`` newest items), timing only the users
+(C-BPO, 1 epoch, batch 8, no selection: the same work whatever a tree's defaults; each user's
+``--max-profile`` newest items), timing only the users
 (``personalize_user``) and reading the process's peak resident memory (``VmHWM``). Rounds
 alternate which tree goes first (A B, B A, …).
 
@@ -41,7 +42,7 @@ def child(args) -> dict:
 
     torch.set_num_threads(1)
     context = load_context(args, load_task(args.task), torch.device("cpu"))
-    config = replace(TrainConfig(method="cbpo", epochs=1), max_profile=args.max_profile)
+    config = replace(TrainConfig(method="cbpo", epochs=1), max_profile=args.max_profile, selection=False)  # the same work in both trees
     seconds = []
     for user in list(context.dataset.users)[: args.users]:
         started = time.perf_counter()
@@ -91,7 +92,7 @@ def main() -> None:
     ratio = statistics.median(r["ratio"] for r in rounds)
     model = Path(args.model).name if args.model else "SmolLM2-135M-Instruct"
     out = HERE / "results" / f"users-per-hour-cpu-{model}.json"
-    setup = {"task": args.task, "users": args.users, "max_profile": args.max_profile, "method": "cbpo", "epochs": 1, "batch_size": 8}
+    setup = {"task": args.task, "users": args.users, "max_profile": args.max_profile, "method": "cbpo", "epochs": 1, "batch_size": 8, "selection": False}
     out.write_text(json.dumps({"setup": setup, "trees": labels, "rounds": rounds, f"median_ratio_{labels[1]}_over_{labels[0]}": ratio}, indent=2) + "\n")
     print(f"{labels[1]} / {labels[0]} users/hour: median {ratio} over {len(rounds)} rounds ({', '.join(str(r['ratio']) for r in rounds)}) → {out}")
 
