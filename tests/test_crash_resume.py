@@ -10,6 +10,11 @@ once, checksums intact, nothing unregistered left on disk.
 
 The kill timings are drawn from a seed: the suite runs seeds 0 and 1,
 ``CBPO_CRASH_SEEDS=0,1,2,3,4`` runs the campaign over five.
+
+Each seed's campaign takes minutes, over the suite's 60 s a test: it starts six drivers, each
+with a local Ray of its own (about 10 s apiece on 2 cores), and trains for real through the
+console script, whose worker no test can swap for a stub; its stages (embedding, the task
+adapter, the fan-out) are the ones a crash must hit.
 """
 
 from __future__ import annotations
@@ -49,7 +54,8 @@ class Watched:
             cli.env = saved
         self.job = self.proc.stdout.readline().strip() if args[0] == "submit" else args[1]
         self.lines: list[str] = []
-        threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True).start()
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True)
+        self.reader.start()
 
     def output(self) -> str:
         return "".join(self.lines)[-3000:]
@@ -63,7 +69,7 @@ class Watched:
 
     def ended_with_one_line(self) -> str:
         self.proc.wait(timeout=JOB_TIMEOUT)
-        time.sleep(0.2)  # the reader thread drains the pipe
+        self.reader.join(timeout=10)  # it has read the pipe to its end (or a process the driver left holds it)
         errors = [line.strip() for line in self.lines if line.startswith("error:")]
         assert self.proc.returncode == 1 and len(errors) == 1, f"exit {self.proc.returncode}:\n{self.output()}"
         return errors[0]
