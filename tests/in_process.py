@@ -42,7 +42,7 @@ def fan_out_here(work, setup, slots, start, finish, tick=lambda: None, users_per
 
     task = load_task(setup.task)
     dataset = load_split(setup.data, setup.split, task)
-    context = load_user_context(task, dataset, setup.history, setup.model, setup.task_adapter, "cpu", setup.reference, setup.gammas, setup.summaries)
+    context = load_user_context(task, dataset, setup.history, setup.model, setup.task_adapter, "cpu", setup.reference, setup.gammas, setup.summaries, setup.incumbents)
     for unit in work:
         if start(unit):
             try:
@@ -92,10 +92,11 @@ TRAIN = dict(epochs=1, max_profile=4, max_new_tokens=4, max_prompt_tokens=128)
 """The smallest training that runs every stage: one step a user."""
 
 
-def finished_job(root: Path, model: Path, methods: tuple[str, ...] = ("sft",), db: str | None = None):
+def finished_job(root: Path, model: Path, methods: tuple[str, ...] = ("sft",), db: str | None = None, **train):
     """A home under ``root`` (its registry at ``db``, by default SQLite in the home), data v1 (4 sample users, the first missing its 3 newest items)
-    and v2 (the first complete, a fifth user new), and a job on v1 run to its end: returns
-    (workspace, job id, the sample's users, v1, v2). Call :func:`without_ray` first."""
+    and v2 (the first complete, a fifth user new), and a job on v1 run to its end (``TRAIN``,
+    with ``train``'s options over it): returns (workspace, job id, the sample's users, v1, v2).
+    Call :func:`without_ray` first."""
     from cbpo_orch.method.config import TrainConfig
     from cbpo_orch.orchestrator.driver import run_job
     from cbpo_orch.orchestrator.spec import JobSpec, Resources
@@ -105,7 +106,7 @@ def finished_job(root: Path, model: Path, methods: tuple[str, ...] = ("sft",), d
     v1 = write_data(root / "v1", users[:4], {users[0]: 3})
     v2 = write_data(root / "v2", users[:5])
     space = Workspace.open(root / "home", db, writes=True)
-    spec = JobSpec(task="lamp4", data=str(v1), split="dev", model=str(model), methods=methods, users=tuple(users[:4]), train=TrainConfig(method=methods[0], **TRAIN))
+    spec = JobSpec(task="lamp4", data=str(v1), split="dev", model=str(model), methods=methods, users=tuple(users[:4]), train=TrainConfig(method=methods[0], **{**TRAIN, **train}))
     job = space.registry.create_job("lamp4", list(methods), users[:4], spec.to_config(Resources(workers=1)))
     assert run_job(space, job) == "succeeded"
     return space, job, users, v1, v2

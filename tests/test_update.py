@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
 from cbpo_orch.storage.artifacts import directory_sha256
-from tests.in_process import finished_job, without_ray, write_data
+from tests.in_process import TRAIN, finished_job, without_ray, write_data
 
 @pytest.fixture
 def lifecycle(tmp_path, tiny_model_dir, monkeypatch):
@@ -160,52 +161,133 @@ def test_the_update_command_says_what_it_trains_and_refuses_mistakes_in_one_line
     assert code == 0 and "5 unchanged users: 0 runs to train" in err and "nothing to train: no job made" in err and out == ""
 
 
-class ScoredAs:
-    """Trains as usual but records ``score`` as every user's ROUGE: a rigged evaluation, so
-    that a version is deliberately better or worse than the one it is compared with."""
+class Rigged:
+    """Trains and scores as usual, but records ``scores[user]`` as the user's ROUGE and
+    ``incumbents[user]`` as its current adapter's, on the same items, where its worker scored
+    one: a rigged evaluation, so that a version is deliberately better or worse than the one it
+    is compared with. ``measured``: the current adapters' scores the worker measured, by user."""
 
-    def __init__(self, score: float):
-        self.score = score
+    def __init__(self, scores: dict[str, float], incumbents: dict[str, float] | None = None):
+        self.scores, self.incumbents = scores, incumbents or {}
+        self.measured: dict[str, float | None] = {}
 
     def __call__(self, context, user_ids, config):
         from cbpo_orch.workers.personalize import personalize_users
 
         outcomes = personalize_users(context, user_ids, config)
         for outcome in outcomes:
-            outcome.metrics.update(rouge1=self.score, rougeL=self.score)
+            if (outcome.user_id, config.method) in context.incumbents:
+                self.measured[outcome.user_id] = outcome.incumbent_rouge1
+                outcome.incumbent_rouge1 = self.incumbents[outcome.user_id]
+            outcome.metrics.update(rouge1=self.scores[outcome.user_id], rougeL=self.scores[outcome.user_id])
         return outcomes
 
 
-def test_a_worse_version_is_rejected_shown_and_a_rollback_restores_the_previous_one(lifecycle, tmp_path, monkeypatch, capsys):
+def test_promotion_compares_the_current_version_scored_on_the_new_items_not_its_recorded_score(lifecycle, tmp_path, monkeypatch, capsys):
     from cbpo_orch.orchestrator.driver import run_job
     from cbpo_orch.orchestrator.update import start_update
 
     space, job, users, _, v2 = lifecycle
-    closer = write_data(tmp_path / "v1b", users[:4], {users[0]: 1})  # the changed user, 2 of its 3 new items
+    changed, other, new = users[0], users[1], users[4]
+    closer = write_data(tmp_path / "v1b", users[:4], {changed: 1, other: 1})  # each one item short of v2
     better, _, _ = start_update(space, job, str(closer), promote="always")
-    assert run_job(space, better, worker_fn=ScoredAs(0.6)) == "succeeded"
+    always = Rigged({changed: 0.1, other: 0.6})
+    assert run_job(space, better, worker_fn=always) == "succeeded"
+    assert always.measured == {}  # --promote always scores no current adapter
+    check = Rigged({changed: 0.3, other: 0.3, new: 0.3}, incumbents={changed: 0.4, other: 0.2})
     worse, _, _ = start_update(space, better, str(v2))
-    assert run_job(space, worse, worker_fn=ScoredAs(0.1)) == "succeeded"
+    assert run_job(space, worse, worker_fn=check) == "succeeded"
+    assert sorted(check.measured) == sorted([changed, other]) and all(isinstance(score, float) for score in check.measured.values())
     states = {(row["user_id"], row["version"]): (row["state"], row["score"], row["parent_score"]) for row in space.registry.versions(worse)}
-    assert states[(users[0], 1)] == ("superseded", 0.0, None)
-    assert states[(users[0], 2)] == ("current", 0.6, 0.0)
-    assert states[(users[0], 3)] == ("rejected", 0.1, 0.6)  # worse than the current one: kept, not current
-    assert states[(users[4], 1)] == ("current", 0.1, None)  # a new user has nothing to be compared with
+    assert states[(changed, 1)] == ("superseded", 0.0, None)
+    assert states[(changed, 2)] == ("current", 0.1, None)  # under `always` nothing was compared
+    assert states[(changed, 3)] == ("rejected", 0.3, 0.4)  # above v2's recorded 0.1, below v2 on the same items
+    assert states[(other, 2)] == ("superseded", 0.6, None)
+    assert states[(other, 3)] == ("current", 0.3, 0.2)  # below v2's recorded 0.6, above v2 on the same items
+    assert states[(new, 1)] == ("current", 0.3, None)  # a new user has nothing to be compared with
     shown = {row["user_id"]: row for row in space.registry.results(worse)}
-    assert shown[users[0]]["rouge1"] == 0.1  # the job's own result, though its version was rejected
+    assert shown[changed]["rouge1"] == 0.3  # the job's own result, though its version was rejected
 
     monkeypatch.setenv("CBPO_ORCH_HOME", str(space.artifacts.root.parent))
     code, out, _ = cbpo(monkeypatch, capsys, "status", worse)
     assert code == 0 and f"update of job {better} in the line of job {job} (promote: check)" in out
-    assert "adapter versions this job trained: 1 current, 1 rejected" in out
+    assert "adapter versions this job trained: 2 current, 1 rejected" in out
     code, out, _ = cbpo(monkeypatch, capsys, "results", worse, "--versions", "--format", "json")
-    assert code == 0 and [(r["user_id"], r["version"], r["state"]) for r in json.loads(out) if r["user_id"] == users[0]] == [
-        (users[0], 1, "superseded"), (users[0], 2, "current"), (users[0], 3, "rejected")]
-    code, out, _ = cbpo(monkeypatch, capsys, "rollback", users[0], "--job", worse)
-    assert code == 0 and out.strip() == f"{users[0]} · sft: v1 current again (v2 rolled back)"
-    assert [(r["version"], r["state"]) for r in space.registry.versions(job, users[0])] == [(1, "current"), (2, "rolled-back"), (3, "rejected")]
-    code, _, err = cbpo(monkeypatch, capsys, "rollback", users[0], "--job", worse)
-    assert code == 2 and err.startswith(f"error: user {users[0]!r} has no current version with an earlier one")
+    assert code == 0 and [(r["user_id"], r["version"], r["state"], r["parent_score"]) for r in json.loads(out) if r["user_id"] == changed] == [
+        (changed, 1, "superseded", None), (changed, 2, "current", None), (changed, 3, "rejected", 0.4)]
+    code, out, _ = cbpo(monkeypatch, capsys, "rollback", changed, "--job", worse)
+    assert code == 0 and out.strip() == f"{changed} · sft: v1 current again (v2 rolled back)"
+    assert [(r["version"], r["state"]) for r in space.registry.versions(job, changed)] == [(1, "current"), (2, "rolled-back"), (3, "rejected")]
+    code, _, err = cbpo(monkeypatch, capsys, "rollback", changed, "--job", worse)
+    assert code == 2 and err.startswith(f"error: user {changed!r} has no current version with an earlier one")
+
+
+NEW_TOKENS = 16
+"""Long enough answers for the tiny untied model to score above 0 on the sample's first user."""
+
+
+def _rouge1_on(adapter: str, model_dir, data, user: str, asked: list[dict]) -> float:
+    """ROUGE-1 of the peft adapter folder ``adapter`` over the model in ``model_dir``, on the
+    items ``asked`` (a run's predictions.jsonl rows) of ``user`` in ``data``, as a job on the
+    tiny model answers them (TRAIN's prompt budget, ``NEW_TOKENS``, the task's decoding)."""
+    from peft import PeftModel
+
+    from cbpo_orch.data.dataset import load_split
+    from cbpo_orch.data.tasks import load_task
+    from cbpo_orch.training.evaluation import rouge
+    from cbpo_orch.training.generation import generate
+    from cbpo_orch.training.models import load_model
+
+    task = load_task("lamp4")
+    dataset = load_split(str(data), "dev", task)
+    queries = {q.id: task.prompt(q) for q in dataset.user(user).queries}
+    items = {e.item_id: e.x for e in dataset.examples(user)}
+    prompts = [items[a["id"]] if a["eval_item"] else queries[a["id"]] for a in asked]
+    loaded = load_model(model_dir, "cpu")
+    model = PeftModel.from_pretrained(loaded.model, adapter)
+    budgets = task.budgets(TRAIN["max_prompt_tokens"], NEW_TOKENS)
+    answers = generate(model, loaded.tokenizer, prompts, budgets, 16, "cpu", decoding=task.decoding)
+    scored = [(out.text, a["gold"]) for out, a in zip(answers, asked) if a["gold"] is not None]
+    return rouge([text for text, _ in scored], [gold for _, gold in scored])["rouge1"]
+
+
+def _asked(adapter_path: str) -> list[dict]:
+    return [json.loads(line) for line in (Path(adapter_path) / "predictions.jsonl").read_text().splitlines()]
+
+
+def test_the_current_adapter_is_scored_on_the_new_items_and_promote_always_scores_nothing_more(tmp_path, monkeypatch):
+    from cbpo_orch.orchestrator.driver import run_job
+    from cbpo_orch.orchestrator.update import start_update
+    from cbpo_orch.workers import personalize
+    from tests.tiny_model import build_tiny_model
+
+    without_ray(monkeypatch)
+    model = build_tiny_model(tmp_path / "tiny-untied", tie_embeddings=False)  # answers in words, some of them the golds'
+    # its 3 newest items are scored: in v2, the 3 that v1 lacked
+    space, job, users, _, v2 = finished_job(tmp_path, model, max_profile=6, eval_items=3, max_new_tokens=NEW_TOKENS)
+    prompts: list[str] = []
+    real = personalize.generate
+    monkeypatch.setattr(personalize, "generate", lambda model, tokenizer, texts, *rest, **options: prompts.extend(texts) or real(model, tokenizer, texts, *rest, **options))
+    changed = users[0]
+
+    checked, _, _ = start_update(space, job, str(v2), users=changed)  # the changed user only
+    assert run_job(space, checked) == "succeeded"
+    versions = {(row["user_id"], row["version"]): row for row in space.registry.versions(checked)}
+    current, trained = versions[(changed, 1)], versions[(changed, 2)]
+    asked = _asked(trained["adapter_path"])
+    assert any(a["eval_item"] for a in asked)
+    expected = _rouge1_on(current["adapter_path"], model, v2, changed, asked)
+    assert expected > 0 and trained["parent_score"] == pytest.approx(expected, abs=1e-12)
+    assert trained["parent_score"] != current["score"]  # v1 on v2's items, not on its own
+    assert len(prompts) == 2 * len(asked)  # the current adapter answered the same prompts
+
+    prompts.clear()
+    shorter = write_data(tmp_path / "v3", users[:5], {changed: 1})
+    always, _, _ = start_update(space, checked, str(shorter), users=changed, promote="always")
+    assert run_job(space, always) == "succeeded"
+    latest = space.registry.versions(always, changed)[-1]
+    assert (latest["job_id"], latest["state"], latest["parent_score"]) == (always, "current", None)
+    assert len(prompts) == len(_asked(latest["adapter_path"]))  # its own answers only
 
 
 def test_an_update_starts_from_the_task_adapter_the_job_started_from(lifecycle):

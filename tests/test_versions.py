@@ -1,6 +1,7 @@
 """Adapter versions in the registry, on SQLite and PostgreSQL: a line of updates, promotion
-against the current version's score, rejection, ``--promote always``, rollback, and a
-registry made before versions existed (schema 4) migrated with its adapters as version 1."""
+against the current version's score on the new version's items (its recorded score where none
+was measured), rejection, ``--promote always``, rollback, and a registry made before versions
+existed (schema 4) migrated with its adapters as version 1."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 from sqlalchemy import create_engine, select, text
 
 from cbpo_orch.storage.engine import transact
-from cbpo_orch.storage.lineage import PlannedRun, RunInputs
+from cbpo_orch.storage.lineage import ParentScore, PlannedRun, RunInputs
 from cbpo_orch.storage.models import SCHEMA_VERSION, AuxSource
 from cbpo_orch.storage.registry import Registry
 
@@ -21,10 +22,10 @@ def registry(db_url: str):
         yield opened
 
 
-def _succeed(registry: Registry, job: str, user: str, score: float | None, method: str = "sft") -> None:
+def _succeed(registry: Registry, job: str, user: str, score: float | None, method: str = "sft", parent: ParentScore | None = None) -> None:
     (run,) = [r for r in registry.runs(job) if (r.user_id, r.method) == (user, method) and r.source_run_id is None]
     registry.mark_running(run.run_id)
-    registry.record_success(run.run_id, {**METRICS, "rouge1": score, "rougeL": score}, {"path": f"/a/{job}/{user}/{method}", "sha256": "ab" * 32, "bytes": 1})
+    registry.record_success(run.run_id, {**METRICS, "rouge1": score, "rougeL": score}, {"path": f"/a/{job}/{user}/{method}", "sha256": "ab" * 32, "bytes": 1}, parent)
 
 
 def _update(registry: Registry, parent: str, trained: list[str], carried: list[str], promote: str = "check") -> str:
@@ -38,17 +39,21 @@ def _states(registry: Registry, job: str, user: str) -> list[tuple[int, str, int
     return [(row["version"], row["state"], row["parent"]) for row in registry.versions(job, user)]
 
 
-def test_a_worse_version_is_kept_as_rejected_and_the_current_one_stays(registry: Registry) -> None:
+def test_a_version_worse_than_the_current_one_on_its_own_items_is_kept_as_rejected_and_the_current_one_stays(registry: Registry) -> None:
     job = registry.create_job("lamp4", ["sft"], ["u1", "u2"], {})
     for user in ("u1", "u2"):
-        _succeed(registry, job, user, 0.5)
+        _succeed(registry, job, user, 0.5)  # on the items of the data it was trained with
     update = _update(registry, job, ["u1", "u2"], [])
-    _succeed(registry, update, "u1", 0.2)  # worse: rejected
-    _succeed(registry, update, "u2", 0.5)  # not worse: promoted
+    incumbents = registry.incumbents(update)
+    assert {key: found.adapter_path for key, found in incumbents.items()} == {("u1", "sft"): f"/a/{job}/u1/sft", ("u2", "sft"): f"/a/{job}/u2/sft"}
+    # each compared with v1 scored on the new version's items, not with v1's recorded 0.5
+    _succeed(registry, update, "u1", 0.2, parent=ParentScore(incumbents[("u1", "sft")].version_id, 0.3))  # worse: rejected
+    _succeed(registry, update, "u2", 0.4, parent=ParentScore(incumbents[("u2", "sft")].version_id, 0.3))  # better: promoted
     assert _states(registry, job, "u1") == [(1, "current", None), (2, "rejected", 1)]
     assert _states(registry, update, "u2") == [(1, "superseded", None), (2, "current", 1)]
     rejected = registry.versions(update, "u1")[1]
-    assert (rejected["score"], rejected["parent_score"], rejected["job_id"], rejected["data_fingerprint"], rejected["n_items"]) == (0.2, 0.5, update, "fp-u1-new", 5)
+    assert (rejected["score"], rejected["parent_score"], rejected["job_id"], rejected["data_fingerprint"], rejected["n_items"]) == (0.2, 0.3, update, "fp-u1-new", 5)
+    assert registry.versions(update, "u2")[1]["parent_score"] == 0.3
 
     later = _update(registry, update, [], ["u1", "u2"])  # carries the current versions, not the rejected one
     rows = {row["user_id"]: row for row in registry.results(later)}
@@ -56,12 +61,30 @@ def test_a_worse_version_is_kept_as_rejected_and_the_current_one_stays(registry:
     assert registry.job(later).counts["succeeded"] == 2 and registry.job(later).line_id == job
 
 
+def test_without_a_score_of_the_current_version_on_the_new_items_its_recorded_score_is_compared(registry: Registry) -> None:
+    job = registry.create_job("lamp4", ["sft"], ["u1", "u2"], {})
+    for user in ("u1", "u2"):
+        _succeed(registry, job, user, 0.5)
+    update = _update(registry, job, ["u1", "u2"], [])
+    stale = registry.incumbents(update)[("u1", "sft")]
+    rival = _update(registry, job, ["u1"], [], promote="always")
+    _succeed(registry, rival, "u1", 0.1)  # v2 current while the update's run ran
+    _succeed(registry, update, "u1", 0.3, parent=ParentScore(stale.version_id, 0.05))  # scored v1: not the current one
+    _succeed(registry, update, "u2", 0.4)  # nothing measured
+    assert _states(registry, job, "u1") == [(1, "superseded", None), (2, "superseded", 1), (3, "current", 2)]
+    assert registry.versions(job, "u1")[2]["parent_score"] == 0.1
+    assert _states(registry, job, "u2") == [(1, "current", None), (2, "rejected", 1)]
+    assert registry.versions(job, "u2")[1]["parent_score"] == 0.5
+
+
 def test_promote_always_makes_the_worse_version_current(registry: Registry) -> None:
     job = registry.create_job("lamp4", ["sft"], ["u1"], {})
     _succeed(registry, job, "u1", 0.5)
     update = _update(registry, job, ["u1"], [], promote="always")
+    assert registry.incumbents(update) == {}  # its workers score no current adapter
     _succeed(registry, update, "u1", 0.1)
     assert _states(registry, job, "u1") == [(1, "superseded", None), (2, "current", 1)]
+    assert registry.versions(job, "u1")[1]["parent_score"] is None  # nothing was compared
 
 
 def test_a_version_without_a_score_is_promoted_there_being_nothing_to_compare(registry: Registry) -> None:

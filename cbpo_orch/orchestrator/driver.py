@@ -6,8 +6,10 @@ when asked for; (3) π_ref's log-probs of every pair the preference runs train o
 of shards over the cluster (the training prompts of ``--retrieve`` runs composed first, in a pass
 of their own), then the γ of every C-BPO run, likewise, and the PAG summaries that earlier jobs
 wrote on the same starting model (from the home's cache); (4) one Ray call per
-(user, method): select aux → γ → train → generate → score; (5) the job's final state. Workers return results; this driver writes each adapter
-atomically to the artifact store and then records it, once, in the registry.
+(user, method): select aux → γ → train → generate → score (in an update that checks promotion,
+the user's current adapter is scored on the same items too); (5) the job's final state. Workers
+return results; this driver writes each adapter atomically to the artifact store and then records
+it, once, in the registry.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from cbpo_orch.orchestrator.lease import LEASE_TTL_S, JobLease, LeaseLost
 from cbpo_orch.orchestrator.job_model import task_adapter_key
 from cbpo_orch.orchestrator.spec import JobSpec, Resources
 from cbpo_orch.orchestrator.workspace import Workspace
+from cbpo_orch.storage.lineage import Incumbent, ParentScore
 from cbpo_orch.storage.reference_cache import Entry, ReferenceCache, is_left_out, pair_text_key, starting_model_fingerprint
 from cbpo_orch.storage.summary_cache import SummaryCache
 from cbpo_orch.storage.registry import InvalidTransition, Registry, resume_advice
@@ -123,12 +126,14 @@ def _drive(space: Workspace, job_id: str, spec: JobSpec, resources: Resources, p
         gammas = with_task_level_gamma(_gamma_pass(history, planned, progress))
         summary_cache = SummaryCache(space.cache / "summary" / _starting_model(spec, tam_path, resources))
         summaries = summary_cache.load({run.user_id for run in pending if prompt_kind(spec.config_for(run.method)) == "summary"})
+        trained = {(run.user_id, run.method) for run in pending}
+        incumbents = {key: found for key, found in registry.incumbents(job_id).items() if key in trained}
         progress.stage("personalizing users")
         setup = scheduler.WorkerSetup(
             spec.task, spec.data, spec.split, spec.model, tam_path, history, reference, gammas, worker_fn, resources.cpus_per_user, resources.gpus_per_user,
-            summaries,
+            summaries, {key: found.adapter_path for key, found in incumbents.items()},
         )
-        _fan_out(space, job_id, resources, pending, setup, spec, progress, lease, summary_cache)
+        _fan_out(space, job_id, resources, pending, setup, spec, progress, lease, summary_cache, incumbents)
     except LeaseLost:
         raise  # the job is the other driver's now: leave its state alone
     except cluster.ClusterLost as lost:
@@ -415,7 +420,7 @@ def _gamma_pass(history: HistoryIndex, planned: list[tuple[TrainConfig, UserItem
 
 def _fan_out(
     space: Workspace, job_id: str, resources: Resources, pending: list, setup: scheduler.WorkerSetup, spec: JobSpec, progress: Progress, lease: JobLease,
-    summaries: SummaryCache,
+    summaries: SummaryCache, incumbents: dict[tuple[str, str], Incumbent],
 ) -> None:
     registry = space.registry
     runs = {run.run_id: run for run in pending}
@@ -452,7 +457,7 @@ def _fan_out(
             if not final:
                 retry.append(unit)
         else:
-            _record(space, job_id, run, attempts[unit.key], result, summaries)
+            _record(space, job_id, run, attempts[unit.key], result, summaries, incumbents.get((run.user_id, run.method)))
         if not retry:
             tally.finished += 1
         return retry
@@ -467,9 +472,10 @@ def _fan_out(
     report()
 
 
-def _record(space: Workspace, job_id: str, run, attempt: int, outcome: UserOutcome, summaries: SummaryCache) -> None:
-    """Write the adapter atomically (its own folder per attempt), then record the run once; a
-    PAG summary its worker wrote goes to the home's cache, for later jobs."""
+def _record(space: Workspace, job_id: str, run, attempt: int, outcome: UserOutcome, summaries: SummaryCache, incumbent: Incumbent | None) -> None:
+    """Write the adapter atomically (its own folder per attempt), then record the run once, with
+    the score of the ``incumbent`` its worker measured on the run's items (promotion compares
+    the two); a PAG summary its worker wrote goes to the home's cache, for later jobs."""
     adapter = None
     if outcome.adapter_files:
         info = space.artifacts.write_dir(f"adapters/{job_id}/{run.user_id}/{run.method}/attempt-{attempt}", outcome.artifact_files())
@@ -486,7 +492,8 @@ def _record(space: Workspace, job_id: str, run, attempt: int, outcome: UserOutco
         "phase_seconds": m["phase_seconds"],
         "extra": {"losses": m["losses"], "selection": m["selection"], "evaluation": m["evaluation"], "prompting": m["prompting"], "predictions": outcome.predictions},
     }
-    space.registry.record_success(run.run_id, metrics, adapter)
+    parent = None if incumbent is None else ParentScore(incumbent.version_id, outcome.incumbent_rouge1)
+    space.registry.record_success(run.run_id, metrics, adapter, parent)
     prompting = m["prompting"]
     if prompting.get("summary_key") and not prompting["summary_cached"]:
         summaries.keep(run.user_id, prompting["summary_key"], {k: prompting[k] for k in ("summary", "summary_items", "summary_finish")})

@@ -6,7 +6,9 @@ A submitted job starts a line; ``cbpo-orch update`` adds a job to it whose runs 
 (a new or changed user) or are *carried*: succeeded at once, referring to the run whose adapter
 and metrics they reuse (``source_run_id``), so nothing is copied. Every run that records an
 adapter becomes the next version of its (user, method) in the line; it is promoted to current
-unless the line's policy is ``check`` and its score is below the current version's.
+unless the line's policy is ``check`` and its score is below the current version's score on the
+same items: the worker that trained it scores the current version's adapter (:func:`incumbents`)
+on the prompts and golds it scored the new one on (:class:`ParentScore`).
 """
 
 from __future__ import annotations
@@ -52,6 +54,24 @@ class PlannedRun:
     method: str
     carry_run_id: int | None = None
     inputs: RunInputs | None = None
+
+
+@dataclass(frozen=True)
+class Incumbent:
+    """The current version of a (user, method) that a run of a checking update is compared
+    with: its id and its adapter's folder."""
+
+    version_id: int
+    adapter_path: str
+
+
+@dataclass(frozen=True)
+class ParentScore:
+    """The score of version ``version_id`` (an :class:`Incumbent`) on the items a new version
+    of its (user, method) was scored on; None where none of them has a gold."""
+
+    version_id: int
+    score: float | None
 
 
 VERSION_COLUMNS = ("user_id", "method", "version", "state", "job_id", "data_fingerprint", "n_items", "parent", "score", "parent_score", "adapter_path", "created_at")
@@ -100,6 +120,19 @@ def update_basis(session: Session, job: Job) -> dict[tuple[str, str], Basis]:
     return basis
 
 
+def incumbents(session: Session, job: Job) -> dict[tuple[str, str], Incumbent]:
+    """Per (user, method) with a current version in ``job``'s line: that version, which a
+    new version the job trains is compared with; none for a job that promotes unchecked."""
+    if job.promote != "check":
+        return {}
+    rows = session.execute(
+        select(AdapterVersion.user_id, AdapterVersion.method, AdapterVersion.id, Adapter.path)
+        .join(Adapter, Adapter.run_id == AdapterVersion.run_id)
+        .where(AdapterVersion.line_id == line_of(job), AdapterVersion.state == "current")
+    )
+    return {(user, method): Incumbent(version_id, path) for user, method, version_id, path in rows}
+
+
 def add_update(session: Session, parent: Job, job_id: str, config: dict[str, Any], planned: list[PlannedRun], promote: str) -> None:
     """Add ``job_id``, an update of ``parent`` in its line, with a pending run for each planned
     run that trains and a succeeded, carried run for each that is carried."""
@@ -119,10 +152,14 @@ def add_update(session: Session, parent: Job, job_id: str, config: dict[str, Any
         ))
 
 
-def record_version(session: Session, run: UserRun, score: float | None) -> None:
+def record_version(session: Session, run: UserRun, score: float | None, parent: ParentScore | None = None) -> None:
     """Make the adapter ``run`` just recorded the next version of its (user, method) in its
     job's line, promoted to current unless the line's policy checks it and its ``score`` is
-    below the current version's (either score missing: promoted, nothing to compare)."""
+    below the current version's. The current version's score is ``parent``'s, measured on the
+    items ``score`` was; where ``parent`` is missing or scored another version (the current one
+    changed while the run ran: a rollback, another update), the current version's recorded
+    score, on the items it was trained with. Either score missing: promoted, nothing to
+    compare. The version keeps the score it was compared with (None under ``always``)."""
     job = session.get(Job, run.job_id)
     line = line_of(job)
     session.get(Job, line, with_for_update=True)  # one promotion at a time per line
@@ -130,11 +167,11 @@ def record_version(session: Session, run: UserRun, score: float | None) -> None:
     same = (versions.line_id == line, versions.user_id == run.user_id, versions.method == run.method)
     current = session.scalar(select(AdapterVersion).where(*same, AdapterVersion.state == "current"))
     number = (session.scalar(select(func.max(versions.number)).where(*same)) or 0) + 1
-    parent_score = None if current is None else current.score
-    rejected = (
-        current is not None and job.promote == "check"
-        and score is not None and parent_score is not None and score < parent_score
-    )
+    checked = current is not None and job.promote == "check"
+    parent_score = None
+    if checked:
+        parent_score = parent.score if parent is not None and parent.version_id == current.id else current.score
+    rejected = checked and score is not None and parent_score is not None and score < parent_score
     if current is not None and not rejected:
         current.state = "superseded"
         session.flush()

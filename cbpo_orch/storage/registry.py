@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 
 from . import lineage
 from .engine import make_engine, transact, writer
-from .lineage import Basis, Forgotten, PlannedRun, RunInputs
+from .lineage import Basis, Forgotten, Incumbent, ParentScore, PlannedRun, RunInputs
 from .models import (
     FREE_LEASE,
     JOB_STATES,
@@ -284,15 +284,17 @@ class Registry:
         run_id: int,
         metrics: Mapping[str, Any],
         adapter: Mapping[str, Any] | None,
+        parent: ParentScore | None = None,
     ) -> bool:
         """Store the metrics and adapter of a run and mark it succeeded, in one transaction.
 
         ``metrics`` needs ``rouge1``, ``rougeL``, ``n_pos``, ``n_aux`` and
         ``seconds`` (the two scores None together, for a user without golds), and may have ``gamma``, ``gamma_reason``,
         ``phase_seconds`` and ``extra``; ``adapter`` needs ``path``, ``sha256``
-        and ``bytes``.  Idempotent: for a run that already succeeded nothing is
-        written and False is returned (True when this call recorded it).  The
-        error message of earlier failed attempts, if any, is kept.
+        and ``bytes``; ``parent``: the current version's ROUGE-1 on the run's items, which
+        promotion compares the run's with (``lineage.record_version``).  Idempotent: for a
+        run that already succeeded nothing is written and False is returned (True when this
+        call recorded it).  The error message of earlier failed attempts, if any, is kept.
         """
         metric_values = _metric_values(metrics)
         adapter_values = None if adapter is None else _adapter_values(adapter)
@@ -309,7 +311,7 @@ class Registry:
             session.add(Metric(run_id=run_id, **metric_values))
             if adapter_values is not None:
                 session.add(Adapter(run_id=run_id, **adapter_values))
-                lineage.record_version(session, run, metric_values["rouge1"])
+                lineage.record_version(session, run, metric_values["rouge1"], parent)
             run.state = "succeeded"
             run.finished_at = utcnow()
             return True
@@ -492,6 +494,11 @@ class Registry:
     def update_basis(self, job_id: str) -> dict[tuple[str, str], Basis]:
         """Per (user, method) of ``job_id``: what an update of it starts from."""
         return transact(self._engine, lambda session: lineage.update_basis(session, _get_job(session, job_id)))
+
+    def incumbents(self, job_id: str) -> dict[tuple[str, str], Incumbent]:
+        """Per (user, method) with a current version in ``job_id``'s line: the version a new one
+        that the job trains is compared with (none where the job promotes unchecked)."""
+        return transact(self._engine, lambda session: lineage.incumbents(session, _get_job(session, job_id)))
 
     def create_update(self, parent_id: str, config: Mapping[str, Any], planned: Sequence[PlannedRun], promote: str) -> str:
         """Create a job updating ``parent_id`` in its line: a pending run for each planned run

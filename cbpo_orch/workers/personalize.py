@@ -1,6 +1,8 @@
 """Personalize users with one method: hold out → select aux → estimate γ → train (several
 users in the same passes; with selection, keeping the best epoch on the held-out items) →
-answer the user's queries and evaluation items → score.
+answer the user's queries and evaluation items → score. In a checking update, the user's current
+adapter (``UserContext.incumbents``) answers the same prompts and is scored on the same golds,
+for promotion to compare the two.
 
 A plain function over a loaded :class:`UserContext`: callable from the CLI, a test or
 a Ray worker alike. It writes nothing; it returns the metrics and the adapter's files,
@@ -13,6 +15,9 @@ import json
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from safetensors.torch import load_file
 
 from cbpo_orch.data.records import Example
 from cbpo_orch.data.retrieval import Asked
@@ -22,7 +27,7 @@ from cbpo_orch.method.methods import method_spec
 from cbpo_orch.training.encoding import BudgetError, encode_pair, within_budget
 from cbpo_orch.training.evaluation import rouge
 from cbpo_orch.training.generation import Completion, generate
-from cbpo_orch.training.multi_lora import MultiLora, attached_multi_lora
+from cbpo_orch.training.multi_lora import ADAPTER_WEIGHTS, MultiLora, attached_multi_lora
 from cbpo_orch.training.pack_memory import pack_slots
 from cbpo_orch.training.trainer import (
     StepCallback,
@@ -48,6 +53,9 @@ class UserOutcome:
     metrics: dict
     adapter_files: dict[str, bytes] | None
     predictions: list[dict] = field(default_factory=list)
+    incumbent_rouge1: float | None = None
+    """The ROUGE-1 of the user's current adapter (``UserContext.incumbents``) on the prompts and
+    golds ``metrics["rouge1"]`` is measured on; None where it has none or none has a gold."""
 
     def artifact_files(self) -> dict[str, bytes]:
         """What is saved for this run: the adapter's files (none for ``base``) and
@@ -118,15 +126,41 @@ def personalize_users(
         train_seconds = round(time.perf_counter() - started - sum(r.reference_seconds for r in results), 3)
         outcomes = []
         for group in slot_groups(multi, adapters):
-            answers = _answer(context, [prepared[u] for u in group], config, budgets, multi)
-            for slot, (u, outputs) in enumerate(zip(group, answers)):
-                user, result = prepared[u], results[u]
+            members = [prepared[u] for u in group]
+            answers = _answer(context, members, config, budgets, multi)
+            kept = []  # each member's adapter files and selection, taken before its slot holds its current adapter
+            for slot, (u, user) in enumerate(zip(group, members)):
+                result = results[u]
                 user.phases["reference"] = round(result.reference_seconds, 3)
                 user.phases["train"] = train_seconds
                 selection = _selection(user, result)
-                files = adapter_files(multi, slot, {"reference_state": result.reference_state, "losses": result.losses, **selection})
-                outcomes.append(_outcome(context, user, config, outputs, result, files, selection))
+                kept.append((adapter_files(multi, slot, {"reference_state": result.reference_state, "losses": result.losses, **selection}), selection))
+            incumbent_scores = _incumbent_scores(context, members, config, budgets, multi)
+            for u, user, outputs, (files, selection), incumbent in zip(group, members, answers, kept, incumbent_scores):
+                outcomes.append(_outcome(context, user, config, outputs, results[u], files, selection, incumbent))
     return outcomes
+
+
+def _incumbent_scores(context: UserContext, members: list[_Prepared], config: TrainConfig, budgets: Budgets, multi: MultiLora) -> list[float | None]:
+    """Each user's ROUGE-1 under its current adapter (``context.incumbents``), loaded into the
+    user's slot of ``multi`` in place of its new one, on the prompts and golds its new adapter
+    was scored on; None for a user without one. The seconds of that generation are those
+    users' ``incumbent`` phase."""
+    folders = [context.incumbents.get((user.user_id, config.method)) for user in members]
+    if not any(folders):
+        return [None] * len(members)
+    for slot, folder in enumerate(folders):
+        if folder is not None:
+            multi.load_slot(slot, load_file(str(Path(folder) / ADAPTER_WEIGHTS)))
+    shared: dict[str, float] = {}
+    with _phase(shared, "incumbent"):
+        answers = _generated(context, [user.composed.prompts if folder else [] for user, folder in zip(members, folders)], config, budgets, multi)
+    scores = []
+    for user, folder, outputs in zip(members, folders, answers):
+        if folder is not None:
+            user.phases.update(shared)
+        scores.append(_scores(outputs, _asked(context, user))["rouge1"] if folder else None)
+    return scores
 
 
 def _answer(context: UserContext, prepared: list[_Prepared], config: TrainConfig, budgets: Budgets, multi: MultiLora | None = None) -> list[list[Completion]]:
@@ -134,18 +168,24 @@ def _answer(context: UserContext, prepared: list[_Prepared], config: TrainConfig
     user's slot of ``multi`` (without one: by the starting model), on the prompts its method
     composes (``prompts.py``), ended and guarded by the task's decoding; each user's prompts
     and generate phases are the shared ones'."""
-    loaded = context.loaded
     shared: dict[str, float] = {}
     with _phase(shared, "prompts"):
         composed = compose(context, [UserAsk(user.items, _asked(context, user)) for user in prepared], config, budgets)
     for user, own in zip(prepared, composed):
         user.composed = own
-    prompts = [own.prompts for own in composed]
-    slots = [slot for slot, own in enumerate(prompts) for _ in own] if multi is not None else None
     with _phase(shared, "generate"):
-        flat = iter(generate(loaded.model, loaded.tokenizer, [p for own in prompts for p in own], budgets, config.eval_batch_size, loaded.device, slots, multi, context.task.decoding))
+        answers = _generated(context, [own.prompts for own in composed], config, budgets, multi)
     for user in prepared:
         user.phases.update(shared)
+    return answers
+
+
+def _generated(context: UserContext, prompts: list[list[str]], config: TrainConfig, budgets: Budgets, multi: MultiLora | None = None) -> list[list[Completion]]:
+    """Each user's ``prompts`` answered in shared batches, user ``i``'s by slot ``i`` of ``multi``
+    (without one: by the starting model), ended and guarded by the task's decoding."""
+    loaded = context.loaded
+    slots = [slot for slot, own in enumerate(prompts) for _ in own] if multi is not None else None
+    flat = iter(generate(loaded.model, loaded.tokenizer, [p for own in prompts for p in own], budgets, config.eval_batch_size, loaded.device, slots, multi, context.task.decoding))
     return [[next(flat) for _ in own] for own in prompts]
 
 
@@ -212,16 +252,16 @@ def _outcome(
     result: TrainResult | None,
     files: dict[str, bytes] | None,
     selection: dict | None = None,
+    incumbent_rouge1: float | None = None,
 ) -> UserOutcome:
     """Score the user's outputs and gather its metrics and predictions. The scores are the
     mean over every answered item with a gold (queries and evaluation items alike); none
-    where no item has one."""
+    where no item has one. ``incumbent_rouge1``: its current adapter's, on the same items."""
     asked = _asked(context, user)
-    scored = [(out.text, a.gold) for out, a in zip(outputs, asked) if a.gold is not None]
     with _phase(user.phases, "score"):
-        scores = rouge([text for text, _ in scored], [gold for _, gold in scored]) if scored else {"rouge1": None, "rougeL": None}
+        scores = _scores(outputs, asked)
     evaluation = {
-        "n_scored": len(scored),
+        "n_scored": sum(a.gold is not None for a in asked),
         "n_eval_items": len(user.evaluation),
         "hit_budget": sum(out.finish_reason == "length" for out in outputs),
         "steps": result.steps if result else 0,
@@ -250,7 +290,14 @@ def _outcome(
          **({"context_items": ids} if user.composed.carried else {})}
         for k, (a, out, ids) in enumerate(zip(asked, outputs, carried))
     ]
-    return UserOutcome(user.user_id, config.method, metrics, files, predictions)
+    return UserOutcome(user.user_id, config.method, metrics, files, predictions, incumbent_rouge1)
+
+
+def _scores(outputs: list[Completion], asked: list[Asked]) -> dict:
+    """ROUGE-1 and ROUGE-L of an adapter's ``outputs`` against the golds of the items ``asked``
+    (in the same order), over the items with a gold; None where none has one."""
+    scored = [(out.text, a.gold) for out, a in zip(outputs, asked) if a.gold is not None]
+    return rouge([text for text, _ in scored], [gold for _, gold in scored]) if scored else {"rouge1": None, "rougeL": None}
 
 
 def _fitting(tokenizer, examples: list, budgets: Budgets, user_id: str, required: bool = False) -> list[tuple[str, str]]:

@@ -22,7 +22,9 @@ class UserContext:
     """What every user of a job shares, loaded once per worker process; ``reference``
     holds π_ref's log-probs of the job's pass and of every pair trained so far, for all
     users and methods; ``gammas``: the γ of the job's pass, by their inputs; ``summaries``:
-    the PAG summaries the job found in the home's cache, by key (``storage/summary_cache.py``)."""
+    the PAG summaries the job found in the home's cache, by key (``storage/summary_cache.py``);
+    ``incumbents``: the adapter folder of the current version of each (user, method) that a run
+    of a checking update trains, scored on the items the new adapter is scored on."""
 
     task: Task
     dataset: Dataset
@@ -31,6 +33,7 @@ class UserContext:
     reference: ReferenceLogps = field(default_factory=ReferenceLogps)
     gammas: dict[GammaInputs, Gamma] = field(default_factory=dict)
     summaries: dict[str, dict] = field(default_factory=dict)
+    incumbents: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
 def load_user_context(
@@ -43,8 +46,10 @@ def load_user_context(
     reference: dict[bytes, float] | None = None,
     gammas: dict[GammaInputs, Gamma] | None = None,
     summaries: dict[str, dict] | None = None,
+    incumbents: dict[tuple[str, str], str] | None = None,
 ) -> UserContext:
     """The worker's context; ``reference`` and ``gammas``: π_ref's log-probs and γ from the job's
-    passes; ``summaries``: the cached PAG summaries of the job's users."""
+    passes; ``summaries``: the cached PAG summaries of the job's users; ``incumbents``: the
+    current adapters its runs are compared with, by (user, method)."""
     loaded = starting_model(model_path, task_adapter, device)
-    return UserContext(task, dataset, history, loaded, ReferenceLogps(reference), dict(gammas or {}), dict(summaries or {}))
+    return UserContext(task, dataset, history, loaded, ReferenceLogps(reference), dict(gammas or {}), dict(summaries or {}), dict(incumbents or {}))
