@@ -56,8 +56,10 @@ class WorkerCannotStart(Exception):
 class WorkerSetup:
     """What every worker of a job starts from: the task, the data and its split, the starting
     model and task adapter, the job's passes (the history index, π_ref's log-probs, γ), the
-    worker function, what each worker asks Ray for, and the PAG summaries found in the home's
-    cache. The passes travel to the workers once, through the object store."""
+    worker function, what each worker asks Ray for, the PAG summaries found in the home's
+    cache, and the adapter folders of the current versions that the runs of a checking update
+    are compared with, by (user, method). The passes travel to the workers once, through the
+    object store."""
 
     task: str
     data: str
@@ -71,6 +73,7 @@ class WorkerSetup:
     cpus_per_user: float = 1.0
     gpus_per_user: float = 0.0
     summaries: dict = field(default_factory=dict)
+    incumbents: dict = field(default_factory=dict)
 
 
 def worker_fit(setup: WorkerSetup) -> Fit:
@@ -103,7 +106,7 @@ class PersonalizeWorker:
         try:
             task = load_task(setup.task)
             dataset = load_split(setup.data, setup.split, task)
-            self.context = load_user_context(task, dataset, history, setup.model, setup.task_adapter, "auto", reference, gammas, setup.summaries)
+            self.context = load_user_context(task, dataset, history, setup.model, setup.task_adapter, "auto", reference, gammas, setup.summaries, setup.incumbents)
         except PERMANENT_ERRORS as error:
             self.start_error = first_line(error)
 
