@@ -512,7 +512,7 @@ def test_more_workers_than_the_cluster_fits_runs_what_fits_and_says_so(local_ray
     with JobLease(space.registry, job, 60) as lease:
         setup = scheduler.WorkerSetup("lamp4", "data", "dev", "model", None, SimpleNamespace(examples=[]), {}, {}, None)
         driver._fan_out(space, job, replace(resources, workers=50), space.registry.runs(job, states=("pending",)), setup, spec,
-                        driver.Progress(notice=notices.append), lease, SummaryCache(space.cache / "summary"))
+                        driver.Progress(notice=notices.append), lease, SummaryCache(space.cache / "summary"), {})
     fit = scheduler.worker_fit(setup)
     assert asked == [fit.workers] and fit.workers < 50 and fit.memory > 0
     assert notices == [f"--workers 50 is more than the cluster fits now ({fit}): running {fit.workers}"]
@@ -538,7 +538,7 @@ def test_the_driver_sends_the_largest_users_first(home, tiny_model_dir, dev_user
     history = SimpleNamespace(examples=examples)
     with JobLease(space.registry, job, 60) as lease:
         setup = scheduler.WorkerSetup("lamp4", "data", "dev", "model", None, history, {}, {}, None)
-        driver._fan_out(space, job, resources, space.registry.runs(job, states=("pending",)), setup, spec, driver.Progress(), lease, SummaryCache(space.cache / "summary"))
+        driver._fan_out(space, job, resources, space.registry.runs(job, states=("pending",)), setup, spec, driver.Progress(), lease, SummaryCache(space.cache / "summary"), {})
     sizes = Counter(example.user_id for example in examples)
     assert sorted(sent) == sorted(dev_users) and len({sizes[u] for u in dev_users}) > 1
     assert [sizes[u] for u in sent] == sorted((sizes[u] for u in dev_users), reverse=True)
