@@ -63,3 +63,17 @@ def test_a_jobs_workers_fit_by_the_memory_they_ask_for(monkeypatch, tiny_model_d
     _nodes(monkeypatch, [{"CPU": 16, "memory": 2 * need + need // 2}])
     fit = scheduler.worker_fit(scheduler.WorkerSetup("lamp4", "data", "dev", str(tiny_model_dir), None, None, {}, {}, None))
     assert (fit.workers, fit.cpus, fit.memory, fit.limits) == (2, 1, need, ("memory",))
+
+
+def test_a_local_ray_that_does_not_start_is_one_line_not_a_traceback(monkeypatch):
+    def timed_out(**options):
+        raise Exception("The current node timed out during startup. This could happen because some of the Ray processes failed to startup.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", timed_out)
+    with pytest.raises(cluster.ClusterLost, match=r"^the local Ray did not start \(Exception: The current node timed out during startup\. This"):
+        cluster.connect(None)
+    monkeypatch.setattr(cluster, "check_address", lambda address: None)
+    with pytest.raises(Exception) as raised:  # joining a cluster: its own failures are not relabelled
+        cluster.connect("auto")
+    assert type(raised.value) is Exception

@@ -52,7 +52,11 @@ def connect(address: str | None) -> str | None:
             configure_logging=False,
             include_dashboard=None,
         )
-    except ConnectionError as error:
+    except Exception as error:
+        if address is None:  # Ray's start-up failures are bare Exceptions ("timed out during startup")
+            raise ClusterLost(f"the local Ray did not start ({first_line(error)}); an overloaded machine or one short of memory does this") from None
+        if not isinstance(error, ConnectionError):
+            raise
         raise ClusterLost(
             f"cannot reach the Ray cluster at {address}: {first_line(error)}; if the cluster checks a token, "
             "set RAY_AUTH_MODE=token here, with RAY_AUTH_TOKEN or the token file (`ray get-auth-token` on the head)"
