@@ -520,13 +520,14 @@ def test_more_workers_than_the_cluster_fits_runs_what_fits_and_says_so(local_ray
 
 
 def test_the_driver_sends_the_largest_users_first(home, tiny_model_dir, dev_users, sample_history, monkeypatch):
-    from cbpo_orch.orchestrator import driver, scheduler
+    from cbpo_orch.orchestrator import cluster, driver, scheduler
     from cbpo_orch.orchestrator.lease import JobLease
     from cbpo_orch.orchestrator.spec import JobSpec
     from cbpo_orch.orchestrator.workspace import Workspace
 
     sent = []
     monkeypatch.setattr(scheduler, "fan_out", lambda work, *args, **kwargs: sent.extend(unit.user_id for unit in work))
+    monkeypatch.setattr(scheduler, "worker_fit", lambda setup: cluster.Fit(1, setup.cpus_per_user, setup.gpus_per_user, 0, ("CPU",)))
     job = _create_job(home, tiny_model_dir, dev_users)
     space = Workspace.open(home)
     spec, resources = JobSpec.from_config(space.registry.job(job).config)
