@@ -142,7 +142,7 @@ def main() -> None:
             for clients in CLIENTS:
                 levels.append(load_level(url, users, prompts, clients, max(args.requests, clients), args.max_tokens, seed=clients))
                 print(f"batching {name:>3} · {clients:>2} clients: {levels[-1]}", flush=True)
-            stats = serve.get_deployment_handle("AdapterServer", app_name=serving.app_name(catalog)).stats.remote().result()
+            stats = serve.get_deployment_handle(serving.AdapterServer.name, app_name=serving.app_name(catalog)).stats.remote().result()
             runs[name] = {"max_batch_size": batch, "levels": levels, "batches": stats}
         _redeploy(catalog, serving.ServeOptions(max_adapters_per_replica=4, max_batch_size=32, cpus_per_replica=args.cpus))
         runs["cold_adapter"] = cold_vs_warm(url, users[:4], prompts[0], args.max_tokens)

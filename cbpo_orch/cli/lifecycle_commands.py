@@ -18,7 +18,7 @@ def update(
     job: JobArg,
     data: Annotated[str, typer.Option(help="The new version of the job's data set (any form `submit --data` reads), holding the same split.")],
     users: Annotated[str, typer.Option(help="Which users of the new data to compare: 'all', N (the first N) or id,id,…. The job's other users are carried over.")] = "all",
-    promote: Annotated[str, typer.Option(help="check: a new version becomes current only if its score is not below the current one's, else it is kept as rejected; always: every new version becomes current.")] = "check",
+    promote: Annotated[str, typer.Option(help="check: a new version becomes current only if its score is not below the current one's on the same items (the current adapter is scored again on the new data's queries and evaluation items), else it is kept as rejected; always: every new version becomes current, with no extra scoring.")] = "check",
     home: HomeOpt = None,
     db: DbOpt = None,
     artifacts: ArtifactsOpt = None,
