@@ -12,6 +12,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from cbpo_orch.data.tasks import Budgets
@@ -33,6 +35,8 @@ CLEAN_ENV = ("RAY_ADDRESS", "CBPO_ORCH_DB", "CBPO_ORCH_ARTIFACTS")
 JOB_TIMEOUT = 240
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0)
 BUDGETS = Budgets(48, 12)
+OPERATOR_KEY = "operator-key-0123456789"
+"""The serving tests' key for every user."""
 
 
 def live_processes(field: int, value: int) -> list[int]:
@@ -194,3 +198,14 @@ def wait_until(condition, timeout: float = 10.0, what: str = "the condition") ->
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} did not hold within {timeout} s")
         time.sleep(0.01)
+
+
+def http_json(url: str, body: bytes | None = None, key: str | None = OPERATOR_KEY) -> tuple[int, dict]:
+    """(status, JSON body) of a raw request to a server under test: POST when there is a body, else GET."""
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST" if body is not None else "GET")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())

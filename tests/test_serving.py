@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,11 +21,10 @@ import pytest
 from cbpo_orch.home import SAMPLE_DATA
 from cbpo_orch.storage.artifacts import directory_sha256
 from tests import faulty_worker
-from tests.helpers import CLEAN_ENV, REPO, cli_in_process
+from tests.helpers import CLEAN_ENV, OPERATOR_KEY, REPO, cli_in_process, http_json
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Serve's own pydantic fields
 
-OPERATOR_KEY = "operator-key-0123456789"
 ALICE_KEY = "alice-only-key-0123456789"
 
 
@@ -268,23 +265,12 @@ def server(job, catalog, tmp_path_factory):
         serve.shutdown()
 
 
-def _http(url: str, body: bytes | None = None, key: str | None = OPERATOR_KEY) -> tuple[int, dict]:
-    """(status, JSON body) of a raw request: POST when there is a body, else GET."""
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST" if body is not None else "GET")
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
 def _post(url: str, body, key: str | None = OPERATOR_KEY, raw: bytes | None = None) -> tuple[int, dict]:
-    return _http(f"{url}/v1/completions", raw if raw is not None else json.dumps(body).encode(), key)
+    return http_json(f"{url}/v1/completions", raw if raw is not None else json.dumps(body).encode(), key)
 
 
 def _models(url: str, key: str | None) -> tuple[int, dict]:
-    return _http(f"{url}/v1/models", None, key)
+    return http_json(f"{url}/v1/models", None, key)
 
 
 def test_the_openai_client_gets_each_users_recorded_answers_streamed_or_not(server, job, catalog, dataset):

@@ -15,19 +15,16 @@ import json
 import os
 import socket
 import threading
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
 
 from cbpo_orch.home import SAMPLE_DATA
-from tests.helpers import CLEAN_ENV, REPO, wait_until
+from tests.helpers import CLEAN_ENV, OPERATOR_KEY, REPO, http_json, wait_until
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Serve's own pydantic fields
 
-OPERATOR_KEY = "operator-key-0123456789"
 ALICE_KEY = "alice-only-key-0123456789"
 NEW_KEY = "new-key-for-u1-0123456789"
 PROMPT = "The city council voted on Tuesday to turn the old rail yard into a park by the river."
@@ -127,19 +124,8 @@ def server(line, tmp_path_factory):
             ray.shutdown()
 
 
-def _http(url: str, body: dict | None = None, key: str | None = OPERATOR_KEY) -> tuple[int, dict]:
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers=headers, method="POST" if data is not None else "GET")
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
 def _answer(server, model: str, key: str = OPERATOR_KEY) -> tuple[int, str | None]:
-    status, body = _http(f"{server.url}/v1/completions", {"model": model, "prompt": PROMPT, "max_tokens": 8}, key)
+    status, body = http_json(f"{server.url}/v1/completions", json.dumps({"model": model, "prompt": PROMPT, "max_tokens": 8}).encode(), key)
     return status, body["choices"][0]["text"] if status == 200 else body["error"]["message"]
 
 
@@ -154,7 +140,7 @@ def _streamed(server, model: str) -> tuple[int, str]:
 
 
 def _listed(server, key: str = OPERATOR_KEY) -> dict[str, int | None]:
-    status, body = _http(f"{server.url}/v1/models", None, key)
+    status, body = http_json(f"{server.url}/v1/models", None, key)
     assert status == 200, body
     return {model["id"]: model.get("version") for model in body["data"]}
 
