@@ -73,18 +73,16 @@ def _phase(phases: dict[str, float], name: str):
 
 @dataclass
 class _Prepared:
-    """One user made ready to train: the held-out split, aux items, γ and the training work;
-    ``drawn``: its items as ``user_items`` drew them (before any prompt is composed);
-    ``items``: all of the user's items the method may see, oldest first; ``composed``: the
-    prompts it is answered on, once composed."""
+    """One user made ready to train: γ and the training work; ``drawn``: its items as
+    ``user_items`` drew them (positives, held-out, aux and evaluation items, before any prompt
+    is composed); ``items``: all of the user's items the method may see, oldest first;
+    ``evaluation``: the evaluation items within budget; ``composed``: the prompts it is answered
+    on, once composed."""
 
     user_id: str
     phases: dict[str, float]
     drawn: UserItems
     items: list[Example]
-    positives: list
-    held_out: list
-    auxiliary: list
     evaluation: list
     gamma: float | None
     gamma_reason: str | None
@@ -201,7 +199,7 @@ def _prepare(context: UserContext, user_id: str, config: TrainConfig) -> _Prepar
     budgets = context.task.budgets(config.max_prompt_tokens, config.max_new_tokens)
     fitting = set(_fitting(context.loaded.tokenizer, items.evaluation, budgets, user_id))
     evaluation = [e for e in items.evaluation if (e.x, e.y) in fitting]
-    return _Prepared(user_id, phases, items, seen, items.positives, items.held_out, items.auxiliary, evaluation, gamma, gamma_reason)
+    return _Prepared(user_id, phases, items, seen, evaluation, gamma, gamma_reason)
 
 
 def _add_work(context: UserContext, user: _Prepared, budgets: Budgets, config: TrainConfig) -> None:
@@ -226,7 +224,7 @@ def _add_work(context: UserContext, user: _Prepared, budgets: Budgets, config: T
 
 def _selection(user: _Prepared, result: TrainResult) -> dict:
     """What selection did for the user, and how many of its items were over the budget."""
-    n_items = len(user.positives) + len(user.auxiliary) + len(user.held_out)
+    n_items = len(user.drawn.positives) + len(user.drawn.auxiliary) + len(user.drawn.held_out)
     return {
         "n_held_out": len(user.held_pairs),
         "selected_epoch": result.selected_epoch,
@@ -272,8 +270,8 @@ def _outcome(
         **scores,
         "gamma": user.gamma,
         "gamma_reason": user.gamma_reason,
-        "n_pos": len(user.positives),
-        "n_aux": len(user.auxiliary),
+        "n_pos": len(user.drawn.positives),
+        "n_aux": len(user.drawn.auxiliary),
         "selection": selection or {},
         "evaluation": evaluation,
         "train_seconds": user.phases.get("train", 0.0),
